@@ -1,0 +1,1 @@
+"""grasp_jax: pruning at initialization (GraSP and baselines) in JAX."""
