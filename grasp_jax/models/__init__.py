@@ -1,1 +1,75 @@
-"""The paper's networks (Flax Linen, NHWC)."""
+"""The paper's networks (Flax Linen, NHWC) and a registry to build them by name.
+
+Every model is called as ``model.apply(variables, x, train=...)`` with NHWC images, returns float32
+logits, and has the fields ``num_classes``, ``dtype`` (computation dtype) and
+``conv_general_dilated`` (a drop-in for ``lax.conv_general_dilated`` used by every conv; ``None``
+keeps Flax's). BatchNorm models keep running statistics in the ``batch_stats`` collection
+(``mutable=['batch_stats']`` when ``train=True``). Every conv/dense weight is a leaf named
+``kernel``, which is what the pruning code treats as prunable.
+
+Registry names (``ARCHS``):
+
+* ``vgg11/13/16/19``: GraSP-reference VGG for CIFAR (32x32) and Tiny-ImageNet (64x64).
+* ``resnet20/32/44/56/110``: GraSP-reference CIFAR ResNet (widths 32/64/128).
+* ``resnet50``: torchvision ResNet-50 (v1.5), 224x224 ImageNet.
+* ``vgg16_imagenet`` / ``vgg16_bn_imagenet``: torchvision ``vgg16`` / ``vgg16_bn``, 224x224;
+  their dropout needs ``rngs={'dropout': key}`` when ``train=True``.
+* ``lenet5``, ``mlp``, ``small_vgg``: small models for tests and the offline demo.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from grasp_jax.models.resnet_cifar import ResNetCifar
+from grasp_jax.models.resnet_imagenet import ResNetImageNet
+from grasp_jax.models.small import MLP, LeNet5
+from grasp_jax.models.vgg import CIFAR_CFGS, VGG, VGGImageNet
+
+# A short BatchNorm VGG: 8x8 inputs end at 2x2, 32x32 at 8x8.
+SMALL_VGG_CFG = (16, "M", 32, "M", 64)
+
+# name -> constructor taking (num_classes=..., **fields). The one list of valid names.
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    **{f"vgg{d}": functools.partial(VGG, cfg=CIFAR_CFGS[d]) for d in (11, 13, 16, 19)},
+    **{f"resnet{d}": functools.partial(ResNetCifar, depth=d) for d in (20, 32, 44, 56, 110)},
+    "resnet50": functools.partial(ResNetImageNet, stage_sizes=(3, 4, 6, 3)),
+    "vgg16_imagenet": functools.partial(VGGImageNet, batch_norm=False),
+    "vgg16_bn_imagenet": functools.partial(VGGImageNet, batch_norm=True),
+    "lenet5": LeNet5,
+    "mlp": MLP,
+    "small_vgg": functools.partial(VGG, cfg=SMALL_VGG_CFG),
+}
+
+
+def get_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Builds the network registered as ``arch``; ``kwargs`` set other fields (e.g. ``dtype``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"Unknown arch {arch!r}; valid names: {', '.join(ARCHS)}")
+    return ARCHS[arch](num_classes=num_classes, **kwargs)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. eval_shape's)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def count_kernel_params(params: Any) -> int:
+    """Number of scalars in conv/dense weights: leaves named ``kernel`` with ndim >= 2."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        last = path[-1]
+        if getattr(last, "key", None) == "kernel" and len(leaf.shape) >= 2:
+            total += math.prod(leaf.shape)
+    return total
+
+
+__all__ = [
+    "ARCHS", "SMALL_VGG_CFG", "get_model", "count_params", "count_kernel_params",
+    "VGG", "VGGImageNet", "ResNetCifar", "ResNetImageNet", "LeNet5", "MLP",
+]

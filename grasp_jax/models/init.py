@@ -1,0 +1,110 @@
+"""Initializers and normalisation defaults shared by the model definitions.
+
+The paper's networks were trained in PyTorch, so the initial weights (which is
+what pruning-at-initialization scores) follow PyTorch conventions rather than
+Flax's defaults:
+
+* GraSP reference (`models/base/init_utils.py::weights_init`) and torchvision:
+  convolutions use ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``,
+  i.e. an *untruncated* normal with variance ``2 / (out_channels * kh * kw)``.
+* GraSP reference and torchvision VGG: linear layers use ``N(0, 0.01)`` weights
+  and zero bias.
+* torchvision ResNet leaves its final ``nn.Linear`` at PyTorch's default,
+  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weight and bias alike.
+* BatchNorm: scale 1, bias 0, PyTorch's ``momentum=0.1`` (Flax keeps
+  ``1 - 0.1`` of the old average, hence 0.9) and ``eps=1e-5``. One difference is kept: Flax
+  folds the biased batch variance into ``var``, PyTorch the unbiased one (a factor n/(n-1)).
+
+Flax kernels are laid out ``(kh, kw, in, out)`` for convolutions and
+``(in, out)`` for dense layers, so ``variance_scaling``'s default axes already
+give the same fan-in/fan-out as PyTorch's ``(out, in, kh, kw)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Kaiming/He normal, fan_out, ReLU gain sqrt(2): the GraSP reference and torchvision conv init.
+conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# He normal on fan_in: used for hidden dense layers of the small MLP/LeNet models, where the
+# reference's N(0, 0.01) would shrink the signal at every layer and stall training.
+dense_hidden_init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+# N(0, 0.01): the GraSP reference and torchvision VGG classifier init.
+dense_kernel_init = jax.nn.initializers.normal(stddev=0.01)
+
+# PyTorch's default nn.Linear weight init, kaiming_uniform_(a=sqrt(5)), reduces to
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a uniform variance_scaling with scale 1/3 has that bound.
+torch_linear_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+zeros = jax.nn.initializers.zeros
+
+# PyTorch BatchNorm defaults expressed in Flax's convention.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def torch_linear_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
+    """PyTorch's default ``nn.Linear`` bias init, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+    A Flax bias initializer only sees the bias shape, so the fan-in is bound here.
+    """
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults; batch statistics in train mode, running ones otherwise."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    padding: int | str = 0,
+    use_bias: bool = False,
+    dtype: Any = jnp.float32,
+    conv_general_dilated: Any = None,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square convolution with PyTorch-style symmetric integer padding and the reference init.
+
+    Integer padding is spelled out per side because Flax's ``'SAME'`` pads (0, 1) for stride 2 on
+    even inputs, whereas PyTorch's ``padding=1`` pads (1, 1); the two give different outputs.
+    ``conv_general_dilated=None`` keeps Flax's ``lax.conv_general_dilated``.
+    """
+    pad = padding if isinstance(padding, str) else [(padding, padding)] * 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=pad,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=conv_kernel_init,
+        bias_init=zeros,
+        conv_general_dilated=conv_general_dilated,
+        name=name,
+    )
+
+
+# Convenience for the classifiers of the GraSP reference and torchvision VGG.
+dense = functools.partial(nn.Dense, kernel_init=dense_kernel_init, bias_init=zeros)
