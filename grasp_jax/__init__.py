@@ -1,1 +1,53 @@
-"""grasp_jax: pruning at initialization (GraSP and baselines) in JAX."""
+"""grasp_jax: pruning at initialization (GraSP and baselines) in JAX.
+
+The core (this namespace) works on any params pytree and any loss; it knows
+nothing of models, data or training, which live in ``grasp_jax.models``,
+``grasp_jax.input_pipeline`` and ``experiments``.
+"""
+
+from grasp_jax.masks import (
+    LayerDensity,
+    SparsityReport,
+    apply_masks,
+    masks_from_scores,
+    sparsity_report,
+)
+from grasp_jax.optim import MaskedUpdatesState, masked_updates
+from grasp_jax.prunable import default_is_prunable, path_name, prunable_flags
+from grasp_jax.pruning import PRUNE_DIRECTION, prune, sparsity_schedule
+from grasp_jax.scoring import (
+    cross_entropy_with_temperature,
+    gradient_and_hvp,
+    grasp_scores,
+    magnitude_scores,
+    random_scores,
+    snip_scores,
+    split_microbatches,
+    synflow_scores,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerDensity",
+    "MaskedUpdatesState",
+    "PRUNE_DIRECTION",
+    "SparsityReport",
+    "apply_masks",
+    "cross_entropy_with_temperature",
+    "default_is_prunable",
+    "gradient_and_hvp",
+    "grasp_scores",
+    "magnitude_scores",
+    "masked_updates",
+    "masks_from_scores",
+    "path_name",
+    "prunable_flags",
+    "prune",
+    "random_scores",
+    "snip_scores",
+    "sparsity_report",
+    "sparsity_schedule",
+    "split_microbatches",
+    "synflow_scores",
+]

@@ -1,0 +1,83 @@
+"""Which leaves of a params pytree are prunable, and what to call them.
+
+Scoring, masking and reporting all need the same two facts about a leaf: a
+readable name (``"block1/conv1/kernel"``) and whether it is one of the weights
+θ that pruning removes. They live here so that every module agrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import jax
+import numpy as np
+
+PyTree = Any
+KeyPath = tuple
+PrunableSpec = Union[None, PyTree, Callable[[KeyPath, Any], bool]]
+
+
+def _key_name(key: Any) -> str | None:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        # Flax NNX wraps every array in a Variable whose pytree child is
+        # `.value`; it says nothing about the layer, so leave it out.
+        return None if key.name == "value" else key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_name(path: KeyPath) -> str:
+    """``(DictKey('conv1'), DictKey('kernel'))`` -> ``"conv1/kernel"``."""
+    names = [n for n in (_key_name(k) for k in path) if n is not None]
+    return "/".join(names) if names else "<root>"
+
+
+def default_is_prunable(path: KeyPath, leaf: Any) -> bool:
+    """A Conv/Dense kernel: a leaf named ``kernel`` with at least two axes.
+
+    Biases, BatchNorm scales/offsets and embeddings are left dense, as in the
+    paper (whose reference code prunes only ``nn.Conv2d``/``nn.Linear``
+    weights).
+    """
+    names = [n for n in (_key_name(k) for k in path) if n is not None]
+    return bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    """(name, leaf) for every leaf, in flattening order."""
+    return [(path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def prunable_flags(params: PyTree, prunable: PrunableSpec = None) -> tuple[bool, ...]:
+    """One Python bool per leaf of ``params`` (flattening order).
+
+    ``prunable`` is ``None`` (use :func:`default_is_prunable`), a callable
+    ``(path, leaf) -> bool``, or a pytree of bools with the structure of
+    ``params``. The result is a hashable tuple so that it can be a static
+    argument of a jitted function. Works on tracers: only shapes are read.
+    """
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if prunable is None or callable(prunable):
+        fn = default_is_prunable if prunable is None else prunable
+        flags = tuple(bool(fn(p, x)) for p, x in leaves_with_path)
+    else:
+        flag_leaves, flag_def = jax.tree_util.tree_flatten(prunable)
+        if flag_def != treedef:
+            raise ValueError(
+                "`prunable` must be None, a callable (path, leaf) -> bool, or a pytree of "
+                f"bools with the structure of params; got structure {flag_def}, params have {treedef}"
+            )
+        flags = tuple(bool(f) for f in flag_leaves)
+    if not any(flags):
+        names = [path_name(p) for p, _ in leaves_with_path]
+        raise ValueError(
+            "no prunable leaf in params: by default only leaves named 'kernel' with ndim >= 2 "
+            f"are pruned (leaves seen: {names[:20]}{' ...' if len(names) > 20 else ''}); "
+            "pass `prunable=` to choose others"
+        )
+    return flags
