@@ -77,8 +77,8 @@ def _ordered_uint(x: jax.Array) -> jax.Array:
     return jnp.where(i < 0, ~u, u | sign)
 
 
-@functools.partial(jax.jit, static_argnames=("n_remove", "highest"))
-def _keep_mask(scores: jax.Array, forced: jax.Array, *, n_remove: int, highest: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("highest",))
+def _keep_mask(scores: jax.Array, forced: jax.Array, n_remove: jax.Array, *, highest: bool) -> jax.Array:
     """Keep-mask removing exactly ``n_remove`` entries of a flat ``scores``.
 
     Entries with ``forced`` set are removed first (already-pruned weights in
@@ -116,7 +116,10 @@ def _keep_mask(scores: jax.Array, forced: jax.Array, *, n_remove: int, highest: 
 def _select(flat_scores, forced, n_remove: int, highest: bool) -> jax.Array:
     if n_remove == 0:  # nothing to remove (and nothing forced: checked by the caller)
         return jnp.ones(flat_scores.shape, bool)
-    return _keep_mask(flat_scores, forced, n_remove=int(n_remove), highest=bool(highest))
+    # n_remove is traced, not static, so that the rounds of iterative pruning
+    # (a new count each round) reuse one compiled selection.
+    return _keep_mask(flat_scores, forced, jnp.asarray(n_remove, jnp.int64 if n_remove >= 2**31 else jnp.int32),
+                      highest=bool(highest))
 
 
 # --------------------------------------------------------------------------

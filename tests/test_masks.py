@@ -1,0 +1,166 @@
+"""masks_from_scores, apply_masks and the sparsity report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grasp_jax as gj
+
+
+def tree(seed=0, shapes=((20, 10), (10, 5))):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    out = {}
+    for i, (k, s) in enumerate(zip(keys, shapes)):
+        out[f"layer{i}"] = {"kernel": jax.random.normal(k, s), "bias": jnp.ones(s[-1])}
+    return out
+
+
+def kept(masks, name):
+    return int(np.sum(masks[name]["kernel"]))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.98, 0.999])
+def test_global_removes_exact_count(sparsity):
+    scores = tree()
+    masks = gj.masks_from_scores(scores, sparsity)
+    total = 200 + 50
+    removed = total - kept(masks, "layer0") - kept(masks, "layer1")
+    assert removed == int(np.floor(sparsity * total + 0.5))
+    # Non-prunable leaves are kept whole.
+    assert masks["layer0"]["bias"].dtype == jnp.bool_ and bool(masks["layer0"]["bias"].all())
+
+
+@pytest.mark.parametrize("direction", ["lowest", "highest"])
+def test_global_direction_matches_a_sort(direction):
+    scores = tree(1)
+    masks = gj.masks_from_scores(scores, 0.7, prune=direction)
+    flat = np.concatenate([np.ravel(scores[n]["kernel"]) for n in ("layer0", "layer1")])
+    keep = np.concatenate([np.ravel(masks[n]["kernel"]) for n in ("layer0", "layer1")])
+    n_remove = int(np.floor(0.7 * flat.size + 0.5))
+    order = np.argsort(-flat if direction == "highest" else flat, kind="stable")
+    expected = np.ones(flat.size, bool)
+    expected[order[:n_remove]] = False
+    np.testing.assert_array_equal(keep, expected)
+    if direction == "highest":
+        assert flat[~keep].min() >= flat[keep].max()
+    else:
+        assert flat[~keep].max() <= flat[keep].min()
+
+
+def test_layerwise_removes_the_fraction_from_every_layer():
+    scores = tree(2)
+    # Make layer1 far more prunable than layer0 so that global and layerwise differ.
+    scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
+    glob = gj.masks_from_scores(scores, 0.2, scope="global")
+    assert kept(glob, "layer1") == 0  # 50 lowest are all of layer1
+    lw = gj.masks_from_scores(scores, 0.2, scope="layerwise")
+    assert kept(lw, "layer0") == 200 - 40 and kept(lw, "layer1") == 50 - 10
+
+
+def test_ties_are_broken_deterministically_by_position():
+    scores = {"a": {"kernel": jnp.zeros((4, 5))}, "b": {"kernel": jnp.zeros((5, 2))}}
+    masks = gj.masks_from_scores(scores, 0.5)
+    keep = np.concatenate([np.ravel(masks["a"]["kernel"]), np.ravel(masks["b"]["kernel"])])
+    # 15 of 30 removed: the first 15 positions in flattening order.
+    np.testing.assert_array_equal(keep, np.arange(30) >= 15)
+    again = gj.masks_from_scores(scores, 0.5)
+    np.testing.assert_array_equal(again["a"]["kernel"], masks["a"]["kernel"])
+    # Partial ties at the threshold: values 0,1,1,1,2 remove 2 -> the 0 and the first 1.
+    s = {"w": {"kernel": jnp.array([[1.0, 0.0, 1.0, 2.0, 1.0]])}}
+    np.testing.assert_array_equal(
+        gj.masks_from_scores(s, 0.4)["w"]["kernel"][0], [False, False, True, True, True]
+    )
+
+
+def test_negative_zero_and_extreme_values_order_correctly():
+    # (inf is rejected as a score; the largest finite floats are not.)
+    vals = jnp.array([[-3e38, -3.0, -0.0, 0.0, 1e-30, 5.0, 3e38, 3.4e38]])
+    s = {"w": {"kernel": vals}}
+    for n in range(1, 8):
+        sp = n / 8
+        low = gj.masks_from_scores(s, sp, prune="lowest")["w"]["kernel"][0]
+        np.testing.assert_array_equal(low, np.arange(8) >= n)
+        high = gj.masks_from_scores(s, sp, prune="highest")["w"]["kernel"][0]
+        np.testing.assert_array_equal(high, np.arange(8) < 8 - n)
+
+
+def test_float64_scores_keep_their_resolution():
+    with jax.enable_x64(True):
+        base = 1.0
+        vals = jnp.array([[base + 3e-16 * i for i in range(6)]], jnp.float64)
+        assert len(set(np.asarray(vals[0]).tolist())) == 6  # distinct in float64, not in float32
+        masks = gj.masks_from_scores({"w": {"kernel": vals[:, ::-1]}}, 0.5)
+        np.testing.assert_array_equal(masks["w"]["kernel"][0], [True, True, True, False, False, False])
+
+
+def test_existing_masks_stay_pruned_and_count():
+    scores = tree(3)
+    first = gj.masks_from_scores(scores, 0.5)
+    # Rescore with the opposite ranking: previously pruned weights would be kept now.
+    flipped = jax.tree_util.tree_map(lambda x: -x, scores)
+    second = gj.masks_from_scores(flipped, 0.6, masks=first)
+    for n in ("layer0", "layer1"):
+        assert not np.any(np.asarray(second[n]["kernel"]) & ~np.asarray(first[n]["kernel"]))
+    assert gj.sparsity_report(second).kept == 250 - 150
+    with pytest.raises(ValueError, match="sparsity can only grow"):
+        gj.masks_from_scores(scores, 0.3, masks=first)
+
+
+def test_bad_inputs_are_rejected_and_name_the_problem():
+    scores = tree()
+    for bad in (1.0, -0.1, 1.5, float("nan"), "x"):
+        with pytest.raises(ValueError, match="sparsity"):
+            gj.masks_from_scores(scores, bad)
+    broken = jax.tree_util.tree_map(lambda x: x, scores)
+    broken["layer1"]["kernel"] = broken["layer1"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="layer1/kernel"):
+        gj.masks_from_scores(broken, 0.5)
+    broken["layer1"]["kernel"] = broken["layer1"]["kernel"].at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match="layer1/kernel"):
+        gj.masks_from_scores(broken, 0.5)
+    with pytest.raises(ValueError, match="no prunable leaf"):
+        gj.masks_from_scores({"b": jnp.ones(3)}, 0.5)
+    with pytest.raises(ValueError, match="scope"):
+        gj.masks_from_scores(scores, 0.5, scope="per-layer")
+    with pytest.raises(ValueError, match="prune"):
+        gj.masks_from_scores(scores, 0.5, prune="largest")
+
+
+def test_apply_masks_zeroes_exactly_and_checks_structure():
+    params = tree(4)
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.8)
+    pruned = gj.apply_masks(params, masks)
+    for n in ("layer0", "layer1"):
+        p, m = np.asarray(pruned[n]["kernel"]), np.asarray(masks[n]["kernel"])
+        assert np.all(p[~m] == 0.0) and np.all(p[m] == np.asarray(params[n]["kernel"])[m])
+    np.testing.assert_array_equal(pruned["layer0"]["bias"], params["layer0"]["bias"])
+    with pytest.raises(ValueError, match="structure"):
+        gj.apply_masks(params, {"layer0": masks["layer0"]})
+    wrong_shape = jax.tree_util.tree_map(lambda m: m, masks)
+    wrong_shape["layer1"]["kernel"] = jnp.ones((5, 10), bool)
+    with pytest.raises(ValueError, match="layer1/kernel"):
+        gj.apply_masks(params, wrong_shape)
+
+
+def test_sparsity_report_counts_and_formats():
+    params = tree(5)
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.6, scope="layerwise")
+    report = gj.sparsity_report(masks)
+    assert [l.name for l in report.layers] == ["layer0/kernel", "layer1/kernel"]
+    assert [(l.kept, l.total) for l in report.layers] == [(80, 200), (20, 50)]
+    assert report.total == 250 and report.kept == 100 and report.dense_params == 15
+    assert abs(report.sparsity - 0.6) < 1e-12
+    md = report.to_markdown()
+    assert "| layer0/kernel | 20×10 | 80 | 200 | 40.00% |" in md
+    assert "layer1/kernel" in str(report)
+    d = report.as_dict()
+    assert d["layers"][1]["density"] == 0.4 and d["kept"] == 100
+
+
+def test_large_global_selection_is_exact():
+    # A quarter of ResNet-50's prunable size keeps the test quick; the code path is the same.
+    n = 6_000_000
+    scores = {"a": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (n // 4, 4))}}
+    masks = gj.masks_from_scores(scores, 0.9, prune="highest")
+    assert int(np.sum(masks["a"]["kernel"])) == n - int(np.floor(0.9 * n + 0.5))
