@@ -119,12 +119,20 @@ def _scalar_loss(loss_fn: LossFn, params: PyTree, chunk: PyTree) -> jax.Array:
 
 
 def _sum_over(fn: Callable[[PyTree], list], chunks: PyTree, like: list) -> list:
-    """Σ_c fn(chunk_c), one chunk at a time so memory is that of one chunk."""
+    """Σ_c fn(chunk_c) inside a trace, one chunk after another.
+
+    A ``lax.scan`` bounds memory by one chunk. XLA:CPU, however, runs
+    convolutions inside a loop body ~30x slower than outside one (measured:
+    ResNet-20 gradients, 4 chunks of 8, 17.5 s scanned vs 0.67 s unrolled), so
+    on CPU the loop is unrolled and XLA decides the order. Eager calls do not
+    come here: they loop over chunks on the host (see ``_host_loop``).
+    """
 
     def body(acc, chunk):
         return [a + v for a, v in zip(acc, fn(chunk))], None
 
-    total, _ = jax.lax.scan(body, [jnp.zeros_like(x) for x in like], chunks)
+    unroll = jax.default_backend() == "cpu"
+    total, _ = jax.lax.scan(body, [jnp.zeros_like(x) for x in like], chunks, unroll=unroll)
     return total
 
 
@@ -172,7 +180,73 @@ def _gradient_and_hvp(params, batch, *, loss_fn, flags, num_microbatches):
 def _grasp_scores(params, batch, *, loss_fn, flags, num_microbatches):
     _, hg = _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches)
     theta, _, _ = _split(params, flags)
-    return _scatter([-t * h for t, h in zip(theta, hg)], params, flags)
+    return _scatter([_neg_product(t, h) for t, h in zip(theta, hg)], params, flags)
+
+
+# --------------------------------------------------------------------------
+# Eager calls with several chunks: a host loop over per-chunk programs. Each
+# program sees one chunk, so memory is that of one chunk on every backend and
+# no convolution runs inside an XLA loop.
+
+
+def _is_traced(*trees: PyTree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree_util.tree_leaves(t))
+
+
+def _chunk(batch: PyTree, i: int, size: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: x[i * size:(i + 1) * size], batch)
+
+
+def _theta_grad_fn(params, loss_fn, flags):
+    theta, rest, treedef = _split(params, flags)
+    grad_fn = jax.grad(lambda t, c: _scalar_loss(loss_fn, _merge(t, rest, flags, treedef), c))
+    return theta, grad_fn
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "flags"), donate_argnames=("acc",))
+def _add_chunk_grad(params, chunk, acc, *, loss_fn, flags):
+    theta, grad_fn = _theta_grad_fn(params, loss_fn, flags)
+    return [a + v for a, v in zip(acc, grad_fn(theta, chunk))]
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "flags"), donate_argnames=("acc",))
+def _add_chunk_hvp(params, chunk, g, acc, *, loss_fn, flags):
+    theta, grad_fn = _theta_grad_fn(params, loss_fn, flags)
+    hvp = jax.jvp(lambda t: grad_fn(t, chunk), (theta,), (g,))[1]
+    return [a + v for a, v in zip(acc, hvp)]
+
+
+def _host_loop(params, batch, loss_fn, flags, num_microbatches, *, with_hvp: bool):
+    size = microbatch_size(batch, num_microbatches)
+    theta, _, _ = _split(params, flags)
+    g = [jnp.zeros_like(t) for t in theta]
+    for i in range(num_microbatches):
+        g = _add_chunk_grad(params, _chunk(batch, i, size), g, loss_fn=loss_fn, flags=flags)
+    if not with_hvp:
+        return g, None
+    hg = [jnp.zeros_like(t) for t in theta]
+    for i in range(num_microbatches):
+        hg = _add_chunk_hvp(params, _chunk(batch, i, size), g, hg, loss_fn=loss_fn, flags=flags)
+    return g, hg
+
+
+@functools.partial(jax.jit, static_argnames=("flags", "fn"))
+def _combine(params, values, *, flags, fn):
+    """Scatter ``fn(θ, v)`` for each prunable leaf back into a params-shaped tree."""
+    theta, _, _ = _split(params, flags)
+    return _scatter([fn(t, v) for t, v in zip(theta, values)], params, flags)
+
+
+def _neg_product(t, h):
+    return -t * h
+
+
+def _abs_product(t, g):
+    return jnp.abs(t * g)
+
+
+def _second(t, v):
+    return v
 
 
 def _validated(params, loss_fn, batch, num_microbatches, prunable):
@@ -204,9 +278,11 @@ def gradient_and_hvp(
     ``params`` with zeros at non-prunable leaves.
     """
     flags = _validated(params, loss_fn, batch, num_microbatches, prunable)
-    return _gradient_and_hvp(
-        params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=int(num_microbatches)
-    )
+    k = int(num_microbatches)
+    if k > 1 and not _is_traced(params, batch):
+        g, hg = _host_loop(params, batch, loss_fn, flags, k, with_hvp=True)
+        return _combine(params, g, flags=flags, fn=_second), _combine(params, hg, flags=flags, fn=_second)
+    return _gradient_and_hvp(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k)
 
 
 def grasp_scores(
@@ -230,7 +306,9 @@ def grasp_scores(
         compiled computation.
       batch: a pytree of arrays sharing a leading axis.
       num_microbatches: split that axis into this many equal consecutive
-        chunks, each its own forward pass, visited one after another.
+        chunks, each its own forward pass, visited one after another (a host
+        loop over one compiled per-chunk program when called eagerly; a loop in
+        the trace when called under ``jit``), so memory is that of one chunk.
       prunable: which leaves are θ (default: leaves named ``kernel`` with
         ndim >= 2); a pytree of bools or a callable ``(path, leaf) -> bool``.
 
@@ -239,9 +317,11 @@ def grasp_scores(
       GraSP prunes the weights with the **highest** scores.
     """
     flags = _validated(params, loss_fn, batch, num_microbatches, prunable)
-    return _grasp_scores(
-        params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=int(num_microbatches)
-    )
+    k = int(num_microbatches)
+    if k > 1 and not _is_traced(params, batch):
+        _, hg = _host_loop(params, batch, loss_fn, flags, k, with_hvp=True)
+        return _combine(params, hg, flags=flags, fn=_neg_product)
+    return _grasp_scores(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k)
 
 
 # --------------------------------------------------------------------------
@@ -271,9 +351,11 @@ def snip_scores(
     |θ ∂L/∂θ|. SNIP prunes the **lowest** scores.
     """
     flags = _validated(params, loss_fn, batch, num_microbatches, prunable)
-    return _snip_scores(
-        params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=int(num_microbatches)
-    )
+    k = int(num_microbatches)
+    if k > 1 and not _is_traced(params, batch):
+        g, _ = _host_loop(params, batch, loss_fn, flags, k, with_hvp=False)
+        return _combine(params, g, flags=flags, fn=_abs_product)
+    return _snip_scores(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "flags", "rescale"))

@@ -182,6 +182,11 @@ def test_microbatches_sum_per_chunk_computations(x64):
     np.testing.assert_allclose(s2, -theta * hg2, rtol=1e-9, atol=1e-12)
     # BatchNorm statistics are per chunk, so one chunk of 8 is not two of 4.
     assert not np.allclose(s1, s2, rtol=1e-3)
+    # Inside a user's jit the chunks are looped in the trace instead of on the host.
+    traced = jax.jit(lambda p, b: gj.grasp_scores(p, loss, b, num_microbatches=2))(params, batch)
+    np.testing.assert_allclose(prunable_vector(traced), s2, rtol=1e-9, atol=1e-12)
+    g_jit, _ = jax.jit(lambda p, b: gj.gradient_and_hvp(p, loss, b, num_microbatches=2))(params, batch)
+    np.testing.assert_allclose(prunable_vector(g_jit), g2, rtol=1e-9, atol=1e-12)
 
 
 def test_microbatches_without_batchnorm_scale_like_the_sum(x64):
@@ -342,6 +347,8 @@ def test_snip_is_abs_theta_times_summed_gradient(x64):
     theta, g, _, _ = explicit_g_hg(params, mlp_loss, batch, num_microbatches=2)
     s = prunable_vector(gj.snip_scores(params, mlp_loss, batch, num_microbatches=2))
     np.testing.assert_allclose(s, np.abs(theta * g), rtol=1e-10, atol=1e-14)
+    s_jit = jax.jit(lambda p, b: gj.snip_scores(p, mlp_loss, b, num_microbatches=2))(params, batch)
+    np.testing.assert_allclose(prunable_vector(s_jit), s, rtol=1e-10, atol=1e-14)
 
 
 def relu_net(params, x):
