@@ -1,0 +1,110 @@
+"""What GraSP scoring costs, in gradients: ``python -m benchmarks.grasp_cost``.
+
+Prints, for one model at one batch, in one process (so the ratio is not at the
+mercy of a noisy shared machine):
+
+* steady-state ``grasp_scores`` time / steady-state jitted ``value_and_grad``
+  time on the same batch (target: <= 2.5; a forward-over-reverse HVP costs
+  about two gradients and g one more, and ``jax.linearize`` shares the
+  primal gradient between them);
+* compile times;
+* XLA's peak memory estimate (arguments + outputs + temporaries of the
+  compiled program) with and without microbatching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+import grasp_jax as gj
+from grasp_jax import scoring
+from grasp_jax.models import get_model
+
+
+def _time(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` (already compiled) over ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_bytes(compiled) -> int | None:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return None
+    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vgg19")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    model = get_model(args.arch, args.num_classes)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (args.batch, args.image_size, args.image_size, 3))
+    y = jax.random.randint(key, (args.batch,), 0, args.num_classes)
+    variables = model.init(key, x[:2], train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    batch = {"image": x, "label": y}
+
+    def loss_fn(p, b):
+        logits, _ = model.apply({"params": p, "batch_stats": batch_stats}, b["image"], train=True,
+                                mutable=["batch_stats"])
+        return gj.cross_entropy_with_temperature(logits, b["label"], 200.0)
+
+    flags = gj.prunable_flags(params)
+    results = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+               "arch": args.arch, "batch": args.batch}
+
+    t = time.perf_counter()
+    grad_c = jax.jit(jax.value_and_grad(loss_fn)).lower(params, batch).compile()
+    results["compile_grad_s"] = time.perf_counter() - t
+    results["grad_s"] = _time(lambda: grad_c(params, batch), args.repeats)
+
+    for k in sorted({1, args.microbatches}):
+        score = functools.partial(gj.grasp_scores, params, loss_fn, batch, num_microbatches=k)
+        t = time.perf_counter()
+        jax.block_until_ready(score())
+        first = time.perf_counter() - t
+        results[f"grasp_k{k}_s"] = _time(score, args.repeats)
+        results[f"compile_grasp_k{k}_s"] = max(first - results[f"grasp_k{k}_s"], 0.0)
+        if k == 1:
+            compiled = scoring._grasp_scores.lower(
+                params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=1).compile()
+        else:
+            # Eager microbatched scoring runs one program per chunk; its Hg
+            # program is the larger of the two.
+            theta = [x for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
+            chunk = scoring._chunk(batch, 0, args.batch // k)
+            compiled = scoring._add_chunk_hvp.lower(
+                params, chunk, theta, theta, loss_fn=loss_fn, flags=flags).compile()
+        results[f"peak_grasp_k{k}_bytes"] = _peak_bytes(compiled)
+    results["peak_grad_bytes"] = _peak_bytes(grad_c)
+
+    g = results["grad_s"]
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
+    print(f"{args.arch}, batch {args.batch}, {results['backend']} ({results['device']})")
+    print(f"  value_and_grad           {g * 1e3:9.1f} ms   compile {results['compile_grad_s']:.1f} s   peak {mib(results['peak_grad_bytes'])}")
+    for k in sorted({1, args.microbatches}):
+        s = results[f"grasp_k{k}_s"]
+        print(f"  grasp_scores (k={k:<2})     {s * 1e3:9.1f} ms = {s / g:.2f} gradients   "
+              f"compile {results[f'compile_grasp_k{k}_s']:.1f} s   peak {mib(results[f'peak_grasp_k{k}_bytes'])}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
