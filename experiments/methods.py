@@ -1,0 +1,124 @@
+"""From a config and an initialized network to pruning masks.
+
+Connects the core's scoring functions to a Flax model and the input
+pipeline: which data each criterion sees, in which mode BatchNorm runs, and
+how many rounds are pruned.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import grasp_jax as gj
+from grasp_jax import input_pipeline
+from experiments.configs import Config
+
+PyTree = Any
+
+
+def scoring_batch(config: Config) -> dict[str, np.ndarray]:
+    """The data the data-dependent criteria score with, concatenated.
+
+    Class-balanced draws (CIFAR, Tiny-ImageNet, digits) are concatenated draw
+    after draw, so that feeding the batch in ``2 * draws`` equal chunks gives
+    the reference's two halves of every draw. With ``score_batches`` (ImageNet)
+    it is the first training batches of a single-process run instead. Every
+    process computes the same batch, hence the same masks.
+    """
+    if config.score_batches:
+        parts = input_pipeline.first_batches(
+            config.dataset, config.score_batches, config.score_batch_size,
+            seed=config.seed, data_dir=config.data_dir,
+        )
+    else:
+        parts = [
+            input_pipeline.scoring_batch(
+                config.dataset, samples_per_class=config.score_samples_per_class,
+                seed=config.seed, draw=d, data_dir=config.data_dir,
+            )
+            for d in range(config.score_draws)
+        ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
+
+
+def make_loss_fn(model: nn.Module, batch_stats: PyTree, temperature: float,
+                 dropout_key: jax.Array) -> Callable[[PyTree, PyTree], jax.Array]:
+    """``loss(params, batch)`` for scoring: BatchNorm in training mode (each chunk
+    normalized by its own statistics, as the reference's ``net.train()``), the
+    running averages thrown away, logits divided by ``temperature``."""
+
+    def loss_fn(params, batch):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_key},
+        )
+        return gj.cross_entropy_with_temperature(logits, batch["label"], temperature)
+
+    return loss_fn
+
+
+def compute_masks(
+    config: Config,
+    model: nn.Module,
+    variables: PyTree,
+    key: jax.Array,
+    image_shape: tuple[int, ...],
+    log: Callable[[str], None] = print,
+) -> PyTree:
+    """Boolean keep-masks with the structure of ``variables['params']``.
+
+    ``dense`` keeps everything; the other methods prune ``config.sparsity`` of
+    the conv/dense kernels in ``config.rounds`` rounds (one-shot when 1) on
+    ``config.prune_schedule``, ranked over ``config.scope``.
+    """
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    if config.method == "dense":
+        return jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params)
+
+    start = time.time()
+    if config.method in ("grasp", "snip"):
+        batch = scoring_batch(config)
+        log(f"scoring with {config.method} on {len(batch['label'])} training images in "
+            f"{config.num_score_microbatches} chunks (temperature {config.temperature:g})")
+        batch = jax.tree_util.tree_map(jnp.asarray, batch)
+        loss_fn = make_loss_fn(model, batch_stats, config.temperature, key)
+        scorer = gj.grasp_scores if config.method == "grasp" else gj.snip_scores
+
+        def score_fn(p):
+            return scorer(p, loss_fn, batch, num_microbatches=config.num_score_microbatches)
+    elif config.method == "synflow":
+        def apply_fn(p, x):
+            # Inference mode: batch statistics would normalize the all-ones input away.
+            return model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)
+
+        def score_fn(p):
+            return gj.synflow_scores(p, apply_fn, image_shape)
+    elif config.method == "magnitude":
+        score_fn = gj.magnitude_scores
+    elif config.method == "random":
+        def score_fn(p):
+            return gj.random_scores(p, key)
+    else:
+        raise ValueError(f"unknown method {config.method!r}")
+
+    every = max(1, config.rounds // 10)
+
+    def progress(r: int, s: float, _masks: PyTree) -> None:
+        if config.rounds > 1 and (r % every == 0 or r == config.rounds):
+            log(f"  round {r}/{config.rounds}: sparsity {s:.4%}")
+
+    masks = gj.prune(
+        params, score_fn, config.sparsity, prune=gj.PRUNE_DIRECTION[config.method],
+        rounds=config.rounds, schedule=config.prune_schedule, scope=config.scope,
+        callback=progress,
+    )
+    masks = jax.block_until_ready(masks)
+    log(f"pruned with {config.method} in {time.time() - start:.1f}s")
+    return masks
