@@ -5,6 +5,8 @@ nothing of models, data or training, which live in ``grasp_jax.models``,
 ``grasp_jax.input_pipeline`` and ``experiments``.
 """
 
+from grasp_jax.ablations import inverted_masks, reinitialized, shuffle_masks
+from grasp_jax.diagnostics import gradient_flow
 from grasp_jax.masks import (
     LayerDensity,
     SparsityReport,
@@ -37,6 +39,10 @@ __all__ = [
     "cross_entropy_with_temperature",
     "default_is_prunable",
     "gradient_and_hvp",
+    "gradient_flow",
+    "inverted_masks",
+    "reinitialized",
+    "shuffle_masks",
     "grasp_scores",
     "magnitude_scores",
     "masked_updates",

@@ -1,0 +1,53 @@
+"""Sanity checks for pruning-at-init methods (Frankle et al., ICLR 2021).
+
+If a method's accuracy survives shuffling its mask within each layer, or
+inverting its ranking, the method is choosing layer densities, not weights.
+These functions make those checks one call each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grasp_jax.masks import Direction, Scope, apply_masks, check_same_structure, masks_from_scores
+from grasp_jax.prunable import PrunableSpec, prunable_flags
+
+PyTree = Any
+
+
+def shuffle_masks(masks: PyTree, key: jax.Array, *, prunable: PrunableSpec = None) -> PyTree:
+    """Permute each prunable leaf's mask at random: same density per layer, new positions."""
+    flags = prunable_flags(masks, prunable)
+    leaves, treedef = jax.tree_util.tree_flatten(masks)
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        jnp.reshape(jax.random.permutation(k, jnp.ravel(m)), jnp.shape(m)) if f else m
+        for m, k, f in zip(leaves, keys, flags)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def inverted_masks(
+    scores: PyTree,
+    sparsity: float,
+    *,
+    prune: Direction,
+    scope: Scope = "global",
+    prunable: PrunableSpec = None,
+) -> PyTree:
+    """Keep the weights the method would prune first, keeping as many as it would.
+
+    ``prune`` is the method's own direction; the ranking is read from the
+    other end, so the kept count is unchanged.
+    """
+    other = "lowest" if prune == "highest" else "highest"
+    return masks_from_scores(scores, sparsity, prune=other, scope=scope, prunable=prunable)
+
+
+def reinitialized(fresh_params: PyTree, masks: PyTree) -> PyTree:
+    """The mask applied to a fresh initialization (new seed): values change only where kept."""
+    check_same_structure(masks, fresh_params)
+    return apply_masks(fresh_params, masks)
