@@ -859,17 +859,22 @@ def eval_iterator(
 
 
 def prefetch_to_device(
-    batches: Iterable[Any], size: int = 2, devices: Sequence[jax.Device] | None = None
+    batches: Iterable[Any],
+    size: int = 2,
+    devices: Sequence[jax.Device] | None = None,
+    axis_name: str = "devices",
 ) -> Iterator[Any]:
     """Puts batches on the local devices ``size`` steps ahead of their use.
 
     Every array's leading dimension (the device dimension of the iterators
     above) is split over ``devices`` (default: ``jax.local_devices()``), which
     is the layout ``jax.pmap`` expects, so transfers overlap computation.
+    ``axis_name`` names the mesh axis of the resulting sharding (e.g. the pmap
+    axis name, so batches and pmap outputs share one mesh).
     """
     devices = list(jax.local_devices() if devices is None else devices)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+    mesh = jax.sharding.Mesh(np.asarray(devices), (axis_name,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
     def put(x):
         if x.shape[0] != len(devices):
