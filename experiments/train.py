@@ -274,7 +274,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         log(f"resuming from step {latest}")
         ones = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), variables["params"])
         abstract = jax.eval_shape(
-            lambda: create_state(variables, ones, make_optimizer(config, ones), step_key))
+            lambda: create_state(variables, ones, make_optimizer(config, ones), step_key)).as_dict()
         restored, meta = ckpt.restore(latest, abstract)
         state = TrainState(**restored)
         masks = state.masks
