@@ -192,7 +192,7 @@ def check_pruned_weights_are_zero(params: PyTree, masks: PyTree) -> None:
 def evaluate(p_eval: Callable, rstate: TrainState, eval_ds) -> dict[str, float]:
     """Test loss and accuracy over the whole evaluation split (padding excluded)."""
     totals = None
-    for batch in input_pipeline.prefetch_to_device(eval_ds.as_numpy_iterator()):
+    for batch in input_pipeline.prefetch_to_device(eval_ds.as_numpy_iterator(), axis_name=AXIS):
         sums = p_eval(rstate, batch)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], totals))
@@ -298,7 +298,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         config.dataset, global_batch_size=config.batch_size, data_dir=config.data_dir)
     batches = input_pipeline.prefetch_to_device(input_pipeline.train_iterator(
         config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-        data_dir=config.data_dir, start_step=step))
+        data_dir=config.data_dir, start_step=step), axis_name=AXIS)
 
     sigterm = _SigtermFlag()
     progress = Progress(total=config.num_steps, initial=step)
