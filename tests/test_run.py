@@ -125,8 +125,8 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
 def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
     """SIGKILL mid-epoch, then SIGTERM, then finish == one uninterrupted run, bit for bit."""
     # small_vgg has BatchNorm, so running statistics must survive the restarts too.
-    args = ["--dataset", "digits", "--arch", "small_vgg", "--batch_size", "32",
-            "--method", "magnitude", "--max_steps", "60", "--checkpoint_every_steps", "10",
+    args = ["--dataset", "digits", "--arch", "small_vgg", "--batch_size", "32", "--method",
+            "random", "--sparsity", "0.5", "--max_steps", "60", "--checkpoint_every_steps", "10",
             "--log_every_steps", "5"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     r = _cli(args + ["--workdir", str(straight)])
@@ -163,7 +163,8 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
-    args = DIGITS + ["--method", "magnitude", "--max_steps", "12", "--log_every_steps", "1"]
+    args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "12",
+                     "--log_every_steps", "1"]
     one = _cli(args + ["--workdir", str(tmp_path / "one")], devices=1)
     four = _cli(args + ["--workdir", str(tmp_path / "four")], devices=4)
     assert one.returncode == 0, one.stderr
