@@ -1,0 +1,36 @@
+"""experiments.methods: every criterion gives masks of exactly the requested sparsity."""
+
+import jax
+import numpy as np
+import pytest
+
+import grasp_jax as gj
+from experiments import configs, methods, train
+from grasp_jax import models
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = models.get_model("lenet5", 10)
+    return model, train.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+
+
+@pytest.mark.parametrize("method", configs.METHODS)
+def test_each_method_prunes_exactly(lenet, method):
+    model, variables = lenet
+    config = configs.resolve(dataset="digits", arch="lenet5", method=method, steps_per_epoch=11,
+                             sparsity=0.8, rounds=3 if method == "synflow" else None)
+    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
+                                  log=lambda _: None)
+    report = gj.sparsity_report(masks)
+    expected = 0 if method == "dense" else int(np.floor(0.8 * report.total + 0.5))
+    assert report.total - report.kept == expected
+
+
+def test_scoring_batch_concatenates_draws_class_by_class():
+    config = configs.resolve(dataset="digits", arch="lenet5", steps_per_epoch=11,
+                             score_samples_per_class=2, score_draws=2)
+    batch = methods.scoring_batch(config)
+    assert batch["image"].shape == (40, 8, 8, 1) and config.num_score_microbatches == 4
+    # Each draw is ordered class by class, so each half of a draw holds 5 classes.
+    np.testing.assert_array_equal(batch["label"], np.tile(np.repeat(np.arange(10), 2), 2))
