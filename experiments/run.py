@@ -60,6 +60,15 @@ nonnegative_float = _number(float, lambda v: 0 <= v < float("inf"), "a non-negat
 fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (preset-filled flags say so in their help)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grasp_jax import input_pipeline, models  # registries: the one list of valid names
 
@@ -71,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Unset flags take the paper's preset for the dataset/arch (experiments/configs.py). "
                "Exit status: 0 done, 1 run error, 2 bad flags or conflicting workdir, "
                "143 stopped by SIGTERM after saving (rerun to resume).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("what to run")
     g.add_argument("--dataset", default="cifar10", choices=input_pipeline.dataset_names(),
                    help="dataset (from the input pipeline's registry)")
-    g.add_argument("--arch", choices=tuple(models.ARCHS), default=None,
-                   help="network; default per dataset: " + ", ".join(
-                       f"{d}: {a}" for d, a in configs.DEFAULT_ARCH.items()))
+    g.add_argument("--arch", choices=tuple(models.ARCHS), default=None, metavar="ARCH",
+                   help="network, one of: " + ", ".join(models.ARCHS) + ". Default per dataset: "
+                        + ", ".join(f"{d} {a}" for d, a in configs.DEFAULT_ARCH.items()))
     g.add_argument("--method", default="grasp", choices=configs.METHODS,
                    help="pruning criterion; 'dense' trains the unpruned network")
     g.add_argument("--sparsity", type=fraction, default=None,

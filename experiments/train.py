@@ -28,7 +28,6 @@ reaches the same parameters as one that never stopped.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import signal
 import time
