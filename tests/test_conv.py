@@ -1,0 +1,333 @@
+"""The fast convolution equals lax.conv_general_dilated: values, gradients, HVPs."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from grasp_jax.models import conv as conv_lib
+from grasp_jax.models.conv import FAST_CONV_ENV, conv_general_dilated, fast_path_wins, resolve_mode, uses_fast_path
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    # Float64 makes agreement a check of the math, not of rounding.
+    with jax.enable_x64(True):
+        yield
+
+
+def _spec(layout: str, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[ch] for ch in layout)
+
+
+def _operands(
+    lhs_layout: str,
+    rhs_layout: str,
+    n: int,
+    c: int,
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    o: int,
+    groups: int = 1,
+    seed: int = 0,
+    dtype: Any = jnp.float64,
+):
+    """Random lhs, rhs in the given layouts, e.g. 'NHWC', 'HWIO'."""
+    rng = np.random.default_rng(seed)
+    sp_names = "HWD"[: len(spatial)]
+    x_sizes = {"N": n, "C": c, **dict(zip(sp_names, spatial))}
+    k_sizes = {"I": c // groups, "O": o, **dict(zip(sp_names, kernel))}
+    x = rng.normal(size=_spec(lhs_layout, x_sizes))
+    k = rng.normal(size=_spec(rhs_layout, k_sizes))
+    return jnp.asarray(x, dtype), jnp.asarray(k, dtype)
+
+
+# (name, operand args, conv kwargs).  All of these take the fast path with
+# mode='fast'; test_fast_path_is_taken checks that.
+NHWC = ("NHWC", "HWIO", "NHWC")
+CASES = [
+    (
+        "1x1_kernel",
+        ("NHWC", "HWIO", 2, 3, (4, 5), (1, 1), 4),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC),
+    ),
+    (
+        "3x3_same_2x2_map",
+        ("NHWC", "HWIO", 3, 4, (2, 2), (3, 3), 5),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC),
+    ),
+    (
+        "3x3_same_1x1_map",
+        ("NHWC", "HWIO", 3, 4, (1, 1), (3, 3), 2),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC),
+    ),
+    (
+        "3x3_same_odd_map",
+        ("NHWC", "HWIO", 2, 3, (5, 7), (3, 3), 2),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC),
+    ),
+    (
+        "valid_rect_kernel",
+        ("NHWC", "HWIO", 2, 3, (5, 4), (3, 2), 2),
+        dict(window_strides=(1, 1), padding="VALID", dimension_numbers=NHWC),
+    ),
+    (
+        "explicit_asym_negative_pad",
+        ("NHWC", "HWIO", 2, 2, (5, 6), (3, 3), 3),
+        dict(window_strides=(1, 1), padding=[(2, 0), (-1, 3)], dimension_numbers=NHWC),
+    ),
+    (
+        "one_channel",
+        ("NHWC", "HWIO", 2, 1, (3, 3), (3, 3), 1),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC),
+    ),
+    (
+        "stride_2",
+        ("NHWC", "HWIO", 2, 3, (7, 6), (3, 3), 2),
+        dict(window_strides=(2, 2), padding="SAME", dimension_numbers=NHWC),
+    ),
+    (
+        "kernel_dilation",
+        ("NHWC", "HWIO", 2, 3, (7, 6), (3, 3), 2),
+        dict(window_strides=(1, 2), padding="SAME", rhs_dilation=(2, 3), dimension_numbers=NHWC),
+    ),
+    (
+        "input_dilation",
+        ("NHWC", "HWIO", 2, 3, (4, 3), (3, 3), 2),
+        dict(window_strides=(1, 1), padding=[(1, 2), (2, 1)], lhs_dilation=(2, 3), dimension_numbers=NHWC),
+    ),
+    (
+        "feature_groups_same_lower",
+        ("NHWC", "HWIO", 2, 6, (5, 4), (3, 3), 4),
+        dict(window_strides=(2, 1), padding="SAME_LOWER", feature_group_count=2, dimension_numbers=NHWC),
+    ),
+    (
+        "default_nchw_layout",
+        ("NCHW", "OIHW", 2, 4, (2, 3), (3, 3), 3),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=None),
+    ),
+    (
+        "mixed_layout",
+        ("NCHW", "HWIO", 2, 4, (2, 3), (3, 3), 3),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "HWIO", "NHWC")),
+    ),
+    (
+        "1d",
+        ("NHC", "HIO", 2, 3, (5,), (3,), 2),
+        dict(window_strides=(1,), padding="SAME", dimension_numbers=("NHC", "HIO", "NHC")),
+    ),
+    (
+        "only_padding_rows",
+        ("NHWC", "HWIO", 2, 3, (3, 3), (3, 3), 2),
+        dict(window_strides=(1, 1), padding=[(5, 0), (0, 0)], dimension_numbers=NHWC),
+    ),
+    (
+        "all_padding",
+        ("NHWC", "HWIO", 2, 3, (1, 1), (1, 1), 2),
+        dict(window_strides=(2, 2), padding=[(3, 0), (3, 0)], dimension_numbers=NHWC),
+    ),
+]
+
+
+def _case(name: str):
+    _, operand_args, kwargs = next(c for c in CASES if c[0] == name)
+    lhs_layout, rhs_layout, n, c, spatial, kernel, o = operand_args
+    groups = kwargs.get("feature_group_count", 1)
+    x, k = _operands(lhs_layout, rhs_layout, n, c, spatial, kernel, o, groups)
+    return x, k, kwargs
+
+
+NAMES = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_is_taken(name):
+    x, k, kwargs = _case(name)
+    assert uses_fast_path(x, k, mode="fast", **kwargs)
+    fast = functools.partial(conv_general_dilated, mode="fast", **kwargs)
+    # Neither the function nor its derivatives may call the native conv.
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), argnums=(0, 1)))(x, k))
+    assert "conv_general_dilated" not in jaxpr
+
+
+def _value_grad_hvp(conv, x, k, w, vx, vk):
+    """(y, ∇x, ∇k, (H·v)x, (H·v)k) of a loss through ``conv``."""
+
+    def loss(x, k):
+        # Quadratic in the conv output, so H·v has data and kernel cross terms.
+        return jnp.sum(w * conv(x, k) ** 2)
+
+    # Forward-over-reverse, the way grasp_scores computes H·v.
+    g, hv = jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (vx, vk))
+    return (conv(x, k), *g, *hv)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_value_gradients_and_hvp_match_native(name):
+    x, k, kwargs = _case(name)
+    fast = functools.partial(conv_general_dilated, mode="fast", **kwargs)
+    native = functools.partial(lax.conv_general_dilated, **kwargs)
+    rng = np.random.default_rng(1)
+    y_shape = jax.eval_shape(native, x, k).shape
+    w, vx, vk = (jnp.asarray(rng.normal(size=s)) for s in (y_shape, x.shape, k.shape))
+
+    # One compiled program for both, as compiling dominates this test's time.
+    got, want = jax.jit(lambda *a: (_value_grad_hvp(fast, *a), _value_grad_hvp(native, *a)))(x, k, w, vx, vk)
+    for what, a, b in zip(["value", "grad x", "grad k", "hvp x", "hvp k"], got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=what)
+
+
+def test_vmap_matches_native():
+    x, k, kwargs = _case("3x3_same_2x2_map")
+    xs = jnp.stack([x, 2 * x + 1, -x])
+    ks = jnp.stack([k, -k])
+    fast = functools.partial(conv_general_dilated, mode="fast", **kwargs)
+    native = functools.partial(lax.conv_general_dilated, **kwargs)
+
+    def both(conv):
+        return jax.jit(lambda xs, ks: (jax.vmap(conv, (0, None))(xs, ks[0]), jax.vmap(conv, (None, 0))(xs[0], ks)))
+
+    for a, b in zip(both(fast)(xs, ks), both(native)(xs, ks)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_accumulates_like_native():
+    x, k, kwargs = _case("3x3_same_2x2_map")
+    xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    fast = jax.jit(functools.partial(conv_general_dilated, mode="fast", **kwargs))(xb, kb)
+    native = jax.jit(functools.partial(lax.conv_general_dilated, **kwargs))(xb, kb)
+    assert fast.dtype == native.dtype == jnp.bfloat16
+    np.testing.assert_allclose(fast.astype(jnp.float32), native.astype(jnp.float32), rtol=2e-2, atol=5e-2)
+    wide = jax.eval_shape(
+        functools.partial(conv_general_dilated, mode="fast", preferred_element_type=jnp.float32, **kwargs), xb, kb
+    )
+    assert wide.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, make",
+    [
+        # Batch groups only arise in native gradients of grouped convs.
+        (
+            dict(window_strides=(1, 1), padding="SAME", batch_group_count=2, dimension_numbers=NHWC),
+            lambda: _operands("NHWC", "HWIO", 4, 3, (3, 3), (3, 3), 4),
+        ),
+        # Integer convolutions keep XLA's exact integer arithmetic.
+        (
+            dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC),
+            lambda: _operands("NHWC", "HWIO", 2, 3, (2, 2), (3, 3), 2, dtype=jnp.int32),
+        ),
+    ],
+)
+def test_unsupported_calls_fall_back_to_native(kwargs, make):
+    x, k = make()
+    assert not uses_fast_path(x, k, mode="fast", **kwargs)
+    np.testing.assert_array_equal(
+        conv_general_dilated(x, k, mode="fast", **kwargs), lax.conv_general_dilated(x, k, **kwargs)
+    )
+
+
+def test_invalid_calls_raise_lax_errors():
+    x, k = _operands("NHWC", "HWIO", 2, 3, (4, 4), (3, 3), 2)
+    # lax refuses string padding with input dilation; so must we.
+    with pytest.raises(ValueError, match="String padding"):
+        conv_general_dilated(x, k, (1, 1), "SAME", lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="fast")
+    with pytest.raises(ValueError, match="feature"):  # channel mismatch
+        conv_general_dilated(x, k[:, :, :2], (1, 1), "SAME", dimension_numbers=NHWC, mode="fast")
+
+
+def test_fast_path_wins_rule():
+    assert fast_path_wins((2, 2), (3, 3), 512)  # VGG19's last convs on CIFAR
+    assert fast_path_wins((1, 1), (3, 3), 16)
+    assert fast_path_wins((4, 8), (5, 5), 64)
+    assert fast_path_wins((32, 32), (1, 1), 64)  # pointwise: a plain matmul
+    assert not fast_path_wins((3, 3), (3, 3), 512)
+    assert not fast_path_wins((32, 32), (3, 3), 64)
+    assert not fast_path_wins((2, 2), (3, 3), 3)  # too thin to beat XLA
+    assert not fast_path_wins((32, 32), (1, 1), 3)
+
+
+def _decides_fast(size: int, ksize: int, mode: str | None = None, channels: int = 16, **kwargs: Any) -> bool:
+    x = jax.ShapeDtypeStruct((8, size, size, channels), jnp.float32)
+    k = jax.ShapeDtypeStruct((ksize, ksize, channels, 4), jnp.float32)
+    return uses_fast_path(x, k, (1, 1), "SAME", dimension_numbers=NHWC, mode=mode, **kwargs)
+
+
+def test_auto_mode_follows_backend_and_rule(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert _decides_fast(2, 3, "auto")
+    assert _decides_fast(8, 1, "auto")
+    assert not _decides_fast(8, 3, "auto")
+    assert not _decides_fast(2, 3, "auto", channels=3)
+    # Input dilation widens the input the window slides over.
+    x = jax.ShapeDtypeStruct((8, 2, 2, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 16, 4), jnp.float32)
+    assert not uses_fast_path(x, k, (1, 1), [(1, 1), (1, 1)], lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="auto")
+    # Accelerators keep their native convolutions.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not _decides_fast(2, 3, "auto")
+    assert _decides_fast(2, 3, "fast")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("0", "native"), ("native", "native"), ("1", "fast"), ("FAST", "fast"), ("auto", "auto"), ("", "auto")],
+)
+def test_environment_variable_sets_mode(monkeypatch, value, expected):
+    monkeypatch.setenv(FAST_CONV_ENV, value)
+    assert resolve_mode() == expected
+    assert resolve_mode("native") == "native"  # an explicit mode wins
+
+
+def test_environment_variable_controls_default_calls(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setenv(FAST_CONV_ENV, "0")
+    assert not _decides_fast(2, 3)
+    monkeypatch.setenv(FAST_CONV_ENV, "1")
+    assert _decides_fast(8, 3)
+    monkeypatch.delenv(FAST_CONV_ENV)
+    assert _decides_fast(2, 3) and not _decides_fast(8, 3)
+
+
+def test_bad_mode_names_the_value(monkeypatch):
+    monkeypatch.setenv(FAST_CONV_ENV, "sometimes")
+    with pytest.raises(ValueError, match="sometimes"):
+        resolve_mode()
+    with pytest.raises(ValueError, match="quick"):
+        resolve_mode("quick")
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", 1])
+def test_flax_conv_gives_same_output(padding):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2, 3)))
+    kwargs = dict(features=4, kernel_size=(3, 3), padding=padding, param_dtype=jnp.float64)
+    layer = nn.Conv(**kwargs)
+    # Random parameters without compiling an initializer (slow in float64).
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape)), jax.eval_shape(layer.init, jax.random.key(0), x)
+    )
+    ours = nn.Conv(conv_general_dilated=functools.partial(conv_general_dilated, mode="fast"), **kwargs)
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(layer.apply)(params, x), rtol=1e-12, atol=1e-12)
+
+
+def test_flax_conv_auto_takes_fast_path_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.delenv(FAST_CONV_ENV, raising=False)
+    x = jnp.zeros((2, 2, 2, 16))  # a 3x3 window over a 2x2 map
+    layer = nn.Conv(4, (3, 3), conv_general_dilated=conv_general_dilated)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(layer.apply)(params, x))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_module_exports():
+    assert set(conv_lib.__all__) >= {"conv_general_dilated", "uses_fast_path", "fast_path_wins", "FAST_CONV_ENV"}
