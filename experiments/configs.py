@@ -12,7 +12,9 @@ Sources for the numbers below:
   of training, weight decay 5e-4 for VGG and 1e-4 for ResNet, 160 epochs on
   CIFAR and 300 on Tiny-ImageNet.
 * GraSP scoring (reference ``pruner/GraSP.py``): the logits are divided by a
-  temperature T = 200; each "draw" is a class-balanced batch that is scored in
+  temperature T = 200; the scores are those of a copy of the network whose
+  linear layers are re-drawn Xavier-normal (``reinit=True``; the masks go to
+  the original); each "draw" is a class-balanced batch that is scored in
   two halves; 10 per class x 1 draw on CIFAR-10 and on CIFAR-100 with VGG19,
   5 per class x 2 draws on CIFAR-100 with ResNet-32, 1 per class x 10 draws on
   Tiny-ImageNet.
@@ -90,6 +92,8 @@ class Config:
     rounds: int = 1  # iterative pruning rounds (SynFlow: 100)
     prune_schedule: str = "exponential"
     temperature: float = 200.0  # GraSP's logits / T while scoring (1 for the other criteria)
+    # Score a copy whose dense kernels are redrawn Xavier-normal (the reference GraSP's reinit).
+    score_reinit_dense: bool = True
     # The scoring data: class-balanced draws ...
     score_samples_per_class: int = 10
     score_draws: int = 1
@@ -204,6 +208,7 @@ def preset(dataset: str, arch: str, method: str) -> dict[str, Any]:
     else:
         raise ValueError(f"no preset for dataset {dataset!r}")
     p["temperature"] = 200.0 if method == "grasp" else 1.0
+    p["score_reinit_dense"] = method == "grasp"
     p["rounds"] = 100 if method == "synflow" else 1
     return p
 

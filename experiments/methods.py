@@ -63,6 +63,28 @@ def make_loss_fn(model: nn.Module, batch_stats: PyTree, temperature: float,
     return loss_fn
 
 
+# PyTorch's nn.init.xavier_normal_: an untruncated normal of variance 2 / (fan_in + fan_out).
+_xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")  # untruncated
+
+
+def reinit_dense_kernels(params: PyTree, key: jax.Array) -> PyTree:
+    """A copy of ``params`` whose prunable dense (2-D) kernels are redrawn Xavier-normal.
+
+    The reference GraSP (``reinit=True``, its default) scores a copy of the
+    network in which every ``nn.Linear`` weight is re-initialized this way; the
+    masks then go to the original network, which trains from its own init.
+    Weights that are exactly zero (pruned in an earlier round) stay zero.
+    """
+    flags = gj.prunable_flags(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        jnp.where(x != 0, _xavier_normal(k, x.shape, x.dtype), 0) if f and x.ndim == 2 else x
+        for x, f, k in zip(leaves, flags, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def compute_masks(
     config: Config,
     model: nn.Module,
@@ -86,13 +108,18 @@ def compute_masks(
     if config.method in ("grasp", "snip"):
         batch = scoring_batch(config)
         log(f"scoring with {config.method} on {len(batch['label'])} training images in "
-            f"{config.num_score_microbatches} chunks (temperature {config.temperature:g})")
+            f"{config.num_score_microbatches} chunks (temperature {config.temperature:g}"
+            f"{', dense layers re-initialized Xavier-normal' if config.score_reinit_dense else ''})")
         # Left in host memory: the core feeds an eager call chunk by chunk, so the
         # device holds one chunk at a time (ImageNet's 19,200 images are 11.6 GB).
         loss_fn = make_loss_fn(model, batch_stats, config.temperature, key)
         scorer = gj.grasp_scores if config.method == "grasp" else gj.snip_scores
 
+        reinit_key = jax.random.fold_in(key, 1)
+
         def score_fn(p):
+            if config.score_reinit_dense:
+                p = reinit_dense_kernels(p, reinit_key)
             return scorer(p, loss_fn, batch, num_microbatches=config.num_score_microbatches)
     elif config.method == "synflow":
         def apply_fn(p, x):

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsity schedule across --rounds")
     g.add_argument("--temperature", type=positive_float, default=None,
                    help="divide logits by this while scoring (preset: 200 for grasp, 1 otherwise)")
+    g.add_argument("--score_reinit_dense", action=argparse.BooleanOptionalAction, default=None,
+                   help="score a copy whose dense layers are re-drawn Xavier-normal, as the "
+                        "reference GraSP does (preset: on for grasp, off otherwise)")
     g.add_argument("--score_samples_per_class", type=positive_int, default=None,
                    help="class-balanced scoring draw: images per class (preset: see configs.py)")
     g.add_argument("--score_draws", type=positive_int, default=None,
@@ -182,6 +185,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, scope=args.scope, rounds=args.rounds,
         prune_schedule=args.prune_schedule, temperature=args.temperature,
+        score_reinit_dense=args.score_reinit_dense,
         score_samples_per_class=args.score_samples_per_class, score_draws=args.score_draws,
         data_dir=args.data_dir, checkpoint_every_steps=args.checkpoint_every_steps,
         keep_checkpoints=args.keep_checkpoints, log_every_steps=args.log_every_steps,

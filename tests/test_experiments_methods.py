@@ -34,3 +34,24 @@ def test_scoring_batch_concatenates_draws_class_by_class():
     assert batch["image"].shape == (40, 8, 8, 1) and config.num_score_microbatches == 4
     # Each draw is ordered class by class, so each half of a draw holds 5 classes.
     np.testing.assert_array_equal(batch["label"], np.tile(np.repeat(np.arange(10), 2), 2))
+
+
+def test_reinit_redraws_only_dense_kernels_xavier_normal(lenet):
+    _, variables = lenet
+    params = variables["params"]
+    params = {**params, "fc1": {**params["fc1"], "kernel": params["fc1"]["kernel"].at[0, :5].set(0.0)}}
+    out = methods.reinit_dense_kernels(params, jax.random.PRNGKey(3))
+    for name in ("conv1", "conv2"):  # convolutions and biases are the originals
+        np.testing.assert_array_equal(out[name]["kernel"], params[name]["kernel"])
+    np.testing.assert_array_equal(out["fc1"]["bias"], params["fc1"]["bias"])
+    k = np.asarray(out["fc1"]["kernel"])
+    assert np.all(k[0, :5] == 0) and np.all(k[1:] != 0)  # pruned weights stay pruned
+    fan_in, fan_out = k.shape
+    assert np.std(k[1:]) == pytest.approx(np.sqrt(2 / (fan_in + fan_out)), rel=0.05)
+    assert not np.allclose(out["fc3"]["kernel"], params["fc3"]["kernel"])
+
+
+def test_only_grasp_scores_a_reinitialized_copy_by_default():
+    for method in configs.METHODS:
+        c = configs.resolve(dataset="cifar10", arch="vgg19", method=method, steps_per_epoch=1)
+        assert c.score_reinit_dense == (method == "grasp")
