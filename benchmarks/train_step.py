@@ -92,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["resnet32", "vgg19"], choices=tuple(models.ARCHS))
     p.add_argument("--batch_size", type=int, default=32, help="global batch of 32x32x3 images")
-    p.add_argument("--pairs", type=int, default=12, help="timed (masked, plain) step pairs")
+    p.add_argument("--pairs", type=int, default=8, help="timed (masked, plain) step pairs")
     p.add_argument("--sparsity", type=float, default=0.9)
     args = p.parse_args()
     print(f"{jax.local_device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
