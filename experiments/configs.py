@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 # The criteria a run can use; "dense" trains without pruning.
 METHODS = ("grasp", "snip", "synflow", "magnitude", "random", "dense")
+ABLATIONS = ("none", "shuffle", "invert", "reinit")
 
 # Default network per dataset when --arch is not given.
 DEFAULT_ARCH = {
@@ -61,6 +62,7 @@ RUN_CONTROL_FIELDS = (
     "checkpoint_every_steps",
     "log_every_steps",
     "keep_checkpoints",
+    "gradient_flow",
 )
 
 
@@ -101,6 +103,10 @@ class Config:
     score_batches: int = 0
     score_batch_size: int = 128
     score_chunk_size: int = 0  # microbatch size for score_batches; 0 = whole batches
+    # Sanity checks (Frankle et al., 2021): none, shuffle (each layer's mask
+    # permuted), invert (keep what the method would prune), reinit (train the
+    # kept weights from a fresh initialization).
+    ablation: str = "none"
 
     # Running.
     max_steps: Optional[int] = None  # stop early (the lr schedule still spans `epochs`)
@@ -108,6 +114,7 @@ class Config:
     checkpoint_every_steps: Optional[int] = None  # besides every epoch
     keep_checkpoints: int = 3
     log_every_steps: int = 50
+    gradient_flow: bool = True  # measure loss, ||g||^2 and g^T H g before/after pruning
 
     @property
     def total_steps(self) -> int:

@@ -142,11 +142,56 @@ def compute_masks(
         if config.rounds > 1 and (r % every == 0 or r == config.rounds):
             log(f"  round {r}/{config.rounds}: sparsity {s:.4%}")
 
+    direction = gj.PRUNE_DIRECTION[config.method]
+    if config.ablation == "invert":
+        # Keep what the method would prune first, as many as it would keep.
+        direction = "lowest" if direction == "highest" else "highest"
     masks = gj.prune(
-        params, score_fn, config.sparsity, prune=gj.PRUNE_DIRECTION[config.method],
+        params, score_fn, config.sparsity, prune=direction,
         rounds=config.rounds, schedule=config.prune_schedule, scope=config.scope,
         callback=progress,
     )
+    if config.ablation == "shuffle":
+        masks = gj.shuffle_masks(masks, jax.random.fold_in(key, 2))
     masks = jax.block_until_ready(masks)
-    log(f"pruned with {config.method} in {time.time() - start:.1f}s")
+    log(f"pruned with {config.method}{_ablation_note(config)} in {time.time() - start:.1f}s")
     return masks
+
+
+def _ablation_note(config: Config) -> str:
+    return "" if config.ablation == "none" else f" (ablation: {config.ablation})"
+
+
+def diagnostics_batch(config: Config) -> dict[str, np.ndarray]:
+    """One training batch that is not the scoring batch: another seed's first batch."""
+    (batch,) = input_pipeline.first_batches(
+        config.dataset, 1, config.batch_size, seed=config.seed + 7919, data_dir=config.data_dir)
+    return batch
+
+
+def gradient_flow_report(config: Config, model: nn.Module, dense: PyTree, pruned: PyTree,
+                         masks: PyTree, key: jax.Array,
+                         log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Loss, ‖g‖² and gᵀHg at initialization, before and after pruning.
+
+    ``before`` is the dense network at its initialization (``dense``
+    variables); ``after`` the network training starts from: ``pruned``
+    variables (the same, or a fresh draw for the reinit ablation) under
+    ``masks``. Measured on a training batch that is not the scoring batch,
+    BatchNorm in training mode, plain cross-entropy (no temperature): the
+    quantities GraSP's criterion is about, for any method. See
+    :func:`grasp_jax.gradient_flow`.
+    """
+    batch = diagnostics_batch(config)
+    before_loss = make_loss_fn(model, dense.get("batch_stats", {}), 1.0, key)
+    after_loss = make_loss_fn(model, pruned.get("batch_stats", {}), 1.0, key)
+    out = {
+        "before": gj.gradient_flow(dense["params"], before_loss, batch),
+        "after": gj.gradient_flow(pruned["params"], after_loss, batch, masks=masks),
+        "batch_size": int(len(batch["label"])),
+    }
+    for when in ("before", "after"):
+        f = out[when]
+        log(f"gradient flow {when} pruning: loss {f['loss']:.4f}, ||g||^2 {f['grad_norm_sq']:.4e}, "
+            f"g^T H g {f['gHg']:.4e}")
+    return out

@@ -29,7 +29,7 @@ from experiments import configs
 
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
 RUN_FILES = ("checkpoints", "tensorboard", "config.json", "metrics.jsonl", "results.json",
-             "sparsity.md", "density.png", "masks.npz")
+             "sparsity.md", "density.png", "masks.npz", "gradient_flow.json")
 
 DEMO_WORKDIR = os.path.join("runs", "demo")
 DEMO_RUNS = (("grasp_90", dict(method="grasp", sparsity=0.9)), ("dense", dict(method="dense")))
@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-balanced scoring draw: images per class (preset: see configs.py)")
     g.add_argument("--score_draws", type=positive_int, default=None,
                    help="number of class-balanced draws, each scored in two halves")
+    g.add_argument("--ablation", choices=configs.ABLATIONS, default="none",
+                   help="sanity check (Frankle et al., 2021): shuffle = permute each layer's mask, "
+                        "invert = keep what the method would prune (same count), reinit = train "
+                        "the kept weights from a fresh initialization")
+    g.add_argument("--gradient_flow", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the loss, ||g||^2 and g^T H g at init before and after pruning "
+                        "on a training batch other than the scoring batch (results.json: "
+                        "gradient_flow)")
 
     g = p.add_argument_group("running")
     g.add_argument("--workdir", default=None,
@@ -164,6 +172,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     arch = args.arch or configs.DEFAULT_ARCH[args.dataset]
     if args.method == "dense" and args.sparsity:
         parser.error(f"--method dense prunes nothing; got --sparsity {args.sparsity}")
+    if args.method == "dense" and args.ablation != "none":
+        parser.error(f"--method dense prunes nothing to ablate; got --ablation {args.ablation}")
     problem = arch_input_problem(arch, args.dataset)
     if problem:
         parser.error(f"--arch {arch} does not fit --dataset {args.dataset}: {problem}")
@@ -187,6 +197,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         prune_schedule=args.prune_schedule, temperature=args.temperature,
         score_reinit_dense=args.score_reinit_dense,
         score_samples_per_class=args.score_samples_per_class, score_draws=args.score_draws,
+        ablation=args.ablation, gradient_flow=args.gradient_flow,
         data_dir=args.data_dir, checkpoint_every_steps=args.checkpoint_every_steps,
         keep_checkpoints=args.keep_checkpoints, log_every_steps=args.log_every_steps,
     )

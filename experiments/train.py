@@ -28,6 +28,7 @@ reaches the same parameters as one that never stopped.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import time
@@ -278,8 +279,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     variables = init_variables(model, init_key, info.image_shape)
 
     latest = ckpt.latest_step()
+    flow_path = os.path.join(workdir, "gradient_flow.json")
     if latest is None:
         masks = methods.compute_masks(config, model, variables, score_key, info.image_shape, log=log)
+        dense_variables = variables
+        if config.ablation == "reinit":
+            # Same masks, new weights: does the method pick weights or just layer densities?
+            variables = init_variables(model, jax.random.fold_in(init_key, 1), info.image_shape)
+            log("ablation reinit: training the kept weights from a fresh initialization")
+        if config.gradient_flow:
+            flow = methods.gradient_flow_report(config, model, dense_variables, variables, masks,
+                                                jax.random.fold_in(score_key, 3), log=log)
+            if is_main_process():
+                report.write_json(flow_path, flow)
+        del dense_variables
         state = create_state(variables, masks, make_optimizer(config, masks), step_key)
         meta = {"best_test_accuracy": None, "best_step": None, "wall_time_s": 0.0,
                 "train_time_s": 0.0, "train_images": 0}
@@ -426,7 +439,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         "train_images_per_sec": _ratio(meta_images_base + session_images,
                                        meta_train_base + session_train_time),
         "devices": jax.device_count(), "processes": jax.process_count(),
+        "ablation": config.ablation,
     }
+    if os.path.exists(flow_path):  # written once, before training; kept across resumes
+        with open(flow_path) as f:
+            results["gradient_flow"] = json.load(f)
     if is_main_process() and not preempted:
         report.write_json(os.path.join(workdir, "results.json"), results)
         log(f"done: final test accuracy {results['final_test_accuracy']:.2%}, best "
