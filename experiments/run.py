@@ -154,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many recent checkpoints to keep")
     g.add_argument("--log_every_steps", type=positive_int, default=50,
                    help="training metrics are written every N steps")
+
+    g = p.add_argument_group(
+        "multi-host (docs/MULTIHOST.md)",
+        "Start the same command on every process. Without these flags, JAX's distributed "
+        "runtime is joined only when the environment is a multi-process cluster JAX detects "
+        "(Cloud TPU pod, SLURM, Open MPI); otherwise the run is single-process.")
+    g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="address of process 0, where the JAX coordinator listens")
+    g.add_argument("--num_processes", type=positive_int, default=None,
+                   help="number of processes in the run")
+    g.add_argument("--process_id", type=nonnegative_int, default=None,
+                   help="this process's index, in [0, --num_processes)")
+    g.add_argument("--num_cpu_devices", type=positive_int, default=None,
+                   help="CPU devices per process (tests and demos of multi-device runs on CPU)")
+    g.add_argument("--distributed_timeout", type=positive_int, default=None,
+                   help="seconds to wait for the coordinator at start-up (default 300); "
+                        "a process whose peer stops responding exits after a fifth of this "
+                        "(heartbeat timeout: at least 10 s, at most 100 s; 60 s by default)")
     return p
 
 
@@ -285,18 +303,31 @@ def prepare_workdir(workdir: str, config: configs.Config, overwrite: bool) -> No
     write_text(os.path.join(workdir, "config.json"), config.to_json())
 
 
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-host run (no-op on one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def run(config: configs.Config, workdir: str, overwrite: bool = False) -> tuple[int, dict]:
     """Train one config in workdir; (exit status, results)."""
-    from experiments import train
+    from experiments import distributed, train
     from experiments.logging_utils import log
 
     prepare_workdir(workdir, config, overwrite)
+    sync_processes("prepare_workdir")  # the others wait until process 0 has set the workdir up
     log(f"workdir {os.path.abspath(workdir)}")
     log("config " + json.dumps(config.to_dict(), sort_keys=True))
     try:
         results = train.train_and_evaluate(config, workdir)
-    except train.SparsityDriftError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (train.SparsityDriftError, distributed.MaskMismatchError) as e:
+        import jax
+
+        print(f"error (process {jax.process_index()}): {e}", file=sys.stderr)
         return 1, {}
     return (train.PREEMPTED_EXIT_CODE if results["preempted"] else 0), results
 
@@ -326,12 +357,39 @@ def demo() -> int:
     return 0
 
 
+def join_processes(parser: argparse.ArgumentParser, args: Optional[argparse.Namespace]) -> int:
+    """Join the other processes of a multi-host run (before any JAX computation); 0 or 1."""
+    from experiments import distributed
+
+    launch = distributed.Launch()
+    if args is not None:
+        timeout = args.distributed_timeout or distributed.INIT_TIMEOUT_S
+        heartbeat = min(max(timeout // 5, 10), 100)
+        launch = distributed.Launch(
+            coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+            process_id=args.process_id, num_cpu_devices=args.num_cpu_devices,
+            init_timeout_s=timeout, heartbeat_timeout_s=heartbeat, shutdown_timeout_s=heartbeat)
+        problem = distributed.check_launch(launch)
+        if problem:
+            parser.error(problem)
+    try:
+        if distributed.initialize(launch):
+            print(distributed.describe(), file=sys.stderr, flush=True)
+    except distributed.DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        return demo()
+        return join_processes(build_parser(), None) or demo()
     parser = build_parser()
     args = parser.parse_args(argv)
+    status = join_processes(parser, args)
+    if status:
+        return status
     config = config_from_args(parser, args)
     workdir = args.workdir or default_workdir(config)
     conflict = workdir_conflict(workdir, config)

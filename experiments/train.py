@@ -45,7 +45,7 @@ from flax import jax_utils
 import grasp_jax as gj
 from grasp_jax import input_pipeline, models
 from grasp_jax.prunable import named_leaves
-from experiments import checkpointing, configs, methods, report
+from experiments import checkpointing, configs, distributed, methods, report
 from experiments.configs import Config
 from experiments.logging_utils import MetricWriter, Progress, format_duration, is_main_process, log
 
@@ -305,6 +305,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         state = TrainState(**restored)
         masks = state.masks
         writer.truncate_after(latest)
+    # Multi-host: every process must train the same sparse network.
+    distributed.check_masks_agree(masks)
     tx = make_optimizer(config, masks)
     sparsity = write_pruning_outputs(workdir, config, masks)
     log(str(sparsity))

@@ -1,0 +1,214 @@
+"""Multi-process (multi-host) runs on JAX's own distributed runtime.
+
+One program per host (or per process on one machine), all started with the
+same command line. ``initialize`` must run before anything else touches JAX:
+it joins the processes through ``jax.distributed.initialize`` so that
+``jax.devices()`` lists every device of every process and a ``pmap`` over
+them spans the hosts (its ``psum``/``pmean`` are cross-host all-reduces).
+
+* Explicit: ``--coordinator_address HOST:PORT --num_processes N --process_id I``
+  (any cluster, or several processes on one machine).
+* Automatic: with none of them, ``jax.distributed.initialize()`` is called
+  only when JAX's own cluster detection (Cloud TPU pod, SLURM, Open MPI, ...)
+  says this process is one of several; a plain machine runs single-process.
+
+Faults are bounded in time: a coordinator that cannot be reached ends the
+process after ``init_timeout_s`` with a message naming the address; a peer
+that dies stops heartbeating and the others are told to exit (non-zero)
+after ``heartbeat_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+PyTree = Any
+
+# Defaults: generous enough for a slow pod start-up, short enough not to hang a job.
+INIT_TIMEOUT_S = 300
+HEARTBEAT_TIMEOUT_S = 60  # = INIT_TIMEOUT_S // 5, as run.py derives it
+SHUTDOWN_TIMEOUT_S = 60
+
+
+class DistributedSetupError(RuntimeError):
+    """The processes could not be joined (unreachable coordinator, bad flags)."""
+
+
+class MaskMismatchError(RuntimeError):
+    """The processes computed different pruning masks."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    num_cpu_devices: Optional[int] = None
+    init_timeout_s: int = INIT_TIMEOUT_S
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S
+
+    @property
+    def explicit(self) -> bool:
+        return any(v is not None for v in (self.coordinator_address, self.num_processes,
+                                           self.process_id))
+
+
+def check_launch(launch: Launch) -> Optional[str]:
+    """Why the launch flags are inconsistent, or None."""
+    given = [launch.coordinator_address, launch.num_processes, launch.process_id]
+    if any(v is not None for v in given) and any(v is None for v in given):
+        return ("--coordinator_address, --num_processes and --process_id go together "
+                "(give all three, or none to let JAX detect the cluster)")
+    if launch.coordinator_address is not None:
+        host, sep, port = launch.coordinator_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"--coordinator_address {launch.coordinator_address!r} is not HOST:PORT"
+    if launch.num_processes is not None and not 0 <= launch.process_id < launch.num_processes:
+        return (f"--process_id {launch.process_id} must lie in [0, --num_processes "
+                f"{launch.num_processes})")
+    return None
+
+
+def detected_cluster() -> Optional[str]:
+    """The name of the cluster JAX detects with more than one process, or None.
+
+    Uses JAX's own detectors (``jax._src.clusters``: Cloud TPU, SLURM, Open
+    MPI, Kubernetes; mpi4py is opt-in there and here). A single-task SLURM job
+    or a single-host TPU VM counts as one process: nothing to join.
+    """
+    try:
+        from jax._src import clusters
+    except ImportError:  # private module moved: fall back to single-process
+        return None
+    for env in clusters.ClusterEnv._cluster_types:
+        if getattr(env, "opt_in_only_method", False):
+            continue
+        try:
+            if env.is_env_present() and int(env.get_process_count()) > 1:
+                return env.__name__
+        except Exception:  # noqa: BLE001 - a half-configured environment is not a cluster
+            continue
+    return None
+
+
+def initialize(launch: Launch) -> bool:
+    """Configure JAX and join the processes; True if this run is multi-process.
+
+    Must be called before any other JAX computation (device or backend use).
+    """
+    import jax
+
+    if launch.num_cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", launch.num_cpu_devices)
+    # Cross-process collectives on CPU (gloo is JAX's default; set it explicitly).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if launch.explicit:
+        kwargs = dict(coordinator_address=launch.coordinator_address,
+                      num_processes=launch.num_processes, process_id=launch.process_id)
+        where = launch.coordinator_address
+    else:
+        cluster = detected_cluster()
+        if cluster is None:
+            return False
+        kwargs = {}
+        where = f"the coordinator detected from the {cluster} environment"
+    # XLA's distributed client logs its retries at length; keep stderr readable.
+    logging.getLogger("jax._src.distributed").setLevel(logging.WARNING)
+    if launch.explicit and launch.process_id != 0:
+        # XLA's client aborts the process (SIGABRT, a stack trace) when it cannot
+        # connect: wait for the coordinator here first, to fail with a message.
+        _wait_for_coordinator(launch.coordinator_address, launch.init_timeout_s, launch.process_id)
+    try:
+        jax.distributed.initialize(
+            **kwargs,
+            initialization_timeout=launch.init_timeout_s,
+            heartbeat_timeout_seconds=launch.heartbeat_timeout_s,
+            shutdown_timeout_seconds=launch.shutdown_timeout_s,
+        )
+    except Exception as e:  # noqa: BLE001 - XLA raises its own error types
+        raise DistributedSetupError(
+            f"process {launch.process_id if launch.process_id is not None else '?'} could not "
+            f"join the JAX distributed runtime at {where} within {launch.init_timeout_s}s "
+            f"(is process 0 running there, reachable, and do all processes agree on "
+            f"--num_processes?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    if launch.num_processes is not None and jax.process_count() != launch.num_processes:
+        raise DistributedSetupError(
+            f"--num_processes {launch.num_processes} on process {launch.process_id}, but the "
+            f"coordinator at {where} runs {jax.process_count()} processes: start every process "
+            f"with the same --num_processes")
+    return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, process_id: Optional[int]) -> None:
+    """Return once a TCP connection to ``address`` succeeds; DistributedSetupError after ``timeout_s``."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise DistributedSetupError(
+                f"process {process_id} could not reach the JAX coordinator at {address} within "
+                f"{timeout_s:g}s ({last}): start process 0 there, check the address, port and "
+                f"firewall, or raise --distributed_timeout")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------
+# Checks across processes.
+
+
+def masks_digest(masks: PyTree) -> bytes:
+    """SHA-256 of the masks' bits, leaf by leaf in tree order (shapes included)."""
+    import jax
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(masks):
+        bits = np.asarray(jax.device_get(leaf)).astype(bool)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(bits.shape, np.int64).tobytes())
+        h.update(np.packbits(bits.ravel()).tobytes())
+    return h.digest()
+
+
+def check_masks_agree(masks: PyTree) -> None:
+    """Raise MaskMismatchError naming the processes whose masks differ from process 0's.
+
+    Every process must call it (it is a collective). Single-process: no-op.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(masks_digest(masks), np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+    differ = [i for i in range(gathered.shape[0]) if not np.array_equal(gathered[i], gathered[0])]
+    if differ:
+        raise MaskMismatchError(
+            f"the pruning masks of process(es) {', '.join(map(str, differ))} differ from those of "
+            f"process 0 (checksums {', '.join(gathered[i].tobytes().hex()[:12] for i in differ)} vs "
+            f"{gathered[0].tobytes().hex()[:12]}): every process must score the same data with "
+            f"the same code and flags")
+
+
+def describe() -> str:
+    import jax
+
+    return (f"process {jax.process_index()} of {jax.process_count()}: "
+            f"{jax.local_device_count()} local / {jax.device_count()} global "
+            f"{jax.devices()[0].platform} devices")
