@@ -2,8 +2,10 @@
 
 Every model is called as ``model.apply(variables, x, train=...)`` with NHWC images, returns float32
 logits, and has the fields ``num_classes``, ``dtype`` (computation dtype) and
-``conv_general_dilated`` (a drop-in for ``lax.conv_general_dilated`` used by every conv; ``None``
-keeps Flax's). BatchNorm models keep running statistics in the ``batch_stats`` collection
+``conv_general_dilated`` (a drop-in for ``lax.conv_general_dilated`` used by every conv; ``None``,
+the default, is ``grasp_jax.models.conv.conv_general_dilated``: XLA:CPU's slow convolutions -- 3x3
+on 1x1/2x2 maps, 1x1 with >= 16 channels -- run as matmuls, everything else and every GPU/TPU
+convolution natively; ``GRASP_JAX_FAST_CONV=0`` or ``lax.conv_general_dilated`` forces native). BatchNorm models keep running statistics in the ``batch_stats`` collection
 (``mutable=['batch_stats']`` when ``train=True``). Every conv/dense weight is a leaf named
 ``kernel``, which is what the pruning code treats as prunable.
 

@@ -55,7 +55,7 @@ class ResNetCifar(nn.Module):
       widths: channels of the stem and the three stages.
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
       conv_general_dilated: replacement for ``lax.conv_general_dilated`` in every conv
-        (``None``: Flax's default).
+        (``None``: ``grasp_jax.models.conv.conv_general_dilated``, see ``init.conv``).
 
     Parameter names: ``conv1``, ``bn1``, ``layer{s}_{b}`` (stage s = 1..3, block b from 0),
     ``fc``.

@@ -61,7 +61,7 @@ class ResNetImageNet(nn.Module):
       zero_init_last_bn: torchvision's ``zero_init_residual`` (off by default).
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
       conv_general_dilated: replacement for ``lax.conv_general_dilated`` in every conv
-        (``None``: Flax's default).
+        (``None``: ``grasp_jax.models.conv.conv_general_dilated``, see ``init.conv``).
 
     Parameter names: ``conv1``, ``bn1``, ``layer{s}_{b}`` (s = 1..4, b from 0), ``fc``.
     """

@@ -47,7 +47,7 @@ class VGG(nn.Module):
       num_classes: size of the output layer.
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
       conv_general_dilated: replacement for ``lax.conv_general_dilated`` in every conv
-        (``None``: Flax's default).
+        (``None``: ``grasp_jax.models.conv.conv_general_dilated``, see ``init.conv``).
 
     Parameter names: ``conv{i}``/``bn{i}`` for the i-th conv layer, ``classifier``.
     """
