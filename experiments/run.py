@@ -329,6 +329,7 @@ def run(config: configs.Config, workdir: str, overwrite: bool = False) -> tuple[
 
         print(f"error (process {jax.process_index()}): {e}", file=sys.stderr)
         return 1, {}
+    sync_processes("run_finished")  # leave together: process 0 writes the reports last
     return (train.PREEMPTED_EXIT_CODE if results["preempted"] else 0), results
 
 
@@ -368,7 +369,9 @@ def join_processes(parser: argparse.ArgumentParser, args: Optional[argparse.Name
         launch = distributed.Launch(
             coordinator_address=args.coordinator_address, num_processes=args.num_processes,
             process_id=args.process_id, num_cpu_devices=args.num_cpu_devices,
-            init_timeout_s=timeout, heartbeat_timeout_s=heartbeat, shutdown_timeout_s=heartbeat)
+            # Shutdown waits for the slowest process to finish (process 0 writes the
+            # reports); a dead one is caught by the heartbeat long before.
+            init_timeout_s=timeout, heartbeat_timeout_s=heartbeat, shutdown_timeout_s=timeout)
         problem = distributed.check_launch(launch)
         if problem:
             parser.error(problem)

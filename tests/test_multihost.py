@@ -46,6 +46,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# Process 1 flips one kept weight of its masks, as a nondeterministic scorer might.
+_PROCESS_1_FLIPS_A_BIT = """
+import sys
+import jax
+import numpy as np
+from experiments import methods
+compute = methods.compute_masks
+def compute_masks(*a, **k):
+    masks = compute(*a, **k)
+    if jax.process_index() == 1:
+        leaves, treedef = jax.tree_util.tree_flatten(masks)
+        first = np.array(leaves[0])
+        first.flat[0] = not first.flat[0]
+        masks = jax.tree_util.tree_unflatten(treedef, [first] + leaves[1:])
+    return masks
+methods.compute_masks = compute_masks
+from experiments.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,10 +80,11 @@ def _env():
     return env
 
 
-def _start(args, log_path):
+def _start(args, log_path, script=None):
     out = open(log_path, "w")
+    cmd = ["-m", "experiments.run"] if script is None else ["-c", script]
     try:
-        return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=REPO,
+        return subprocess.Popen([sys.executable, *cmd, *args], cwd=REPO,
                                 env=_env(), stdout=out, stderr=subprocess.STDOUT)
     finally:
         out.close()
@@ -84,11 +106,11 @@ def _pair_args(args, port, pid, timeout=60):
             "--num_processes", "2", "--process_id", str(pid), "--distributed_timeout", str(timeout)]
 
 
-def _run_pair(args, tmp_path, tag, timeout=400):
+def _run_pair(args, tmp_path, tag, timeout=400, script=None):
     """Both processes to completion; (return codes, logs)."""
     port = _free_port()
     logs = [tmp_path / f"{tag}_p{i}.log" for i in range(2)]
-    procs = [_start(_pair_args(args, port, i), logs[i]) for i in range(2)]
+    procs = [_start(_pair_args(args, port, i), logs[i], script) for i in range(2)]
     try:
         deadline = time.time() + timeout
         for p in procs:
@@ -174,6 +196,18 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == saved + 8 and results["processes"] == 2
     assert checkpointing.load_state(str(workdir))[0] == saved + 8
+
+
+@pytest.mark.slow
+def test_processes_with_different_masks_stop_naming_the_odd_one(tmp_path):
+    workdir = tmp_path / "w"
+    codes, logs = _run_pair(ARGS + ["--max_steps", "2", "--workdir", str(workdir)], tmp_path,
+                            "flip", script=_PROCESS_1_FLIPS_A_BIT)
+    assert codes == [1, 1], "\n\n".join(logs)
+    for i in range(2):
+        assert (f"error (process {i}): the pruning masks of process(es) 1 differ from those of "
+                "process 0") in logs[i], logs[i]
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
 def test_unreachable_coordinator_fails_in_bounded_time_naming_the_address(tmp_path):
