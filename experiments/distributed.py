@@ -206,6 +206,17 @@ def check_masks_agree(masks: PyTree) -> None:
             f"the same code and flags")
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is True on any (a collective: all must call it)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.any(np.asarray(flags)))
+
+
 def describe() -> str:
     import jax
 

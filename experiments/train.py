@@ -383,7 +383,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                 session_images += config.batch_size
             epoch_end = step % spe == 0
             last = step == config.num_steps
-            if step % config.log_every_steps == 0 or epoch_end or last or sigterm.set:
+            # Saving is collective across processes, so they must agree on stopping: several
+            # processes compare their flags at logging steps and epoch ends only.
+            stop = sigterm.set if jax.process_count() == 1 else (
+                (step % config.log_every_steps == 0 or epoch_end or last)
+                and distributed.any_process(sigterm.set))
+            if step % config.log_every_steps == 0 or epoch_end or last or stop:
                 flush_train_metrics()
             if epoch_end or last:
                 session_train_time += time.time() - t_step
@@ -408,12 +413,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                 epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
                 t_step = window_start = time.time()
             every = config.checkpoint_every_steps
-            if epoch_end or last or sigterm.set or (every and step % every == 0):
+            if epoch_end or last or stop or (every and step % every == 0):
                 flush_train_metrics()  # keeps saving time out of the throughput window
                 session_train_time += time.time() - t_step
                 save(step)
                 t_step = window_start = time.time()
-            if sigterm.set and not last:
+            if stop and not last:
                 log(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume")
                 preempted = True
                 break

@@ -67,6 +67,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# Process 1 alone gets SIGTERM right after step 5 (a preemption notice that reaches the
+# hosts at different steps).
+_PROCESS_1_SIGTERM_AT_5 = """
+import os, signal, sys
+import jax
+import experiments.train as t
+make = t.make_train_step
+def make_train_step(model, tx):
+    step = make(model, tx)
+    def wrapped(state, batch):
+        state, metrics = step(state, batch)
+        if jax.process_index() == 1 and int(jax.device_get(state.step.addressable_data(0))[0]) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, metrics
+    return wrapped
+t.make_train_step = make_train_step
+from experiments.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,6 +229,20 @@ def test_processes_with_different_masks_stop_naming_the_odd_one(tmp_path):
         assert (f"error (process {i}): the pruning masks of process(es) 1 differ from those of "
                 "process 0") in logs[i], logs[i]
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(tmp_path):
+    workdir = tmp_path / "w"
+    args = ARGS + ["--max_steps", "12", "--log_every_steps", "4", "--workdir", str(workdir)]
+    codes, logs = _run_pair(args, tmp_path, "term", script=_PROCESS_1_SIGTERM_AT_5)
+    assert codes == [143, 143], "\n\n".join(logs)
+    assert "SIGTERM: saved a checkpoint at step 8" in logs[0]  # the next agreed step
+    assert checkpointing.load_state(str(workdir))[0] == 8
+    codes, logs = _run_pair(args, tmp_path, "resume")
+    assert codes == [0, 0], "\n\n".join(logs)
+    assert "resuming from step 8" in logs[0]
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 12
 
 
 def test_unreachable_coordinator_fails_in_bounded_time_naming_the_address(tmp_path):
