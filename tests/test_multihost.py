@@ -245,6 +245,24 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(
     assert json.loads((workdir / "results.json").read_text())["steps"] == 12
 
 
+@pytest.mark.slow
+def test_mismatched_num_processes_is_reported_and_both_exit(tmp_path):
+    port = _free_port()
+    common = ARGS + ["--max_steps", "2", "--workdir", str(tmp_path / "w"), "--num_cpu_devices", "2",
+                     "--coordinator_address", f"127.0.0.1:{port}", "--distributed_timeout", "50"]
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = [_start(common + ["--num_processes", "2", "--process_id", "0"], logs[0]),
+             _start(common + ["--num_processes", "3", "--process_id", "1"], logs[1])]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        _kill(procs)
+    out = [log.read_text() for log in logs]
+    assert codes[0] != 0 and codes[1] == 1, "\n\n".join(out)
+    assert (f"--num_processes 3 on process 1, but the coordinator at 127.0.0.1:{port} runs 2 "
+            "processes") in out[1]
+
+
 def test_unreachable_coordinator_fails_in_bounded_time_naming_the_address(tmp_path):
     port = _free_port()  # nobody listens there
     start = time.time()
