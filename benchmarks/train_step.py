@@ -36,12 +36,20 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def bench(arch: str, batch_size: int, pairs: int, sparsity: float) -> dict:
-    model = models.get_model(arch, 10)
+def bench(arch: str, batch_size: int, pairs: int, sparsity: float, *,
+          image_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10,
+          dataset: str = "cifar10", model=None, variables=None) -> dict:
+    """Masked vs plain train step of ``arch`` (or ``model``) on random ``image_shape`` batches.
+
+    ``dataset`` only picks the preset's optimizer settings; ``variables`` (the model's, e.g.
+    already initialized by the caller) spare an initialization.
+    """
+    model = models.get_model(arch, num_classes) if model is None else model
     n_dev = jax.local_device_count()
-    config = configs.resolve(dataset="cifar10", arch=arch, steps_per_epoch=391,
+    config = configs.resolve(dataset=dataset, arch=arch, steps_per_epoch=391,
                              batch_size=batch_size)
-    variables = train.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+    if variables is None:
+        variables = train.init_variables(model, jax.random.PRNGKey(0), image_shape)
     masks = gj.masks_from_scores(gj.random_scores(variables["params"], jax.random.PRNGKey(1)),
                                  sparsity, prune="lowest")
     plain_tx = optax.chain(  # the runner's chain without the masks
@@ -52,8 +60,8 @@ def bench(arch: str, batch_size: int, pairs: int, sparsity: float) -> dict:
     rng = np.random.default_rng(0)
     per_dev = batch_size // n_dev
     batch = jax.device_put({
-        "image": rng.normal(size=(n_dev, per_dev, 32, 32, 3)).astype(np.float32),
-        "label": rng.integers(0, 10, size=(n_dev, per_dev)).astype(np.int32),
+        "image": rng.normal(size=(n_dev, per_dev, *image_shape)).astype(np.float32),
+        "label": rng.integers(0, num_classes, size=(n_dev, per_dev)).astype(np.int32),
     })
 
     steps, states, compile_s = {}, {}, {}
