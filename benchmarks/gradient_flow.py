@@ -2,8 +2,9 @@
 
 ``python -m benchmarks.gradient_flow --arch vgg19 --data_dir ../shared/tfds``
 
-For the paper's networks on CIFAR-10: each method scores once (GraSP and SNIP
-on the preset's class-balanced batch, exactly as ``experiments.run`` does),
+For the paper's networks on CIFAR-10: each one-shot method scores once
+(GraSP and SNIP on the preset's class-balanced batch, as ``experiments.run``
+does, GraSP on a copy with Xavier-redrawn dense layers),
 then for each sparsity the masks are built and ``grasp_jax.gradient_flow``
 measures the loss, ‖g‖² and gᵀHg over the kept weights on a different
 training batch (BatchNorm in training mode). Prints a Markdown table; the
@@ -21,6 +22,25 @@ import jax
 import grasp_jax as gj
 from grasp_jax import input_pipeline, models
 from experiments import configs, methods, train
+
+
+def _scores(config, model, variables, key, image_shape):
+    """The scores ``experiments.methods.compute_masks`` ranks for a one-shot method."""
+    params = variables["params"]
+    if config.method in ("grasp", "snip"):
+        batch = methods.scoring_batch(config)
+        loss_fn = methods.make_loss_fn(model, variables["batch_stats"], config.temperature, key)
+        if config.score_reinit_dense:
+            params_for_scoring = methods.reinit_dense_kernels(params, jax.random.fold_in(key, 1))
+        else:
+            params_for_scoring = params
+        scorer = gj.grasp_scores if config.method == "grasp" else gj.snip_scores
+        return scorer(params_for_scoring, loss_fn, batch, num_microbatches=config.num_score_microbatches)
+    if config.method == "magnitude":
+        return gj.magnitude_scores(params)
+    if config.method == "random":
+        return gj.random_scores(params, key)
+    raise ValueError(f"{config.method!r}: only one-shot grasp, snip, magnitude and random are supported here")
 
 
 def main(argv=None) -> list[dict]:
@@ -46,12 +66,11 @@ def main(argv=None) -> list[dict]:
         t = time.time()
         config = configs.resolve(dataset=args.dataset, arch=args.arch, method=method, steps_per_epoch=1,
                                  seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
+        # One-shot criteria score once; the masks at every sparsity come from
+        # the same scores (what experiments.run would compute at each one).
+        scores = _scores(config, model, variables, score_key, info.image_shape)
         for sparsity in sparsities:
-            config = configs.resolve(dataset=args.dataset, arch=args.arch, method=method, steps_per_epoch=1,
-                                     seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
-                                     sparsity=sparsity)
-            masks = methods.compute_masks(config, model, variables, score_key, info.image_shape,
-                                          log=lambda _: None)
+            masks = gj.masks_from_scores(scores, sparsity, prune=gj.PRUNE_DIRECTION[method])
             flow = methods.gradient_flow_report(config, model, variables, variables, masks,
                                                 jax.random.fold_in(score_key, 3), log=lambda _: None)
             rows.append({"method": method, "sparsity": sparsity, **flow})
