@@ -142,12 +142,7 @@ def _sum_over(fn: Callable[[PyTree], list], chunks: PyTree, like: list) -> list:
 
 def _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches):
     """g and Hg as lists over the prunable leaves (traced inside the jits below)."""
-    theta, rest, treedef = _split(params, flags)
-
-    def loss_of_theta(theta, chunk):
-        return _scalar_loss(loss_fn, _merge(theta, rest, flags, treedef), chunk)
-
-    grad_fn = jax.grad(loss_of_theta)
+    theta, grad_fn = _theta_grad_fn(params, loss_fn, flags)
     chunks = split_microbatches(batch, num_microbatches)
 
     if num_microbatches == 1:
@@ -198,6 +193,7 @@ def _chunk(batch: PyTree, i: int, size: int) -> PyTree:
 
 
 def _theta_grad_fn(params, loss_fn, flags):
+    """θ and ``(θ, chunk) -> ∇_θ L``, every non-prunable leaf held at its value in ``params``."""
     theta, rest, treedef = _split(params, flags)
     grad_fn = jax.grad(lambda t, c: _scalar_loss(loss_fn, _merge(t, rest, flags, treedef), c))
     return theta, grad_fn
@@ -330,8 +326,7 @@ def grasp_scores(
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _snip_scores(params, batch, *, loss_fn, flags, num_microbatches):
-    theta, rest, treedef = _split(params, flags)
-    grad_fn = jax.grad(lambda t, c: _scalar_loss(loss_fn, _merge(t, rest, flags, treedef), c))
+    theta, grad_fn = _theta_grad_fn(params, loss_fn, flags)
     chunks = split_microbatches(batch, num_microbatches)
     g = _sum_over(lambda c: grad_fn(theta, c), chunks, theta)
     return _scatter([jnp.abs(t * gi) for t, gi in zip(theta, g)], params, flags)
