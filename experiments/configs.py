@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Optional
 
 # The criteria a run can use; "dense" trains without pruning.
@@ -85,7 +84,8 @@ class Config:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_decay_epochs: tuple[int, ...] = (80, 120)  # lr is multiplied by lr_decay_factor at each
+    # The lr is multiplied by lr_decay_factor at each of these epochs (fractions allowed).
+    lr_decay_epochs: tuple[float, ...] = (80, 120)
     lr_decay_factor: float = 0.1
     steps_per_epoch: int = 0  # derived from the dataset and batch_size
 
@@ -248,18 +248,25 @@ def resolve(
     epochs = given.get("epochs", p["epochs"])
     decay_at = p.pop("lr_decay_at")
     if "lr_decay_epochs" not in given:
-        # The reference's int(epochs * 0.5); the epsilon keeps 90 * (1/3) at 30.
-        given["lr_decay_epochs"] = tuple(int(math.floor(f * epochs + 1e-9)) for f in decay_at)
+        # The reference decays at int(epochs * 0.5) and int(epochs * 0.75): the
+        # same for every preset (160, 300, 90 epochs), but 0 for a 1-epoch run,
+        # which would train at lr/100 from step 0. Fractional epochs keep the
+        # decays at 50% / 75% of any schedule; rounding keeps 90 * (1/3) at 30.
+        given["lr_decay_epochs"] = tuple(_whole_if_integral(round(f * epochs, 6)) for f in decay_at)
     if method == "dense":
         given["sparsity"] = 0.0
     p.update(given)
     return Config(dataset=dataset, arch=arch, method=method, steps_per_epoch=steps_per_epoch, **p)
 
 
+def _whole_if_integral(x: float) -> float:
+    return int(x) if float(x).is_integer() else x
+
+
 def lr_boundaries(config: Config) -> dict[int, float]:
     """optax.piecewise_constant_schedule boundaries: step -> multiplicative factor."""
     out: dict[int, float] = {}
     for epoch in config.lr_decay_epochs:
-        step = epoch * config.steps_per_epoch
+        step = int(round(epoch * config.steps_per_epoch))
         out[step] = out.get(step, 1.0) * config.lr_decay_factor
     return out

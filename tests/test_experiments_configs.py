@@ -48,7 +48,15 @@ def test_imagenet_preset():
 def test_overrides_linear_lr_scaling_and_method_defaults():
     assert _resolve("cifar10", "vgg19", batch_size=64).lr == pytest.approx(0.05)
     assert _resolve("cifar10", "vgg19", batch_size=64, lr=0.3).lr == 0.3
-    assert _resolve("cifar10", "vgg19", epochs=10).lr_decay_epochs == (5, 7)
+    assert _resolve("cifar10", "vgg19", epochs=10).lr_decay_epochs == (5, 7.5)
+
+
+def test_short_schedules_decay_at_half_and_three_quarters_not_at_step_zero():
+    # int(epochs * 0.5) would be 0 for one epoch: lr/100 from the first step.
+    c = _resolve("cifar10", "vgg19", epochs=1)
+    assert c.lr_decay_epochs == (0.5, 0.75)
+    assert configs.lr_boundaries(c) == {50: 0.1, 75: 0.1}  # 100 steps per epoch
+    assert configs.lr_boundaries(_resolve("cifar10", "vgg19", epochs=2)) == {100: 0.1, 150: 0.1}
     syn = _resolve("cifar10", "vgg19", method="synflow")
     assert (syn.rounds, syn.temperature) == (100, 1.0)
     assert _resolve("cifar10", "vgg19", method="dense", sparsity=0.5).sparsity == 0.0
