@@ -51,16 +51,83 @@ def make_loss_fn(model: nn.Module, batch_stats: PyTree, temperature: float,
                  dropout_key: jax.Array) -> Callable[[PyTree, PyTree], jax.Array]:
     """``loss(params, batch)`` for scoring: BatchNorm in training mode (each chunk
     normalized by its own statistics, as the reference's ``net.train()``), the
-    running averages thrown away, logits divided by ``temperature``."""
+    running averages thrown away, logits divided by ``temperature``. A batch
+    with a ``weight`` entry (data-parallel scoring: 1 in real chunks, 0 in a
+    device's padding chunks) has its loss multiplied by the chunk's weight."""
 
     def loss_fn(params, batch):
         logits, _ = model.apply(
             {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_key},
         )
-        return gj.cross_entropy_with_temperature(logits, batch["label"], temperature)
+        loss = gj.cross_entropy_with_temperature(logits, batch["label"], temperature)
+        if "weight" in batch:
+            loss = loss * jnp.mean(batch["weight"])
+        return loss
 
     return loss_fn
+
+
+# The pmap axis of data-parallel scoring.
+SCORE_AXIS = "score"
+
+
+def deal_chunks(batch: dict[str, np.ndarray], num_chunks: int,
+                num_devices: int) -> dict[str, np.ndarray]:
+    """The scoring batch's ``num_chunks`` equal chunks dealt to ``num_devices``.
+
+    Device d gets chunks d*c .. d*c + c - 1, with c = ceil(num_chunks /
+    num_devices), so every chunk is scored whole, by one device, and stays its
+    own BatchNorm batch whatever the device count. Slots past the last chunk
+    repeat an earlier chunk with ``weight`` 0, so that every device runs the
+    same program and the padding adds exactly nothing.
+
+    Returns:
+      Every entry of ``batch`` as ``[num_devices, c * chunk, ...]``, and
+      ``weight`` ``[num_devices, c * chunk]`` float32.
+    """
+    size = len(batch["label"]) // num_chunks
+    if size * num_chunks != len(batch["label"]):
+        raise ValueError(f"{len(batch['label'])} scoring images do not split into "
+                         f"{num_chunks} equal chunks")
+    per_device = -(-num_chunks // num_devices)
+    slots = np.arange(num_devices * per_device)
+    out = {}
+    for k, v in batch.items():
+        chunks = np.asarray(v).reshape((num_chunks, size) + v.shape[1:])[slots % num_chunks]
+        out[k] = chunks.reshape((num_devices, per_device * size) + v.shape[1:])
+    weight = np.repeat((slots < num_chunks).astype(np.float32), size)
+    out["weight"] = weight.reshape(num_devices, per_device * size)
+    return out
+
+
+def data_parallel_scorer(scorer: Callable[..., PyTree], loss_fn: Callable, batch: dict[str, np.ndarray],
+                         num_chunks: int) -> Callable[[PyTree], PyTree]:
+    """``params -> scores`` of ``scorer`` (grasp_scores or snip_scores) over
+    every device of every process.
+
+    Each process puts the chunks of its own devices on them (their positions
+    in ``jax.devices()``, the same list on every process); the core sums g and
+    Hg across all devices, so every device of every process ends with the
+    scores of the whole batch.
+    """
+    devices = jax.devices()
+    dealt = deal_chunks(batch, num_chunks, len(devices))
+    rows = [devices.index(d) for d in jax.local_devices()]
+    local = {k: v[rows] for k, v in dealt.items()}
+    per_device = -(-num_chunks // len(devices))
+
+    def score(params, chunks):
+        return scorer(params, loss_fn, chunks, num_microbatches=per_device, axis_name=SCORE_AXIS)
+
+    p_score = jax.pmap(score, axis_name=SCORE_AXIS, in_axes=(None, 0))
+
+    def score_fn(params: PyTree) -> PyTree:
+        out = p_score(params, local)
+        # This process's first device; reading the local shard works on any number of hosts.
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x.addressable_data(0)[0]), out)
+
+    return score_fn
 
 
 # PyTorch's nn.init.xavier_normal_: an untruncated normal of variance 2 / (fan_in + fan_out).
@@ -110,17 +177,26 @@ def compute_masks(
         log(f"scoring with {config.method} on {len(batch['label'])} training images in "
             f"{config.num_score_microbatches} chunks (temperature {config.temperature:g}"
             f"{', dense layers re-initialized Xavier-normal' if config.score_reinit_dense else ''})")
-        # Left in host memory: the core feeds an eager call chunk by chunk, so the
-        # device holds one chunk at a time (ImageNet's 19,200 images are 11.6 GB).
         loss_fn = make_loss_fn(model, batch_stats, config.temperature, key)
         scorer = gj.grasp_scores if config.method == "grasp" else gj.snip_scores
+        k = config.num_score_microbatches
+        if jax.device_count() > 1:
+            # Every device scores whole chunks; g and Hg are summed across all of them.
+            log(f"  data-parallel: {-(-k // jax.device_count())} chunk(s) per device on "
+                f"{jax.device_count()} devices")
+            scores_of = data_parallel_scorer(scorer, loss_fn, batch, k)
+        else:
+            # Left in host memory: the core feeds an eager call chunk by chunk, so the
+            # device holds one chunk at a time (ImageNet's 19,200 images are 11.6 GB).
+            def scores_of(p):
+                return scorer(p, loss_fn, batch, num_microbatches=k)
 
         reinit_key = jax.random.fold_in(key, 1)
 
         def score_fn(p):
             if config.score_reinit_dense:
                 p = reinit_dense_kernels(p, reinit_key)
-            return scorer(p, loss_fn, batch, num_microbatches=config.num_score_microbatches)
+            return scores_of(p)
     elif config.method == "synflow":
         def apply_fn(p, x):
             # Inference mode: batch statistics would normalize the all-ones input away.

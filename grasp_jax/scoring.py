@@ -140,8 +140,19 @@ def _sum_over(fn: Callable[[PyTree], list], chunks: PyTree, like: list) -> list:
 # g and Hg.
 
 
-def _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches):
-    """g and Hg as lists over the prunable leaves (traced inside the jits below)."""
+def _all_reduce(values: list, axis_name: str | None) -> list:
+    """Σ over the devices of ``axis_name`` (every device of every host under a
+    multi-process pmap); the identity without one."""
+    return values if axis_name is None else jax.lax.psum(values, axis_name)
+
+
+def _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches, axis_name=None):
+    """g and Hg as lists over the prunable leaves (traced inside the jits below).
+
+    With ``axis_name`` every device holds its own chunks: g is summed over them
+    and then across devices, and only then is Hg formed (each device's chunks
+    times the global g, summed across devices again).
+    """
     theta, grad_fn = _theta_grad_fn(params, loss_fn, flags)
     chunks = split_microbatches(batch, num_microbatches)
 
@@ -151,29 +162,31 @@ def _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches):
         # separate gradient plus a jvp-of-grad that recomputes it.
         chunk = jax.tree_util.tree_map(lambda x: x[0], chunks)
         g, hvp = jax.linearize(lambda t: grad_fn(t, chunk), theta)
-        hg = hvp(g)
+        g = _all_reduce(g, axis_name)
+        hg = _all_reduce(hvp(g), axis_name)
     else:
         # g must be summed over every chunk before any Hg can be formed, so
         # each chunk is visited twice; memory stays that of one chunk.
-        g = _sum_over(lambda c: grad_fn(theta, c), chunks, theta)
+        g = _all_reduce(_sum_over(lambda c: grad_fn(theta, c), chunks, theta), axis_name)
         hg = _sum_over(
             lambda c: jax.jvp(lambda t: grad_fn(t, c), (theta,), (g,))[1], chunks, theta
         )
+        hg = _all_reduce(hg, axis_name)
     return g, hg
 
 
-_STATIC = ("loss_fn", "flags", "num_microbatches")
+_STATIC = ("loss_fn", "flags", "num_microbatches", "axis_name")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _gradient_and_hvp(params, batch, *, loss_fn, flags, num_microbatches):
-    g, hg = _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches)
+def _gradient_and_hvp(params, batch, *, loss_fn, flags, num_microbatches, axis_name):
+    g, hg = _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches, axis_name)
     return _scatter(g, params, flags), _scatter(hg, params, flags)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _grasp_scores(params, batch, *, loss_fn, flags, num_microbatches):
-    _, hg = _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches)
+def _grasp_scores(params, batch, *, loss_fn, flags, num_microbatches, axis_name):
+    _, hg = _gradient_and_hvp_lists(params, batch, loss_fn, flags, num_microbatches, axis_name)
     theta, _, _ = _split(params, flags)
     return _scatter([_neg_product(t, h) for t, h in zip(theta, hg)], params, flags)
 
@@ -261,6 +274,7 @@ def gradient_and_hvp(
     *,
     num_microbatches: int = 1,
     prunable: PrunableSpec = None,
+    axis_name: str | None = None,
 ) -> tuple[PyTree, PyTree]:
     """The gradient g and the Hessian-vector product Hg in the prunable subspace.
 
@@ -271,14 +285,16 @@ def gradient_and_hvp(
 
     Hg is a forward-over-reverse product (``jax.linearize``/``jax.jvp`` of
     ``jax.grad``); H is never formed. Both results have the structure of
-    ``params`` with zeros at non-prunable leaves.
+    ``params`` with zeros at non-prunable leaves. ``axis_name``: see
+    :func:`grasp_scores`.
     """
     flags = _validated(params, loss_fn, batch, num_microbatches, prunable)
     k = int(num_microbatches)
-    if k > 1 and not _is_traced(params, batch):
+    if k > 1 and axis_name is None and not _is_traced(params, batch):
         g, hg = _host_loop(params, batch, loss_fn, flags, k, with_hvp=True)
         return _combine(params, g, flags=flags, fn=_second), _combine(params, hg, flags=flags, fn=_second)
-    return _gradient_and_hvp(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k)
+    return _gradient_and_hvp(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k,
+                             axis_name=axis_name)
 
 
 def grasp_scores(
@@ -288,6 +304,7 @@ def grasp_scores(
     *,
     num_microbatches: int = 1,
     prunable: PrunableSpec = None,
+    axis_name: str | None = None,
 ) -> PyTree:
     """GraSP's S(-θ) = -θ ⊙ Hg for every prunable weight (paper, eq. 8).
 
@@ -307,6 +324,13 @@ def grasp_scores(
         the trace when called under ``jit``), so memory is that of one chunk.
       prunable: which leaves are θ (default: leaves named ``kernel`` with
         ndim >= 2); a pytree of bools or a callable ``(path, leaf) -> bool``.
+      axis_name: data-parallel scoring. Call inside ``jax.pmap`` (or
+        ``shard_map``) over this axis, each device holding its own
+        ``num_microbatches`` chunks: g and then Hg are summed over every chunk of
+        every device (``lax.psum``; on several hosts, of every host), so each
+        device returns the scores of all chunks together. A device with fewer
+        real chunks than the others pads with chunks whose loss is multiplied
+        by 0.
 
     Returns:
       A pytree like ``params``: S(-θ) at prunable leaves, zeros elsewhere.
@@ -314,10 +338,11 @@ def grasp_scores(
     """
     flags = _validated(params, loss_fn, batch, num_microbatches, prunable)
     k = int(num_microbatches)
-    if k > 1 and not _is_traced(params, batch):
+    if k > 1 and axis_name is None and not _is_traced(params, batch):
         _, hg = _host_loop(params, batch, loss_fn, flags, k, with_hvp=True)
         return _combine(params, hg, flags=flags, fn=_neg_product)
-    return _grasp_scores(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k)
+    return _grasp_scores(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k,
+                         axis_name=axis_name)
 
 
 # --------------------------------------------------------------------------
@@ -325,10 +350,10 @@ def grasp_scores(
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _snip_scores(params, batch, *, loss_fn, flags, num_microbatches):
+def _snip_scores(params, batch, *, loss_fn, flags, num_microbatches, axis_name):
     theta, grad_fn = _theta_grad_fn(params, loss_fn, flags)
     chunks = split_microbatches(batch, num_microbatches)
-    g = _sum_over(lambda c: grad_fn(theta, c), chunks, theta)
+    g = _all_reduce(_sum_over(lambda c: grad_fn(theta, c), chunks, theta), axis_name)
     return _scatter([jnp.abs(t * gi) for t, gi in zip(theta, g)], params, flags)
 
 
@@ -339,18 +364,21 @@ def snip_scores(
     *,
     num_microbatches: int = 1,
     prunable: PrunableSpec = None,
+    axis_name: str | None = None,
 ) -> PyTree:
     """SNIP (Lee, Ajanthan & Torr, ICLR 2019): |θ ⊙ g|, g = Σ_c ∇_θ L(θ; b_c).
 
     The connection sensitivity |∂L/∂c| of a multiplicative mask c = 1 equals
-    |θ ∂L/∂θ|. SNIP prunes the **lowest** scores.
+    |θ ∂L/∂θ|. SNIP prunes the **lowest** scores. ``axis_name``: data-parallel,
+    as in :func:`grasp_scores` (g summed across devices).
     """
     flags = _validated(params, loss_fn, batch, num_microbatches, prunable)
     k = int(num_microbatches)
-    if k > 1 and not _is_traced(params, batch):
+    if k > 1 and axis_name is None and not _is_traced(params, batch):
         g, _ = _host_loop(params, batch, loss_fn, flags, k, with_hvp=False)
         return _combine(params, g, flags=flags, fn=_abs_product)
-    return _snip_scores(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k)
+    return _snip_scores(params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=k,
+                        axis_name=axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "flags", "rescale"))
