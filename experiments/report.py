@@ -8,6 +8,7 @@ file is written to a temporary name and renamed, so it is whole or absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any, Mapping, Sequence
@@ -20,6 +21,17 @@ from experiments.checkpointing import write_bytes_with, write_text
 from experiments.configs import Config
 
 PyTree = Any
+
+
+def in_network_order(report: gj.SparsityReport, order: Sequence[str]) -> gj.SparsityReport:
+    """``report`` with its layers sorted by ``order`` (module paths in call
+    order, from ``models.layer_order``); layers it does not name go last."""
+    rank = {path: i for i, path in enumerate(order)}
+
+    def key(layer: gj.LayerDensity) -> int:
+        return rank.get(layer.name.rsplit("/", 1)[0], len(rank))
+
+    return dataclasses.replace(report, layers=tuple(sorted(report.layers, key=key)))
 
 
 def write_sparsity_markdown(path: str, report: gj.SparsityReport, config: Config) -> None:
@@ -52,12 +64,13 @@ def save_density_plot(path: str, report: gj.SparsityReport, config: Config) -> N
     plt.close(fig)
 
 
-def save_masks(path: str, masks: PyTree) -> None:
-    """``masks.npz``: one boolean array per prunable leaf, keyed by its path name."""
+def save_masks(path: str, masks: PyTree, names: Sequence[str] = ()) -> None:
+    """``masks.npz``: one boolean array per prunable leaf, keyed by its path name,
+    stored in the order of ``names`` (the archive keeps it; others follow)."""
     flags = gj.prunable_flags(masks)
-    named = [(n, np.asarray(m, bool)) for (n, m), f in
-             zip(named_leaves(masks), flags) if f]
-    write_bytes_with(path, lambda f: np.savez_compressed(f, **dict(named)))
+    named = dict((n, np.asarray(m, bool)) for (n, m), f in zip(named_leaves(masks), flags) if f)
+    ordered = [n for n in names if n in named] + [n for n in named if n not in names]
+    write_bytes_with(path, lambda f: np.savez_compressed(f, **{n: named[n] for n in ordered}))
 
 
 def _finite_or_none(v: Any) -> Any:

@@ -719,26 +719,13 @@ def plot_vs_sparsity(rows: Sequence[Mapping[str, Any]], metric: str, path: str, 
     return True
 
 
-def _layer_sort_key(name: str) -> tuple:
-    """Layers in (roughly) network order.
-
-    Param trees are flattened with sorted keys (``classifier`` before
-    ``conv0``, ``conv10`` before ``conv2``): numbers are compared as numbers,
-    and a top-level output layer goes last.
-    """
-    top = name.split("/")[0]
-    is_output = top in ("classifier", "fc", "head", "logits", "output")
-    parts = tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
-                  for t in re.split(r"(\d+)", name) if t)
-    return (is_output, parts)
-
-
 def layer_densities(sweep_dir: str, results: Sequence[Mapping[str, Any]],
                     sparsity: float) -> dict[str, dict[str, float]]:
     """method -> layer -> kept fraction (mean over seeds) at ``sparsity``, ablation "none".
 
-    Read from each cell's ``masks.npz`` (exact booleans per prunable kernel,
-    written by the runner beside sparsity.md, which is formatted for people).
+    Read from each cell's ``masks.npz`` (exact booleans per prunable kernel in
+    network order, written by the runner beside sparsity.md, which is
+    formatted for people).
     """
     import numpy as np
 
@@ -767,7 +754,8 @@ def plot_layer_density(densities: Mapping[str, Mapping[str, float]], sparsity: f
     plt = _pyplot()
     methods = sorted(densities, key=lambda m: (configs.METHODS.index(m)
                                                if m in configs.METHODS else 99, m))
-    layers = sorted({name for d in densities.values() for name in d}, key=_layer_sort_key)
+    # Network order: each masks.npz lists its layers in call order (see experiments.report).
+    layers = list(dict.fromkeys(name for m in methods for name in densities[m]))
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * len(layers) * len(methods) + 2.0), 4.2))
     for i, m in enumerate(methods):

@@ -32,7 +32,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -250,12 +250,15 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def write_pruning_outputs(workdir: str, config: Config, masks: PyTree) -> gj.SparsityReport:
-    sparsity = gj.sparsity_report(masks)
+def write_pruning_outputs(workdir: str, config: Config, masks: PyTree,
+                          order: Sequence[str] = ()) -> gj.SparsityReport:
+    """sparsity.md, density.png and masks.npz, layers in ``order`` (network order)."""
+    sparsity = report.in_network_order(gj.sparsity_report(masks), order)
     if is_main_process():
         report.write_sparsity_markdown(os.path.join(workdir, "sparsity.md"), sparsity, config)
         report.save_density_plot(os.path.join(workdir, "density.png"), sparsity, config)
-        report.save_masks(os.path.join(workdir, "masks.npz"), masks)
+        report.save_masks(os.path.join(workdir, "masks.npz"), masks,
+                          [layer.name for layer in sparsity.layers])
     return sparsity
 
 
@@ -308,7 +311,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     # Multi-host: every process must train the same sparse network.
     distributed.check_masks_agree(masks)
     tx = make_optimizer(config, masks)
-    sparsity = write_pruning_outputs(workdir, config, masks)
+    sparsity = write_pruning_outputs(workdir, config, masks,
+                                     models.layer_order(model, info.image_shape))
     log(str(sparsity))
     log(f"sparsity {sparsity.sparsity:.4%} of {sparsity.total:,} prunable weights "
         f"({sparsity.kept:,} kept; {sparsity.dense_params:,} other parameters dense)")

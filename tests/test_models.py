@@ -227,3 +227,14 @@ def test_adaptive_avg_pool_matches_pytorch_bins():
     # PyTorch bins for 5 -> 3: [0, 2), [1, 4), [3, 5).
     np.testing.assert_allclose(y[0, 1, 2, 0], x[0, 1:4, 3:5, 0].mean(), rtol=1e-6)
     assert adaptive_avg_pool(x, (5, 5)) is x
+
+
+def test_layer_order_is_the_order_of_the_forward_pass():
+    order = models.layer_order(models.get_model("small_vgg", 10), (32, 32, 3))
+    assert order == ["conv0", "bn0", "conv1", "bn1", "conv2", "bn2", "classifier"]
+    order = models.layer_order(models.get_model("resnet20", 10), (32, 32, 3))
+    assert order[:3] == ["conv1", "bn1", "layer1_0"] and order[-1] == "fc"
+    # Sorted keys would put layer3_0/shortcut_conv before layer3_1 anyway; a string sort
+    # would also put fc before layer1_0.
+    assert order.index("layer2_0/shortcut_conv") < order.index("layer2_1/conv1")
+    assert order.index("layer3_2/conv2") < order.index("fc")

@@ -99,6 +99,8 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
 
     results = json.loads((workdir / "results.json").read_text())
     masks = np.load(workdir / "masks.npz")
+    # Layers in network order (the param tree's sorted keys would put the classifier first).
+    assert masks.files == ["conv0/kernel", "conv1/kernel", "conv2/kernel", "classifier/kernel"]
     total = sum(m.size for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     # Exactly round(0.95 * total) weights pruned, and exactly those are zero after training.

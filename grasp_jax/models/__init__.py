@@ -71,7 +71,30 @@ def count_kernel_params(params: Any) -> int:
     return total
 
 
+def layer_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """The model's submodules as ``/``-joined paths, in the order a forward pass calls them.
+
+    Param trees flatten with sorted keys (``classifier`` before ``conv0``,
+    ``conv10`` before ``conv2``); reports list layers in this order instead.
+    Traced abstractly (``jax.eval_shape``): no FLOPs, no memory.
+    ``input_shape`` excludes the batch axis.
+    """
+    order: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if path and path not in order:
+                order.append(path)
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, *input_shape), jax.numpy.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return order
+
+
 __all__ = [
-    "ARCHS", "SMALL_VGG_CFG", "get_model", "count_params", "count_kernel_params",
+    "ARCHS", "SMALL_VGG_CFG", "get_model", "count_params", "count_kernel_params", "layer_order",
     "VGG", "VGGImageNet", "ResNetCifar", "ResNetImageNet", "LeNet5", "MLP",
 ]
