@@ -55,3 +55,24 @@ def test_only_grasp_scores_a_reinitialized_copy_by_default():
     for method in configs.METHODS:
         c = configs.resolve(dataset="cifar10", arch="vgg19", method=method, steps_per_epoch=1)
         assert c.score_reinit_dense == (method == "grasp")
+
+
+def test_gradient_flow_report_compiles_once_and_ignores_running_averages():
+    # small_vgg has BatchNorm; its running averages must not change a training-mode loss.
+    model = models.get_model("small_vgg", 10)
+    variables = train.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+    config = configs.resolve(dataset="digits", arch="small_vgg", method="magnitude",
+                             steps_per_epoch=11, sparsity=0.8, batch_size=32)
+    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
+                                  log=lambda _: None)
+    moved = {**variables, "batch_stats": jax.tree_util.tree_map(lambda s: s + 0.5,
+                                                                 variables["batch_stats"])}
+    before = gj.diagnostics._flow._cache_size()
+    out = methods.gradient_flow_report(config, model, variables, moved, masks,
+                                       jax.random.PRNGKey(2), log=lambda _: None)
+    assert gj.diagnostics._flow._cache_size() == before + 1  # one program for before and after
+    # The same numbers as a loss built on the moved running averages.
+    loss = methods.make_loss_fn(model, moved["batch_stats"], 1.0, jax.random.PRNGKey(2))
+    direct = gj.gradient_flow(moved["params"], loss, methods.diagnostics_batch(config), masks=masks)
+    assert out["after"] == pytest.approx(direct, rel=1e-6)
+    assert out["after"]["grad_norm_sq"] < out["before"]["grad_norm_sq"]
