@@ -9,7 +9,17 @@ mercy of a noisy shared machine):
   primal gradient between them);
 * compile times;
 * XLA's peak memory estimate (arguments + outputs + temporaries of the
-  compiled program) with and without microbatching.
+  compiled program) with and without microbatching;
+* XLA's FLOP count (``cost_analysis``) of the same programs, in gradients.
+  An exact forward-over-reverse Hg doubles every bilinear op of the
+  gradient (the tangent of a·b is ta·b + a·tb), so with g shared through
+  ``jax.linearize`` one chunk costs ~3 gradients of FLOPs; with k chunks g
+  is summed before any Hg, so each chunk's forward and input backward run
+  again in the Hg pass (~3.7). How far the timed ratio sits below the FLOP
+  ratio says how much of the gradient's time is not FLOPs.
+
+``--flops_only`` compiles and counts without timing anything (a minute or
+two per model), so it gives the same numbers on a loaded machine.
 """
 
 from __future__ import annotations
@@ -43,6 +53,12 @@ def _peak_bytes(compiled) -> int | None:
     return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
 
 
+def _flops(compiled) -> float:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca["flops"])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vgg19")
@@ -51,6 +67,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flops_only", action="store_true",
+                        help="count XLA FLOPs of the gradient and grasp_scores programs; no timing")
     args = parser.parse_args(argv)
 
     model = get_model(args.arch, args.num_classes)
@@ -73,6 +91,8 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     grad_c = jax.jit(jax.value_and_grad(loss_fn)).lower(params, batch).compile()
     results["compile_grad_s"] = time.perf_counter() - t
+    if args.flops_only:
+        return _flop_ratios(args, params, batch, loss_fn, flags, grad_c, results)
     results["grad_s"] = _time(lambda: grad_c(params, batch), args.repeats)
 
     for k in sorted({1, args.microbatches}):
@@ -103,6 +123,25 @@ def main(argv=None) -> dict:
         s = results[f"grasp_k{k}_s"]
         print(f"  grasp_scores (k={k:<2})     {s * 1e3:9.1f} ms = {s / g:.2f} gradients   "
               f"compile {results[f'compile_grasp_k{k}_s']:.1f} s   peak {mib(results[f'peak_grasp_k{k}_bytes'])}")
+    return results
+
+
+def _flop_ratios(args, params, batch, loss_fn, flags, grad_c, results) -> dict:
+    k = args.microbatches
+    theta = [x for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
+    chunk = scoring._chunk(batch, 0, args.batch // k)
+    one = scoring._grasp_scores.lower(params, batch, loss_fn=loss_fn, flags=flags,
+                                      num_microbatches=1, axis_name=None).compile()
+    # The eager k-chunk call: k gradient programs, then k Hg programs, one chunk each.
+    add_g = scoring._add_chunk_grad.lower(params, chunk, theta, loss_fn=loss_fn, flags=flags).compile()
+    add_hg = scoring._add_chunk_hvp.lower(params, chunk, theta, theta, loss_fn=loss_fn,
+                                          flags=flags).compile()
+    g = _flops(grad_c)
+    results.update(grad_flops=g, grasp_k1_flop_gradients=_flops(one) / g,
+                   **{f"grasp_k{k}_flop_gradients": k * (_flops(add_g) + _flops(add_hg)) / g})
+    print(f"{args.arch}, batch {args.batch}: value_and_grad {g / 1e9:,.1f} GFLOP; grasp_scores "
+          f"k=1 {results['grasp_k1_flop_gradients']:.2f} gradients, k={k} "
+          f"{results[f'grasp_k{k}_flop_gradients']:.2f} gradients of FLOPs (XLA cost_analysis)")
     return results
 
 
