@@ -331,3 +331,32 @@ def test_flax_conv_auto_takes_fast_path_on_cpu(monkeypatch):
 
 def test_module_exports():
     assert set(conv_lib.__all__) >= {"conv_general_dilated", "uses_fast_path", "fast_path_wins", "FAST_CONV_ENV"}
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_auto_mode_computes_1x1_values_natively_and_derivatives_as_matmuls(monkeypatch, strides):
+    # XLA:CPU's 1x1 forward is as fast as a matmul (so the eval forward stays native) but its
+    # kernel gradient is slow (so every derivative comes from the patches formulation).
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 16)))
+    k = jnp.asarray(rng.normal(size=(1, 1, 16, 8)))
+    kwargs = dict(window_strides=strides, padding="VALID", dimension_numbers=NHWC)
+    auto = functools.partial(conv_general_dilated, mode="auto", **kwargs)
+    native = functools.partial(lax.conv_general_dilated, **kwargs)
+    assert uses_fast_path(x, k, mode="auto", **kwargs)
+    assert str(jax.make_jaxpr(auto)(x, k)).count("conv_general_dilated") == 1
+    grads = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(auto(x, k) ** 2), argnums=(0, 1)))(x, k)
+    assert str(grads).count("conv_general_dilated") == 1  # the value; the backward pass is matmuls
+    native_grads = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1)))(x, k)
+    assert str(native_grads).count("conv_general_dilated") == 3
+
+    y_shape = jax.eval_shape(native, x, k).shape
+    w, vx, vk = (jnp.asarray(rng.normal(size=s)) for s in (y_shape, x.shape, k.shape))
+    got, want = jax.jit(lambda *a: (_value_grad_hvp(auto, *a), _value_grad_hvp(native, *a)))(x, k, w, vx, vk)
+    for what, a, b in zip(["value", "grad x", "grad k", "hvp x", "hvp k"], got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=what)
+    # A frozen input (no tangent) costs no matmul for it: only the kernel's tangent is formed.
+    only_k = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(auto(x, k) ** 2)))(k)
+    assert str(only_k).count("dot_general") < str(grads).count("dot_general")

@@ -40,7 +40,13 @@ inside every per-tap consumer of the backward pass: measured 1.3-2x slower
 Which path runs.  ``mode='native'`` always calls ``lax.conv_general_dilated``;
 ``mode='fast'`` uses the patches formulation wherever it supports the call;
 ``mode='auto'`` uses it only where it was measured to win: on the CPU
-backend, where :func:`fast_path_wins` holds.  ``mode=None`` (the default) reads
+backend, where :func:`fast_path_wins` holds.  For 1x1 kernels that fit their
+input, what wins is only the derivatives (XLA:CPU's kernel gradient of a 1x1
+conv is slow, its forward is as fast as a matmul or faster), so auto mode
+computes the value natively and every derivative from the patches
+formulation: a ``jax.custom_jvp`` whose tangent is the patches conv of the
+tangents, linear in them, so ``grad`` transposes it to matmuls and
+forward-over-reverse HVPs differentiate plain ``lax`` ops again.  ``mode=None`` (the default) reads
 the environment variable ``GRASP_JAX_FAST_CONV`` (``0``/``native``,
 ``1``/``fast``, ``auto``; unset means ``auto``).  The choice is made when a
 function is traced, so set the variable before the first ``jax.jit`` call (a
@@ -64,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 __all__ = [
     "FAST_CONV_ENV",
@@ -285,6 +292,11 @@ def _plan_or_none(
     return plan
 
 
+def _pointwise(plan: _Plan) -> bool:
+    """A 1x1 window: XLA:CPU's forward is fine, its kernel gradient is not."""
+    return all(k == 1 for k in plan.window)
+
+
 def _choose(
     lhs: Any,
     rhs: Any,
@@ -297,7 +309,9 @@ def _choose(
     batch_group_count: int,
     mode: str | None,
 ) -> _Plan | None:
-    """The plan to run the patches formulation with, or None for native."""
+    """The plan to run the patches formulation with (for the value, or in auto mode
+    for 1x1 kernels only for the derivatives; see :func:`_native_value_fast_derivatives`),
+    or None for native."""
     mode = resolve_mode(mode)
     if mode == "native":
         return None
@@ -335,7 +349,8 @@ def uses_fast_path(
     *,
     mode: str | None = None,
 ) -> bool:
-    """Whether :func:`conv_general_dilated` takes the patches formulation.
+    """Whether :func:`conv_general_dilated` takes the patches formulation (for the
+    derivatives at least: auto mode computes 1x1 values natively).
 
     Same arguments as :func:`conv_general_dilated`; ``lhs`` and ``rhs`` may be
     arrays or anything with ``shape`` and ``dtype`` (``jax.ShapeDtypeStruct``).
@@ -418,6 +433,36 @@ def _conv_patches(
     return out
 
 
+def _native_value_fast_derivatives(native, patches, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``native(lhs, rhs)`` whose derivatives are those of ``patches`` (the same function).
+
+    The JVP is ``(native(x, k), patches(dx, k) + patches(x, dk))``: the tangent is
+    linear in (dx, dk), so reverse mode transposes it to the patches' matmuls,
+    and a second derivative differentiates plain ``lax`` ops. Symbolic-zero
+    tangents (the data input, frozen weights) are skipped, not multiplied.
+    """
+
+    @jax.custom_jvp
+    def conv(x, k):
+        return native(x, k)
+
+    def conv_jvp(primals, tangents):
+        x, k = primals
+        dx, dk = tangents
+        out = conv(x, k)
+        parts = []
+        if not isinstance(dx, SymbolicZero):
+            parts.append(patches(dx, k))
+        if not isinstance(dk, SymbolicZero):
+            parts.append(patches(x, dk))
+        if not parts:
+            return out, jnp.zeros_like(out)
+        return out, parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    conv.defjvp(conv_jvp, symbolic_zeros=True)
+    return conv(lhs, rhs)
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -471,20 +516,28 @@ def conv_general_dilated(
         batch_group_count,
         mode,
     )
-    if plan is not None:
-        return _conv_patches(
-            jnp.asarray(lhs), jnp.asarray(rhs), plan, feature_group_count, precision, preferred_element_type
+    def native(x, k):
+        return lax.conv_general_dilated(
+            x,
+            k,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
         )
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
+
+    if plan is None:
+        return native(lhs, rhs)
+
+    def patches(x, k):
+        return _conv_patches(x, k, plan, feature_group_count, precision, preferred_element_type)
+
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    if resolve_mode(mode) == "auto" and _pointwise(plan):
+        return _native_value_fast_derivatives(native, patches, lhs, rhs)
+    return patches(lhs, rhs)
