@@ -169,20 +169,23 @@ def _value_grad_hvp(conv, x, k, w, vx, vk):
     return (conv(x, k), *g, *hv)
 
 
+def _assert_matches_native(conv, native, x, k, rng):
+    """Value, both gradients and both HVP parts of ``conv`` equal ``native``'s (float64)."""
+    y_shape = jax.eval_shape(native, x, k).shape
+    w, vx, vk = (jnp.asarray(rng.normal(size=s)) for s in (y_shape, x.shape, k.shape))
+    # One compiled program for both, as compiling dominates these tests' time.
+    got, want = jax.jit(lambda *a: (_value_grad_hvp(conv, *a), _value_grad_hvp(native, *a)))(x, k, w, vx, vk)
+    for what, a, b in zip(["value", "grad x", "grad k", "hvp x", "hvp k"], got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=what)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_value_gradients_and_hvp_match_native(name):
     x, k, kwargs = _case(name)
     fast = functools.partial(conv_general_dilated, mode="fast", **kwargs)
     native = functools.partial(lax.conv_general_dilated, **kwargs)
-    rng = np.random.default_rng(1)
-    y_shape = jax.eval_shape(native, x, k).shape
-    w, vx, vk = (jnp.asarray(rng.normal(size=s)) for s in (y_shape, x.shape, k.shape))
-
-    # One compiled program for both, as compiling dominates this test's time.
-    got, want = jax.jit(lambda *a: (_value_grad_hvp(fast, *a), _value_grad_hvp(native, *a)))(x, k, w, vx, vk)
-    for what, a, b in zip(["value", "grad x", "grad k", "hvp x", "hvp k"], got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, what
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=what)
+    _assert_matches_native(fast, native, x, k, np.random.default_rng(1))
 
 
 def test_vmap_matches_native():
@@ -351,12 +354,7 @@ def test_auto_mode_computes_1x1_values_natively_and_derivatives_as_matmuls(monke
     native_grads = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1)))(x, k)
     assert str(native_grads).count("conv_general_dilated") == 3
 
-    y_shape = jax.eval_shape(native, x, k).shape
-    w, vx, vk = (jnp.asarray(rng.normal(size=s)) for s in (y_shape, x.shape, k.shape))
-    got, want = jax.jit(lambda *a: (_value_grad_hvp(auto, *a), _value_grad_hvp(native, *a)))(x, k, w, vx, vk)
-    for what, a, b in zip(["value", "grad x", "grad k", "hvp x", "hvp k"], got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, what
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=what)
+    _assert_matches_native(auto, native, x, k, rng)
     # A frozen input (no tangent) costs no matmul for it: only the kernel's tangent is formed.
     only_k = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(auto(x, k) ** 2)))(k)
     assert str(only_k).count("dot_general") < str(grads).count("dot_general")
