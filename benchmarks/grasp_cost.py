@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
         results[f"compile_grasp_k{k}_s"] = max(first - results[f"grasp_k{k}_s"], 0.0)
         if k == 1:
             compiled = scoring._grasp_scores.lower(
-                params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=1).compile()
+                params, batch, loss_fn=loss_fn, flags=flags, num_microbatches=1, axis_name=None).compile()
         else:
             # Eager microbatched scoring runs one program per chunk; its Hg
             # program is the larger of the two.
