@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run, and the atomic file writes used beside them.
+"""Orbax checkpoints of a run.
 
 Layout under ``<workdir>/checkpoints/<step>/``:
 
@@ -89,26 +89,3 @@ def load_state(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
     manager.close()
     return step, jax.tree_util.tree_map(np.asarray, out["state"])
 
-
-# --------------------------------------------------------------------------
-# Atomic writes for the small files beside the checkpoints: a reader (or a
-# killed writer) never sees half a file.
-
-
-def _tmp(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def write_text(path: str, text: str) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_bytes_with(path: str, writer) -> None:
-    """``writer(file)`` into a temporary file, then rename onto ``path``."""
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        writer(f)
-    os.replace(tmp, path)

@@ -17,7 +17,7 @@ import numpy as np
 
 import grasp_jax as gj
 from grasp_jax.prunable import named_leaves
-from experiments.checkpointing import write_bytes_with, write_text
+from experiments.outputs import pyplot, save_png, write_bytes_with, write_text
 from experiments.configs import Config
 
 PyTree = Any
@@ -42,11 +42,7 @@ def write_sparsity_markdown(path: str, report: gj.SparsityReport, config: Config
 
 def save_density_plot(path: str, report: gj.SparsityReport, config: Config) -> None:
     """A bar per prunable layer: the fraction of its weights the masks keep."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # No display; must precede pyplot.
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [layer.name.removesuffix("/kernel") for layer in report.layers]
     density = [layer.density for layer in report.layers]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2.0), 4.0))
@@ -60,8 +56,7 @@ def save_density_plot(path: str, report: gj.SparsityReport, config: Config) -> N
     ax.set_title(f"{config.method} {config.sparsity:.0%} on {config.arch} / {config.dataset}")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    write_bytes_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save_masks(path: str, masks: PyTree, names: Sequence[str] = ()) -> None:

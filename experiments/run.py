@@ -288,7 +288,7 @@ def prepare_workdir(workdir: str, config: configs.Config, overwrite: bool) -> No
     """Create the workdir (process 0), clear the old run if asked, save the config."""
     import jax
 
-    from experiments.checkpointing import write_text
+    from experiments.outputs import write_text
 
     if jax.process_index() != 0:
         return

@@ -60,6 +60,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from experiments import configs
+from experiments.outputs import pyplot, save_png, write_text
 
 # Flags of the runner that the sweep sets per cell; users may not forward them.
 OWNED_FLAGS = ("method", "sparsity", "seed", "workdir", "ablation", "overwrite")
@@ -612,27 +613,12 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_atomic(path: str, data: bytes | str, writer: Optional[Callable] = None) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file.
-
-    (A local helper rather than experiments.checkpointing's, which would pull
-    orbax and JAX into --report_only.)
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if writer is not None:
-            writer(f)
-        else:
-            f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def write_tables(sweep_dir: str, plots: Sequence[tuple[str, str]] = ()) -> list[dict]:
     """results.md and results.csv from the finished cells; the rows."""
     results, unfinished = load_results(sweep_dir)
     rows = aggregate(results)
-    write_atomic(os.path.join(sweep_dir, RESULTS_MD), to_markdown(rows, unfinished, plots))
-    write_atomic(os.path.join(sweep_dir, RESULTS_CSV), to_csv(rows))
+    write_text(os.path.join(sweep_dir, RESULTS_MD), to_markdown(rows, unfinished, plots))
+    write_text(os.path.join(sweep_dir, RESULTS_CSV), to_csv(rows))
     return rows
 
 
@@ -657,20 +643,6 @@ def _title(rows: Sequence[Mapping[str, Any]]) -> str:
     return setups[0] if len(setups) == 1 else "several setups"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # No display; must precede pyplot.
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str) -> None:
-    write_atomic(path, b"", writer=lambda f: fig.savefig(f, format="png", dpi=120))
-    _pyplot().close(fig)
-
-
 def plot_vs_sparsity(rows: Sequence[Mapping[str, Any]], metric: str, path: str, *,
                      ylabel: str, scale: float = 1.0, log_y: bool = False,
                      reference: Optional[tuple[str, str]] = None) -> bool:
@@ -688,7 +660,7 @@ def plot_vs_sparsity(rows: Sequence[Mapping[str, Any]], metric: str, path: str, 
     dense = [r for r in rows if r["method"] == "dense" and ok(r)]
     if not pruned:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     xs = sorted({r["sparsity"] for r in pruned})
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, series in _series(pruned).items():
@@ -715,7 +687,7 @@ def plot_vs_sparsity(rows: Sequence[Mapping[str, Any]], metric: str, path: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -751,7 +723,7 @@ def plot_layer_density(densities: Mapping[str, Mapping[str, float]], sparsity: f
     """Grouped bars: remaining density of each layer, a bar per method; False if no data."""
     if not densities:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     methods = sorted(densities, key=lambda m: (configs.METHODS.index(m)
                                                if m in configs.METHODS else 99, m))
     # Network order: each masks.npz lists its layers in call order (see experiments.report).
@@ -770,7 +742,7 @@ def plot_layer_density(densities: Mapping[str, Mapping[str, float]], sparsity: f
     ax.set_title(f"{title}: sparsity {sparsity:.2%}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
