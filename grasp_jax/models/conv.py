@@ -308,13 +308,14 @@ def _choose(
     feature_group_count: int,
     batch_group_count: int,
     mode: str | None,
-) -> _Plan | None:
-    """The plan to run the patches formulation with (for the value, or in auto mode
-    for 1x1 kernels only for the derivatives; see :func:`_native_value_fast_derivatives`),
-    or None for native."""
+) -> tuple[_Plan | None, bool]:
+    """``(plan, derivatives_only)``: the plan to run the patches formulation with, or
+    None for native; ``derivatives_only`` when the value stays native and only the
+    derivatives use it (auto mode's 1x1 kernels, see
+    :func:`_native_value_fast_derivatives`)."""
     mode = resolve_mode(mode)
     if mode == "native":
-        return None
+        return None, False
     plan = _plan_or_none(
         lhs,
         rhs,
@@ -327,13 +328,13 @@ def _choose(
         batch_group_count,
     )
     if plan is None or mode == "fast":
-        return plan
+        return plan, False
     # On GPU/TPU the native convolutions (cuDNN etc.) are the fast ones.
     if jax.default_backend() != "cpu":
-        return None
+        return None, False
     if not fast_path_wins(plan.in_spatial, plan.window, plan.in_features):
-        return None
-    return plan
+        return None, False
+    return plan, _pointwise(plan)
 
 
 def uses_fast_path(
@@ -367,7 +368,7 @@ def uses_fast_path(
             feature_group_count,
             batch_group_count,
             mode,
-        )
+        )[0]
         is not None
     )
 
@@ -504,7 +505,7 @@ def conv_general_dilated(
       The convolution, identical in shape, dtype and (up to float rounding)
       value to ``lax.conv_general_dilated``.
     """
-    plan = _choose(
+    plan, derivatives_only = _choose(
         lhs,
         rhs,
         window_strides,
@@ -516,6 +517,7 @@ def conv_general_dilated(
         batch_group_count,
         mode,
     )
+
     def native(x, k):
         return lax.conv_general_dilated(
             x,
@@ -538,6 +540,6 @@ def conv_general_dilated(
         return _conv_patches(x, k, plan, feature_group_count, precision, preferred_element_type)
 
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    if resolve_mode(mode) == "auto" and _pointwise(plan):
+    if derivatives_only:
         return _native_value_fast_derivatives(native, patches, lhs, rhs)
     return patches(lhs, rhs)
