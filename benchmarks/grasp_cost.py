@@ -35,6 +35,8 @@ import grasp_jax as gj
 from grasp_jax import scoring
 from grasp_jax.models import get_model
 
+from benchmarks.compiled import flops, peak_bytes
+
 
 def _time(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` (already compiled) over ``repeats`` runs."""
@@ -44,19 +46,6 @@ def _time(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
-
-def _peak_bytes(compiled) -> int | None:
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return None
-    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-
-
-def _flops(compiled) -> float:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca["flops"])
 
 
 def main(argv=None) -> dict:
@@ -112,8 +101,8 @@ def main(argv=None) -> dict:
             chunk = scoring._chunk(batch, 0, args.batch // k)
             compiled = scoring._add_chunk_hvp.lower(
                 params, chunk, theta, theta, loss_fn=loss_fn, flags=flags).compile()
-        results[f"peak_grasp_k{k}_bytes"] = _peak_bytes(compiled)
-    results["peak_grad_bytes"] = _peak_bytes(grad_c)
+        results[f"peak_grasp_k{k}_bytes"] = peak_bytes(compiled)
+    results["peak_grad_bytes"] = peak_bytes(grad_c)
 
     g = results["grad_s"]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
@@ -136,9 +125,11 @@ def _flop_ratios(args, params, batch, loss_fn, flags, grad_c, results) -> dict:
     add_g = scoring._add_chunk_grad.lower(params, chunk, theta, loss_fn=loss_fn, flags=flags).compile()
     add_hg = scoring._add_chunk_hvp.lower(params, chunk, theta, theta, loss_fn=loss_fn,
                                           flags=flags).compile()
-    g = _flops(grad_c)
-    results.update(grad_flops=g, grasp_k1_flop_gradients=_flops(one) / g,
-                   **{f"grasp_k{k}_flop_gradients": k * (_flops(add_g) + _flops(add_hg)) / g})
+    g, f_one, f_add_g, f_add_hg = (flops(c) for c in (grad_c, one, add_g, add_hg))
+    if None in (g, f_one, f_add_g, f_add_hg):
+        raise SystemExit(f"XLA reports no FLOP count on the {jax.default_backend()} backend")
+    results.update(grad_flops=g, grasp_k1_flop_gradients=f_one / g,
+                   **{f"grasp_k{k}_flop_gradients": k * (f_add_g + f_add_hg) / g})
     print(f"{args.arch}, batch {args.batch}: value_and_grad {g / 1e9:,.1f} GFLOP; grasp_scores "
           f"k=1 {results['grasp_k1_flop_gradients']:.2f} gradients, k={k} "
           f"{results[f'grasp_k{k}_flop_gradients']:.2f} gradients of FLOPs (XLA cost_analysis)")

@@ -46,6 +46,7 @@ from grasp_jax import input_pipeline, models, scoring
 from grasp_jax.models import conv as conv_lib
 
 from benchmarks import train_step as train_step_bench
+from benchmarks.compiled import flops, peak_bytes
 from experiments import train
 from benchmarks.input_pipeline import DEFAULT_DATA_DIR, pipeline_images_per_second
 
@@ -70,28 +71,6 @@ TARGETS = {
 NOTES_MARKER = "<!-- notes below: kept by benchmarks.run when it rewrites this file -->"
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md"
-
-
-def _peak_bytes(compiled) -> int | None:
-    """XLA's estimate of a compiled program's peak: arguments + outputs + temporaries - aliased."""
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # some backends/versions do not implement it
-        return None
-    if ma is None:
-        return None
-    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-               - ma.alias_size_in_bytes)
-
-
-def _flops(compiled) -> float | None:
-    """XLA's count of floating-point operations in a compiled program (cost_analysis)."""
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:
-        return None
-    ca = ca[0] if isinstance(ca, (list, tuple)) and ca else ca
-    return float(ca["flops"]) if ca and ca.get("flops") else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -180,8 +159,8 @@ def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
         fwd[name], r[f"compile_fwd_{name}_s"] = _compile(apply, variables, x)
         grad[name], r[f"compile_grad_{name}_s"] = _compile(jax.jit(jax.value_and_grad(loss_fn)),
                                                           params, data)
-        r[f"peak_fwd_{name}_bytes"] = _peak_bytes(fwd[name])
-        r[f"peak_grad_{name}_bytes"] = _peak_bytes(grad[name])
+        r[f"peak_fwd_{name}_bytes"] = peak_bytes(fwd[name])
+        r[f"peak_grad_{name}_bytes"] = peak_bytes(grad[name])
     log(f"  {arch}: compiled forward and gradient")
 
     times = _alternate({
@@ -202,10 +181,10 @@ def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
     grasp, r["compile_grasp_s"] = _compile(scoring._grasp_scores, params, data,
                                            loss_fn=loss_fns["auto"], flags=flags,
                                            num_microbatches=1, axis_name=None)
-    r["peak_grasp_bytes"] = _peak_bytes(grasp)
+    r["peak_grasp_bytes"] = peak_bytes(grasp)
     # What the work itself costs: an exact forward-over-reverse Hg doubles every bilinear op of
     # the gradient (the tangent of a·b is ta·b + a·tb), so FLOP-bound models sit near 3.
-    r["grasp_flop_gradients"] = _ratio(_flops(grasp), _flops(grad["auto"]))
+    r["grasp_flop_gradients"] = _ratio(flops(grasp), flops(grad["auto"]))
     # Check that the public call reuses that program (same loss_fn object): no compile here.
     jax.block_until_ready(gj.grasp_scores(params, loss_fns["auto"], data))
     times = _alternate({

@@ -72,6 +72,11 @@ def make_loss_fn(model: nn.Module, batch_stats: PyTree, temperature: float,
 SCORE_AXIS = "score"
 
 
+def chunks_per_device(num_chunks: int, num_devices: int) -> int:
+    """⌈num_chunks / num_devices⌉: the chunk slots every device scores (some may be padding)."""
+    return -(-num_chunks // num_devices)
+
+
 def deal_chunks(batch: dict[str, np.ndarray], num_chunks: int,
                 num_devices: int) -> dict[str, np.ndarray]:
     """The scoring batch's ``num_chunks`` equal chunks dealt to ``num_devices``.
@@ -90,7 +95,7 @@ def deal_chunks(batch: dict[str, np.ndarray], num_chunks: int,
     if size * num_chunks != len(batch["label"]):
         raise ValueError(f"{len(batch['label'])} scoring images do not split into "
                          f"{num_chunks} equal chunks")
-    per_device = -(-num_chunks // num_devices)
+    per_device = chunks_per_device(num_chunks, num_devices)
     slots = np.arange(num_devices * per_device)
     out = {}
     for k, v in batch.items():
@@ -115,7 +120,7 @@ def data_parallel_scorer(scorer: Callable[..., PyTree], loss_fn: Callable, batch
     dealt = deal_chunks(batch, num_chunks, len(devices))
     rows = [devices.index(d) for d in jax.local_devices()]
     local = {k: v[rows] for k, v in dealt.items()}
-    per_device = -(-num_chunks // len(devices))
+    per_device = chunks_per_device(num_chunks, len(devices))
 
     def score(params, chunks):
         return scorer(params, loss_fn, chunks, num_microbatches=per_device, axis_name=SCORE_AXIS)
@@ -182,7 +187,7 @@ def compute_masks(
         k = config.num_score_microbatches
         if jax.device_count() > 1:
             # Every device scores whole chunks; g and Hg are summed across all of them.
-            log(f"  data-parallel: {-(-k // jax.device_count())} chunk(s) per device on "
+            log(f"  data-parallel: {chunks_per_device(k, jax.device_count())} chunk(s) per device on "
                 f"{jax.device_count()} devices")
             scores_of = data_parallel_scorer(scorer, loss_fn, batch, k)
         else:
