@@ -223,3 +223,20 @@ def describe() -> str:
     return (f"process {jax.process_index()} of {jax.process_count()}: "
             f"{jax.local_device_count()} local / {jax.device_count()} global "
             f"{jax.devices()[0].platform} devices")
+
+
+def first_replica(tree: PyTree) -> PyTree:
+    """This process's first replica of pmap'ed values, as numpy copies.
+
+    Reads the local shard rather than indexing the global array, which on
+    several hosts is not fully addressable. Copies, because the device buffers
+    of a training state are donated to the next step.
+    """
+    import jax
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            return np.array(x.addressable_data(0), copy=True)[0]
+        return np.array(x[0], copy=True)
+
+    return jax.tree_util.tree_map(one, tree)

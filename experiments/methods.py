@@ -17,6 +17,7 @@ import numpy as np
 
 import grasp_jax as gj
 from grasp_jax import input_pipeline
+from experiments import distributed
 from experiments.configs import Config
 
 PyTree = Any
@@ -128,9 +129,8 @@ def data_parallel_scorer(scorer: Callable[..., PyTree], loss_fn: Callable, batch
     p_score = jax.pmap(score, axis_name=SCORE_AXIS, in_axes=(None, 0))
 
     def score_fn(params: PyTree) -> PyTree:
-        out = p_score(params, local)
-        # This process's first device; reading the local shard works on any number of hosts.
-        return jax.tree_util.tree_map(lambda x: jnp.asarray(x.addressable_data(0)[0]), out)
+        # Every device holds the same scores; read this process's first one.
+        return distributed.first_replica(p_score(params, local))
 
     return score_fn
 

@@ -195,7 +195,7 @@ def evaluate(p_eval: Callable, rstate: TrainState, eval_ds) -> dict[str, float]:
     for batch in input_pipeline.prefetch_to_device(eval_ds.as_numpy_iterator(), axis_name=AXIS):
         sums = p_eval(rstate, batch)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = first_replica(totals)
+    totals = distributed.first_replica(totals)
     count = max(float(totals["count"]), 1.0)
     return {"test/loss": float(totals["loss"]) / count, "test/accuracy": float(totals["correct"]) / count}
 
@@ -204,23 +204,8 @@ def evaluate(p_eval: Callable, rstate: TrainState, eval_ds) -> dict[str, float]:
 # Host-side helpers.
 
 
-def first_replica(tree: PyTree) -> PyTree:
-    """This process's first replica of pmap'ed values, as numpy copies.
-
-    Reads the local shard rather than indexing the global array, which on
-    several hosts is not fully addressable. Copies, because the device buffers
-    of the state are donated to the next step.
-    """
-    def one(x):
-        if isinstance(x, jax.Array):
-            return np.array(x.addressable_data(0), copy=True)[0]
-        return np.array(x[0], copy=True)
-
-    return jax.tree_util.tree_map(one, tree)
-
-
 def _host_copy(rstate: TrainState) -> dict:
-    return first_replica(rstate.as_dict())
+    return distributed.first_replica(rstate.as_dict())
 
 
 def prunable_zero_fraction(params: PyTree) -> float:
@@ -345,7 +330,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         nonlocal pending, window_start, window_images
         if not pending:
             return
-        fetched = first_replica(pending)
+        fetched = distributed.first_replica(pending)
         losses = [float(m["loss"]) for m in fetched]
         accs = [float(m["accuracy"]) for m in fetched]
         elapsed = time.time() - window_start
