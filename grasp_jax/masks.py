@@ -39,10 +39,11 @@ def check_same_structure(a: PyTree, b: PyTree, what_a: str = "masks", what_b: st
 
 def num_to_prune(sparsity: float, size: int) -> int:
     """round(sparsity × size), halves rounded up, so the count is the same everywhere."""
-    return int(math.floor(sparsity * size + 0.5))
+    return math.floor(sparsity * size + 0.5)
 
 
-def _check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float) -> float:
+    """``sparsity`` as a float, or a ValueError unless it is a number in [0, 1)."""
     try:
         s = float(sparsity)
     except (TypeError, ValueError):
@@ -152,7 +153,7 @@ def masks_from_scores(
     Ties at the threshold are broken by position (earlier leaves and earlier
     flat indices are pruned first), so the result is deterministic.
     """
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
     if prune not in ("highest", "lowest"):

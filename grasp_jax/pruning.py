@@ -8,9 +8,16 @@ iterative SNIP and GraSP are usually run.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-from grasp_jax.masks import Direction, Scope, apply_masks, masks_from_scores, _check_sparsity
+from grasp_jax.masks import (
+    Direction,
+    Scope,
+    apply_masks,
+    check_sparsity,
+    masks_from_scores,
+)
 from grasp_jax.prunable import PrunableSpec
 
 PyTree = Any
@@ -32,7 +39,7 @@ def sparsity_schedule(sparsity: float, rounds: int, schedule: Schedule = "expone
     exponential: s_r = 1 - (1 - s)^(r/R)  (each round keeps the same fraction)
     linear:      s_r = s · r / R
     """
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if schedule == "exponential":

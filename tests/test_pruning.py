@@ -1,7 +1,6 @@
 """Iterative pruning and its schedule."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
