@@ -5,7 +5,7 @@ nothing of models, data or training, which live in ``grasp_jax.models``,
 ``grasp_jax.input_pipeline`` and ``experiments``.
 """
 
-from grasp_jax.ablations import inverted_masks, reinitialized, shuffle_masks
+from grasp_jax.ablations import inverted_direction, inverted_masks, reinitialized, shuffle_masks
 from grasp_jax.diagnostics import gradient_flow
 from grasp_jax.masks import (
     LayerDensity,
@@ -40,6 +40,7 @@ __all__ = [
     "default_is_prunable",
     "gradient_and_hvp",
     "gradient_flow",
+    "inverted_direction",
     "inverted_masks",
     "reinitialized",
     "shuffle_masks",

@@ -43,8 +43,15 @@ def inverted_masks(
     ``prune`` is the method's own direction; the ranking is read from the
     other end, so the kept count is unchanged.
     """
-    other = "lowest" if prune == "highest" else "highest"
-    return masks_from_scores(scores, sparsity, prune=other, scope=scope, prunable=prunable)
+    return masks_from_scores(scores, sparsity, prune=inverted_direction(prune), scope=scope,
+                             prunable=prunable)
+
+
+def inverted_direction(prune: Direction) -> Direction:
+    """The other end of the ranking: prune what the method would keep (iterative runs too)."""
+    if prune not in ("highest", "lowest"):
+        raise ValueError(f"prune must be 'highest' or 'lowest', got {prune!r}")
+    return "lowest" if prune == "highest" else "highest"
 
 
 def reinitialized(fresh_params: PyTree, masks: PyTree) -> PyTree:
