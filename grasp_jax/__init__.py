@@ -8,6 +8,7 @@ nothing of models, data or training, which live in ``grasp_jax.models``,
 from grasp_jax.ablations import inverted_direction, inverted_masks, reinitialized, shuffle_masks
 from grasp_jax.diagnostics import gradient_flow
 from grasp_jax.masks import (
+    LayerCollapseWarning,
     LayerDensity,
     SparsityReport,
     apply_masks,
@@ -31,6 +32,7 @@ from grasp_jax.scoring import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerCollapseWarning",
     "LayerDensity",
     "MaskedUpdatesState",
     "PRUNE_DIRECTION",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Literal
 
 import jax
@@ -35,6 +36,15 @@ def check_same_structure(a: PyTree, b: PyTree, what_a: str = "masks", what_b: st
                 f"{what_a} and {what_b} differ in shape at {path_name(path)}: "
                 f"{np.shape(x)} vs {np.shape(y)}"
             )
+
+
+class LayerCollapseWarning(UserWarning):
+    """Masks leave a prunable layer with no weight at all.
+
+    Such a layer passes no signal (or only its bias) and every layer after it
+    gets no gradient: at high sparsity a global ranking can empty whole layers
+    (Tanaka et al., 2020, call this layer collapse).
+    """
 
 
 def num_to_prune(sparsity: float, size: int) -> int:
@@ -152,6 +162,11 @@ def masks_from_scores(
 
     Ties at the threshold are broken by position (earlier leaves and earlier
     flat indices are pruned first), so the result is deterministic.
+
+    Raises ValueError when the count round(sparsity × N) is all N prunable
+    weights (in ``"layerwise"`` scope: all of one leaf). Warns with
+    :class:`LayerCollapseWarning`, naming them, when the masks empty whole
+    prunable leaves.
     """
     sparsity = check_sparsity(sparsity)
     if scope not in ("global", "layerwise"):
@@ -164,6 +179,7 @@ def masks_from_scores(
     check_finite(scores, prunable=prunable)
 
     leaves, treedef = jax.tree_util.tree_flatten(scores)
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(scores)[0]]
     old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(leaves)
     idx = [i for i, f in enumerate(flags) if f]
     forced = [
@@ -177,6 +193,7 @@ def masks_from_scores(
         flat = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
         flat_forced = jnp.concatenate([jnp.ravel(f) for f in forced])
         n = num_to_prune(sparsity, flat.size)
+        _check_not_all(n, flat.size, sparsity, "the prunable weights")
         _check_not_below_current(flat_forced, n, "all prunable weights")
         keep = _select(flat, flat_forced, n, highest)
         offset = 0
@@ -187,10 +204,36 @@ def masks_from_scores(
     else:
         for i, f in zip(idx, forced):
             n = num_to_prune(sparsity, int(np.size(leaves[i])))
-            _check_not_below_current(f, n, f"leaf {i}")
+            _check_not_all(n, int(np.size(leaves[i])), sparsity, f"layer {names[i]}")
+            _check_not_below_current(f, n, f"layer {names[i]}")
             keep = _select(jnp.ravel(leaves[i]), jnp.ravel(f), n, highest)
             out[i] = jnp.reshape(keep, np.shape(leaves[i]))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    result = jax.tree_util.tree_unflatten(treedef, out)
+    _warn_collapsed(result, flags)
+    return result
+
+
+def _check_not_all(n_remove: int, size: int, sparsity: float, where: str) -> None:
+    # A sparsity just below 1 passes check_sparsity yet rounds to every weight:
+    # refuse it as 1.0 itself is refused, rather than return an empty network.
+    if n_remove >= size:
+        raise ValueError(
+            f"sparsity {sparsity!r} removes round({sparsity!r} × {size:,}) = {n_remove:,} weights, "
+            f"all of {where}; choose a sparsity below {1 - 0.5 / size:.6g}"
+        )
+
+
+def _warn_collapsed(masks: PyTree, flags: tuple[bool, ...]) -> None:
+    named = jax.tree_util.tree_flatten_with_path(masks)[0]
+    prunable = [(path_name(p), m) for (p, m), f in zip(named, flags) if f]
+    kept = jax.device_get([jnp.any(m) for _, m in prunable])  # one sync for all leaves
+    empty = [name for (name, _), k in zip(prunable, kept) if not k]
+    if empty:
+        warnings.warn(
+            f"the masks keep no weight of {len(empty)} prunable layer(s): {', '.join(empty)}",
+            LayerCollapseWarning,
+            stacklevel=3,
+        )
 
 
 def _check_not_below_current(forced: jax.Array, n_remove: int, where: str) -> None:
@@ -252,6 +295,14 @@ class SparsityReport:
     def sparsity(self) -> float:
         return 1.0 - self.density
 
+    @property
+    def collapsed(self) -> tuple[str, ...]:
+        """Names of the prunable layers the masks leave without any weight."""
+        return tuple(layer.name for layer in self.layers if layer.total and not layer.kept)
+
+    def _collapsed_line(self) -> str:
+        return f"Collapsed (no weight kept): {', '.join(self.collapsed)}" if self.collapsed else ""
+
     def as_dict(self) -> dict:
         return {
             "layers": [dict(dataclasses.asdict(l), density=l.density) for l in self.layers],
@@ -260,6 +311,7 @@ class SparsityReport:
             "density": self.density,
             "sparsity": self.sparsity,
             "dense_params": self.dense_params,
+            "collapsed": list(self.collapsed),
         }
 
     def to_markdown(self) -> str:
@@ -269,6 +321,8 @@ class SparsityReport:
             rows.append(f"| {l.name} | {shape} | {l.kept:,} | {l.total:,} | {l.density:.2%} |")
         rows.append(f"| **all prunable** | | {self.kept:,} | {self.total:,} | {self.density:.2%} |")
         rows.append(f"\nSparsity {self.sparsity:.4%}; {self.dense_params:,} non-prunable parameters kept dense.")
+        if self.collapsed:
+            rows.append(f"\n**{self._collapsed_line()}.**")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -278,6 +332,8 @@ class SparsityReport:
             shape = "x".join(map(str, l.shape))
             lines.append(f"{l.name:<{width}}  {shape:>18}  {l.kept:>12,}  {l.total:>12,}  {l.density:7.2%}")
         lines.append(f"{'all prunable':<{width}}  {'':>18}  {self.kept:>12,}  {self.total:>12,}  {self.density:7.2%}")
+        if self.collapsed:
+            lines.append(self._collapsed_line())
         return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """masks_from_scores, apply_masks and the sparsity report."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,9 @@ def kept(masks, name):
     return int(np.sum(masks[name]["kernel"]))
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.98, 0.999])
+# 0.996 leaves one of 250 weights; 0.999 (all 250) is refused, see the collapse tests below.
+@pytest.mark.filterwarnings("ignore::grasp_jax.LayerCollapseWarning")
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.98, 0.996])
 def test_global_removes_exact_count(sparsity):
     scores = tree()
     masks = gj.masks_from_scores(scores, sparsity)
@@ -52,7 +56,8 @@ def test_layerwise_removes_the_fraction_from_every_layer():
     scores = tree(2)
     # Make layer1 far more prunable than layer0 so that global and layerwise differ.
     scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
-    glob = gj.masks_from_scores(scores, 0.2, scope="global")
+    with pytest.warns(gj.LayerCollapseWarning, match="layer1/kernel"):
+        glob = gj.masks_from_scores(scores, 0.2, scope="global")
     assert kept(glob, "layer1") == 0  # 50 lowest are all of layer1
     lw = gj.masks_from_scores(scores, 0.2, scope="layerwise")
     assert kept(lw, "layer0") == 200 - 40 and kept(lw, "layer1") == 50 - 10
@@ -164,3 +169,34 @@ def test_large_global_selection_is_exact():
     scores = {"a": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (n // 4, 4))}}
     masks = gj.masks_from_scores(scores, 0.9, prune="highest")
     assert int(np.sum(masks["a"]["kernel"])) == n - int(np.floor(0.9 * n + 0.5))
+
+
+@pytest.mark.filterwarnings("ignore::grasp_jax.LayerCollapseWarning")
+def test_a_sparsity_that_rounds_to_every_weight_is_refused():
+    small = {"w": {"kernel": jnp.arange(18.0).reshape(6, 3)}}
+    with pytest.raises(ValueError, match="all of the prunable weights"):
+        gj.masks_from_scores(small, 0.99)  # round(17.82) = 18
+    assert gj.sparsity_report(gj.masks_from_scores(small, 0.97)).kept == 1  # round(17.46) = 17
+    # Layerwise: a leaf of 4 weights cannot lose round(0.9 × 4) = 4 ...
+    scores = tree(6, shapes=((20, 10), (2, 2)))
+    with pytest.raises(ValueError, match="layer layer1/kernel"):
+        gj.masks_from_scores(scores, 0.9, scope="layerwise")
+    # ... while the global count, 184 of 204, is fine.
+    assert gj.sparsity_report(gj.masks_from_scores(scores, 0.9)).kept == 20
+
+
+def test_emptied_layers_are_warned_and_reported():
+    scores = tree(7)
+    scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
+    with pytest.warns(gj.LayerCollapseWarning, match="1 prunable layer.*layer1/kernel"):
+        masks = gj.masks_from_scores(scores, 0.5)
+    report = gj.sparsity_report(masks)
+    assert report.collapsed == ("layer1/kernel",)
+    assert report.as_dict()["collapsed"] == ["layer1/kernel"]
+    assert "Collapsed (no weight kept): layer1/kernel" in str(report)
+    assert "Collapsed (no weight kept): layer1/kernel" in report.to_markdown()
+    # No collapse: no warning, nothing listed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gj.LayerCollapseWarning)
+        fine = gj.sparsity_report(gj.masks_from_scores(scores, 0.1))
+    assert fine.collapsed == () and "Collapsed" not in str(fine) + fine.to_markdown()
