@@ -44,6 +44,10 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
 
     def update_fn(updates, state: MaskedUpdatesState, params=None):
         del params
+        # Shapes are static, so under jit this runs once at trace time and
+        # costs nothing per step; without it jnp.where would broadcast an
+        # update of shape (1, 3) against a (4, 3) mask.
+        check_same_structure(state.masks, updates, "masks", "updates")
         updates = jax.tree_util.tree_map(
             lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.masks
         )

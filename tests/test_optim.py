@@ -1,5 +1,6 @@
 """masked_updates keeps pruned weights at exactly zero under real optimizers."""
 
+import chex
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,21 @@ def test_init_rejects_masks_of_another_structure():
     params, _ = problem()
     with pytest.raises(ValueError, match="structure"):
         gj.masked_updates({"dense0": {"kernel": jnp.ones((8, 16), bool)}}).init(params)
+
+
+def test_update_rejects_updates_of_another_shape_or_structure_at_trace_time():
+    masks = {"w": {"kernel": jnp.ones((4, 3), bool)}, "b": {"kernel": jnp.ones((3, 2), bool)}}
+    tx = gj.masked_updates(masks)
+    state = tx.init(jax.tree_util.tree_map(jnp.zeros_like, masks))
+    wrong = {"w": {"kernel": jnp.ones((1, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
+    with pytest.raises(ValueError, match=r"w/kernel: \(4, 3\) vs \(1, 3\)"):
+        tx.update(wrong, state)
+    with pytest.raises(ValueError, match=r"w/kernel: \(4, 3\) vs \(1, 3\)"):
+        jax.jit(tx.update)(wrong, state)
+    with pytest.raises(ValueError, match="structure"):
+        tx.update({"w": {"kernel": jnp.ones((4, 3))}}, state)
+    right = jax.tree_util.tree_map(lambda m: jnp.ones(m.shape), masks)
+    chex.assert_trees_all_equal(jax.jit(tx.update)(right, state)[0], right)
 
 
 def test_state_round_trips_through_orbax(tmp_path):
