@@ -32,23 +32,22 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 import grasp_jax as gj
-from grasp_jax import input_pipeline, models, scoring
-from grasp_jax.models import conv as conv_lib
-
 from benchmarks import train_step as train_step_bench
 from benchmarks.compiled import flops, peak_bytes
-from experiments import train
 from benchmarks.input_pipeline import DEFAULT_DATA_DIR, pipeline_images_per_second
+from experiments import train
+from grasp_jax import models, scoring
+from grasp_jax.models import conv as conv_lib
 
 # model -> (input HWC, classes, default batch, dataset whose optimizer preset the train step uses)
 MODELS: dict[str, tuple[tuple[int, int, int], int, int, str]] = {
@@ -121,7 +120,8 @@ def _count_fast_convs(arch: str, num_classes: int, variables: Any, x: jax.Array)
         return conv_lib.conv_general_dilated(*args, precision=precision,
                                              preferred_element_type=preferred_element_type, **kwargs)
 
-    model = models.get_model(arch, num_classes, conv_general_dilated=recording)
+    conv = functools.partial(models.Conv, conv_general_dilated=recording)
+    model = models.get_model(arch, num_classes, conv=conv)
     jax.eval_shape(lambda v, im: model.apply(v, im, train=False), variables, x)
     return sum(decisions), len(decisions)
 
@@ -137,7 +137,7 @@ def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
     data = {"image": x, "label": y}
     convs = {
         "auto": models.get_model(arch, num_classes),  # the default: fast where it wins
-        "native": models.get_model(arch, num_classes, conv_general_dilated=lax.conv_general_dilated),
+        "native": models.get_model(arch, num_classes, conv=models.NativeConv),
     }
     t = time.perf_counter()
     variables = jax.block_until_ready(train.init_variables(convs["native"], key, shape))
@@ -211,7 +211,7 @@ def bench_pipeline(steps: int, batch: int) -> dict:
     dataset = "cifar10" if os.path.isdir(os.path.join(data_dir, "cifar10")) else "digits"
     if dataset == "digits":
         data_dir = None
-    common = dict(data_dir=data_dir, global_batch_size=batch)
+    common = {"data_dir": data_dir, "global_batch_size": batch}
     # Start-up (building the pipeline, filling the shuffle buffer) is the first 5 batches.
     ips = pipeline_images_per_second(dataset, skip_steps=5, num_steps=steps, **common)
     return {"dataset": dataset, "batch": batch, "steps": steps, "images_per_s": ips}
@@ -233,30 +233,33 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
     out = [
         "# Performance",
         "",
-        "Written by `python -m benchmarks.run` (" + " ".join(meta["argv"]) + "); do not edit the "
-        "tables by hand, rerun it.",
+        ("Written by `python -m benchmarks.run` (" + " ".join(meta["argv"]) + "); do not edit the "
+         "tables by hand, rerun it."),
         "",
-        f"- backend: **{meta['backend']}**, device: {meta['device']} x {meta['device_count']}, "
-        f"host: {meta['cpus']} CPU cores ({meta['machine']})",
+        (f"- backend: **{meta['backend']}**, device: {meta['device']} x {meta['device_count']}, "
+        f"host: {meta['cpus']} CPU cores ({meta['machine']})"),
         f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}, flax {meta['flax']}, Python {meta['python']}",
         f"- date: {meta['date']}; float32; total run {meta['total_s'] / 60:.1f} min",
         f"- {meta['rounds']} alternating rounds per timing (medians), {meta['pairs']} train-step pairs",
         "",
-        "Times are medians in ms. *auto* is the models' default convolution "
-        "(`grasp_jax.models.conv.conv_general_dilated`, `GRASP_JAX_FAST_CONV=auto`: the patches "
-        "fast path where XLA:CPU is slow, native elsewhere and on every GPU/TPU); *native* is "
-        "`lax.conv_general_dilated` in every conv. Speed-ups are medians of per-round ratios "
-        "(native / auto), measured alternately in one process on a shared machine. *fast convs*: "
-        "how many of the network's convolutions the default runs as matmuls (where it is 0 the "
-        "two programs are the same and their ratio shows only the noise; 1x1 convs count as fast: "
-        "auto mode computes their values natively and their derivatives as matmuls).",
+        ("Times are medians in ms. *auto* is the models' default convolution "
+         "(`grasp_jax.models.Conv`: `grasp_jax.models.conv.conv_general_dilated`, "
+         "`GRASP_JAX_FAST_CONV=auto`: the patches "
+         "fast path where XLA:CPU is slow, native elsewhere and on every GPU/TPU); *native* is "
+         "`grasp_jax.models.NativeConv`, `lax.conv_general_dilated` in every conv. Speed-ups are "
+         "medians of per-round ratios "
+         "(native / auto), measured alternately in one process on a shared machine. *fast convs*: "
+         "how many of the network's convolutions the default runs as matmuls (where it is 0 the "
+         "two programs are the same and their ratio shows only the noise; 1x1 convs count as "
+         "fast: auto mode computes their values natively and their derivatives as matmuls)."),
         "",
         "## Speed",
         "",
-        "| model | input | batch | fast convs | forward auto | forward native | speed-up | value_and_grad auto "
-        "| value_and_grad native | speed-up | grasp_scores | = gradients | XLA FLOPs = gradients "
-        "| train step masked "
-        "| train step plain | mask overhead | train images/s |",
+        ("| model | input | batch | fast convs | forward auto | forward native | speed-up "
+         "| value_and_grad auto "
+         "| value_and_grad native | speed-up | grasp_scores | = gradients | XLA FLOPs = gradients "
+         "| train step masked "
+         "| train step plain | mask overhead | train images/s |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -272,12 +275,14 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
         "",
         "## Compile time and memory",
         "",
-        "Compile times in seconds (the initializers' in *init*); peak memory in MiB is XLA's "
-        "`memory_analysis()` of the compiled program: arguments + outputs + temporaries - aliased.",
+        ("Compile times in seconds (the initializers' in *init*); peak memory in MiB is XLA's "
+         "`memory_analysis()` of the compiled program: arguments + outputs + temporaries - "
+         "aliased."),
         "",
-        "| model | params | init | compile forward auto / native | compile gradient auto / native "
-        "| compile grasp_scores | compile train step | peak forward auto / native "
-        "| peak gradient auto / native | peak grasp_scores |",
+        ("| model | params | init | compile forward auto / native "
+         "| compile gradient auto / native "
+         "| compile grasp_scores | compile train step | peak forward auto / native "
+         "| peak gradient auto / native | peak grasp_scores |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -294,9 +299,9 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
             "",
             "## Input pipeline",
             "",
-            f"`{pipeline['dataset']}` training stream (`grasp_jax.input_pipeline.train_iterator`: "
-            f"decode, augment, batch on the host), batch {pipeline['batch']}, {pipeline['steps']} "
-            f"batches after 5 start-up batches: **{pipeline['images_per_s']:,.0f} images/s**.",
+            (f"`{pipeline['dataset']}` training stream (decode, augment, batch on the host), "
+             f"batch {pipeline['batch']}, {pipeline['steps']} "
+             f"batches after 5 start-up batches: **{pipeline['images_per_s']:,.0f} images/s**."),
         ]
     out += ["", "## Targets", ""]
     by = {r["arch"]: r for r in results}
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log(f"{arch}, batch {b}:")
         try:
             results.append(bench_model(arch, b, rounds, pairs, args.sparsity, log=log))
-        except Exception as e:  # report the others rather than lose a long run
+        except Exception as e:  # noqa: BLE001 -- report the others rather than lose a long run
             log(f"  {arch} FAILED: {type(e).__name__}: {e}")
             failed.append(f"{arch}: {type(e).__name__}: {str(e)[:200]}")
     pipeline = None

@@ -41,7 +41,7 @@ def _shape_init(model, shape):
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _traced(arch):
     """Abstract variables, abstract logits, and the number of conv calls made by one forward."""
     shape, num_classes = INPUTS[arch]
@@ -51,7 +51,8 @@ def _traced(arch):
         calls.append(1)
         return jax.lax.conv_general_dilated(*args, **kwargs)
 
-    model = models.get_model(arch, num_classes, conv_general_dilated=counting_conv)
+    conv = functools.partial(models.Conv, conv_general_dilated=counting_conv)
+    model = models.get_model(arch, num_classes, conv=conv)
     variables = _shape_init(model, shape)
     n_init_calls = len(calls)
     x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
@@ -151,7 +152,7 @@ def test_init_deterministic(arch, small_vgg_init):
 
 
 def test_init_statistics(small_vgg_init):
-    model, x, init_fn = small_vgg_init
+    _model, x, init_fn = small_vgg_init
     variables = init_fn(jax.random.key(0), x)
     params = variables["params"]
     # Kaiming normal, fan_out = 3*3*out: an untruncated normal with std sqrt(2/fan_out).

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 
 from grasp_jax import models
 from grasp_jax.models import conv as conv_lib
@@ -66,19 +65,19 @@ def _he_init(variables):
         if name.endswith("['kernel']"):
             fan_in = int(np.prod(s.shape[:-1]))
             return jnp.asarray(rng.normal(size=s.shape) * np.sqrt(2.0 / fan_in), s.dtype)
-        if name.endswith("['scale']") or name.endswith("['var']"):
+        if name.endswith(("['scale']", "['var']")):
             return jnp.ones(s.shape, s.dtype)
         return jnp.zeros(s.shape, s.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, variables)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(arch):
     shape, num_classes, batch = CASES[arch]
     x = jnp.asarray(np.random.default_rng(1).normal(size=(batch, *shape)), jnp.float32)
     y = jnp.arange(batch) % num_classes
-    native = models.get_model(arch, num_classes, conv_general_dilated=lax.conv_general_dilated)
+    native = models.get_model(arch, num_classes, conv=models.NativeConv)
     abstract = jax.eval_shape(functools.partial(native.init, train=False), jax.random.key(0), x[:1])
     return x, y, native, _he_init(abstract)
 
@@ -116,14 +115,14 @@ def _assert_close(a, b, what):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto mode is native off the CPU")
 @pytest.mark.parametrize("arch", sorted(CASES))
-def test_same_outputs_and_gradients_fast_and_native(arch):
-    x, y, native, variables = _setup(arch)
-    # Auto mode, as the models use it by default (whatever GRASP_JAX_FAST_CONV says here).
+def test_same_outputs_and_gradients_fast_and_native(arch, monkeypatch):
+    # The default model, in auto mode as it runs when GRASP_JAX_FAST_CONV is unset.
     # Forcing mode="fast" everywhere would also patch the 3x3 convs at 32x32, which auto mode
     # keeps native; in float32 those agree with native less closely (1e-2 in the first layers'
     # gradients at this batch of 4, where native itself is 2e-3 from float64).
-    fast = native.clone(conv_general_dilated=functools.partial(conv_lib.conv_general_dilated,
-                                                               mode="auto"))
+    monkeypatch.delenv(conv_lib.FAST_CONV_ENV, raising=False)
+    x, y, native, variables = _setup(arch)
+    fast = models.get_model(arch, CASES[arch][1])
     assert (_count_native_convs_in_gradient(fast, variables, x)
             < _count_native_convs_in_gradient(native, variables, x))
 

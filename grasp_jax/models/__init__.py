@@ -1,13 +1,16 @@
 """The paper's networks (Flax Linen, NHWC) and a registry to build them by name.
 
 Every model is called as ``model.apply(variables, x, train=...)`` with NHWC images, returns float32
-logits, and has the fields ``num_classes``, ``dtype`` (computation dtype) and
-``conv_general_dilated`` (a drop-in for ``lax.conv_general_dilated`` used by every conv; ``None``,
-the default, is ``grasp_jax.models.conv.conv_general_dilated``: XLA:CPU's slow convolutions -- 3x3
-on 1x1/2x2 maps, 1x1 with >= 16 channels -- run as matmuls, everything else and every GPU/TPU
-convolution natively; ``GRASP_JAX_FAST_CONV=0`` or ``lax.conv_general_dilated`` forces native). BatchNorm models keep running statistics in the ``batch_stats`` collection
-(``mutable=['batch_stats']`` when ``train=True``). Every conv/dense weight is a leaf named
-``kernel``, which is what the pruning code treats as prunable.
+logits, and has the fields ``num_classes``, ``dtype`` (computation dtype) and ``conv``: the
+convolution module type every conv layer is built from, injected once as in Flax's own examples.
+The default, :data:`Conv`, is ``nn.Conv`` with the reference's init and PyTorch's padding and bias
+defaults, convolving with :func:`grasp_jax.models.conv.conv_general_dilated` in auto mode: XLA:CPU's
+slow convolutions (3x3 on 1x1/2x2 maps, 1x1 with >= 16 channels) run as matmuls, everything else
+and every GPU/TPU convolution natively. ``GRASP_JAX_FAST_CONV=0`` or ``conv=NativeConv`` forces
+XLA's own convolution; ``functools.partial(Conv, conv_general_dilated=f)`` uses any drop-in ``f``
+for ``lax.conv_general_dilated``. BatchNorm models keep running statistics in the
+``batch_stats`` collection (``mutable=['batch_stats']`` when ``train=True``). Every conv/dense
+weight is a leaf named ``kernel``, which is what the pruning code treats as prunable.
 
 Registry names (``ARCHS``):
 
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 
+from grasp_jax.models.init import Conv, NativeConv
 from grasp_jax.models.resnet_cifar import ResNetCifar
 from grasp_jax.models.resnet_imagenet import ResNetImageNet
 from grasp_jax.models.small import MLP, LeNet5
@@ -50,7 +55,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Builds the network registered as ``arch``; ``kwargs`` set other fields (e.g. ``dtype``)."""
+    """Builds the network registered as ``arch``; ``kwargs`` set other fields (``dtype``, ``conv``)."""
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch {arch!r}; valid names: {', '.join(ARCHS)}")
     return ARCHS[arch](num_classes=num_classes, **kwargs)
@@ -95,6 +100,18 @@ def layer_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
 
 
 __all__ = [
-    "ARCHS", "SMALL_VGG_CFG", "get_model", "count_params", "count_kernel_params", "layer_order",
-    "VGG", "VGGImageNet", "ResNetCifar", "ResNetImageNet", "LeNet5", "MLP",
+    "ARCHS",
+    "MLP",
+    "SMALL_VGG_CFG",
+    "VGG",
+    "Conv",
+    "LeNet5",
+    "NativeConv",
+    "ResNetCifar",
+    "ResNetImageNet",
+    "VGGImageNet",
+    "count_kernel_params",
+    "count_params",
+    "get_model",
+    "layer_order",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from grasp_jax.models import conv as fast_conv
 
@@ -76,41 +77,28 @@ def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -
     )
 
 
-def conv(
-    features: int,
-    kernel_size: int,
-    *,
-    strides: int = 1,
-    padding: int | str = 0,
-    use_bias: bool = False,
-    dtype: Any = jnp.float32,
-    conv_general_dilated: Any = None,
-    name: str | None = None,
-) -> nn.Conv:
-    """A square convolution with PyTorch-style symmetric integer padding and the reference init.
+# A module type, as Flax's own examples inject one (``conv: ModuleDef = nn.Conv``).
+ModuleDef = Any
 
-    Integer padding is spelled out per side because Flax's ``'SAME'`` pads (0, 1) for stride 2 on
-    even inputs, whereas PyTorch's ``padding=1`` pads (1, 1); the two give different outputs.
-    ``conv_general_dilated=None`` uses :func:`grasp_jax.models.conv.conv_general_dilated` in its
-    default mode: the patches fast path on XLA:CPU where it was measured to win, XLA's own
-    convolution everywhere else (GPU/TPU, other shapes); ``GRASP_JAX_FAST_CONV=0`` forces the
-    native one, and so does passing ``lax.conv_general_dilated`` here.
-    """
-    if conv_general_dilated is None:
-        conv_general_dilated = fast_conv.conv_general_dilated
-    pad = padding if isinstance(padding, str) else [(padding, padding)] * 2
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(strides, strides),
-        padding=pad,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=conv_kernel_init,
-        bias_init=zeros,
-        conv_general_dilated=conv_general_dilated,
-        name=name,
-    )
+#: The convolution of every paper model: ``nn.Conv`` with PyTorch's ``Conv2d`` defaults where
+#: they differ from Flax's (no padding unless asked; an integer ``padding=p`` pads p on each side,
+#: unlike ``'SAME'``, which pads (0, 1) for stride 2 on even inputs), no bias unless asked (every
+#: reference conv but torchvision VGG's and LeNet's), the reference's Kaiming fan-out init with
+#: zero bias, and :func:`grasp_jax.models.conv.conv_general_dilated` in its default mode: the
+#: patches fast path on XLA:CPU where it was measured to win, XLA's own convolution everywhere
+#: else (GPU/TPU, other shapes). ``GRASP_JAX_FAST_CONV=0`` forces native, read when traced.
+#: Called as ``Conv(features, (3, 3), strides=2, padding=1, name=...)``.
+Conv: ModuleDef = functools.partial(
+    nn.Conv,
+    padding=0,
+    use_bias=False,
+    kernel_init=conv_kernel_init,
+    bias_init=zeros,
+    conv_general_dilated=fast_conv.conv_general_dilated,
+)
+
+#: ``Conv`` with XLA's own convolution (``lax.conv_general_dilated``) whatever the environment.
+NativeConv: ModuleDef = functools.partial(Conv, conv_general_dilated=lax.conv_general_dilated)
 
 
 # Convenience for the classifiers of the GraSP reference and torchvision VGG.

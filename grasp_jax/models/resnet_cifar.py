@@ -9,7 +9,8 @@ ResNet-32 on CIFAR-10 has 1,860,522 parameters (BN scale/bias included, running 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -29,20 +30,20 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        conv_kw = dict(dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)
-        y = init.conv(self.features, 3, strides=self.strides, padding=1, name="conv1", **conv_kw)(x)
-        y = nn.relu(init.batch_norm(train, self.dtype, name="bn1")(y))
-        y = init.conv(self.features, 3, padding=1, name="conv2", **conv_kw)(y)
-        y = init.batch_norm(train, self.dtype, name="bn2")(y)
+        conv = functools.partial(self.conv, self.features, dtype=self.dtype)
+        norm = functools.partial(init.batch_norm, train, self.dtype)
+        y = conv((3, 3), strides=self.strides, padding=1, name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = conv((3, 3), padding=1, name="conv2")(y)
+        y = norm(name="bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = init.conv(self.features, 1, strides=self.strides, name="shortcut_conv",
-                                 **conv_kw)(x)
-            shortcut = init.batch_norm(train, self.dtype, name="shortcut_bn")(shortcut)
+            shortcut = conv((1, 1), strides=self.strides, name="shortcut_conv")(x)
+            shortcut = norm(name="shortcut_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -54,8 +55,8 @@ class ResNetCifar(nn.Module):
       num_classes: size of the output layer.
       widths: channels of the stem and the three stages.
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
-      conv_general_dilated: replacement for ``lax.conv_general_dilated`` in every conv
-        (``None``: ``grasp_jax.models.conv.conv_general_dilated``, see ``init.conv``).
+      conv: the convolution module type of every conv (default ``init.Conv``: the reference
+        init and the fast CPU convolution in auto mode; ``init.NativeConv`` for XLA's own).
 
     Parameter names: ``conv1``, ``bn1``, ``layer{s}_{b}`` (stage s = 1..3, block b from 0),
     ``fc``.
@@ -65,7 +66,7 @@ class ResNetCifar(nn.Module):
     num_classes: int = 10
     widths: tuple[int, int, int] = WIDTHS
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     def _blocks_per_stage(self) -> int:
         if self.depth < 8 or (self.depth - 2) % 6:
@@ -75,13 +76,12 @@ class ResNetCifar(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         n = self._blocks_per_stage()
-        x = init.conv(self.widths[0], 3, padding=1, dtype=self.dtype,
-                      conv_general_dilated=self.conv_general_dilated, name="conv1")(x)
+        x = self.conv(self.widths[0], (3, 3), padding=1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(init.batch_norm(train, self.dtype, name="bn1")(x))
         for s, width in enumerate(self.widths):
             for b in range(n):
                 strides = 2 if (s > 0 and b == 0) else 1
-                x = BasicBlock(width, strides, self.dtype, self.conv_general_dilated,
+                x = BasicBlock(width, strides, self.dtype, self.conv,
                                name=f"layer{s + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         x = init.dense(self.num_classes, dtype=self.dtype, name="fc")(x)

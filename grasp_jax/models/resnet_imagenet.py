@@ -3,13 +3,16 @@
 This is the "v1.5" ResNet: the downsampling stride sits on the bottleneck's 3x3 conv, not on
 its first 1x1. Stem: 7x7/2 conv (padding 3) + BN + ReLU + 3x3/2 max-pool (padding 1). The
 GraSP reference builds its ImageNet ResNet with torchvision, so this is also the paper's model.
+
 Init follows torchvision: Kaiming-normal (fan_out) convs, BN 1/0, and PyTorch's default
 ``nn.Linear`` init for ``fc``. torchvision's ``zero_init_residual`` is off by default, here too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -27,28 +30,29 @@ class Bottleneck(nn.Module):
     strides: int = 1
     zero_init_last_bn: bool = False
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        norm = functools.partial(init.batch_norm, train, self.dtype)
         out = self.features * self.expansion
-        y = init.conv(self.features, 1, name="conv1", **kw)(x)
-        y = nn.relu(init.batch_norm(train, self.dtype, name="bn1")(y))
-        y = init.conv(self.features, 3, strides=self.strides, padding=1, name="conv2", **kw)(y)
-        y = nn.relu(init.batch_norm(train, self.dtype, name="bn2")(y))
-        y = init.conv(out, 1, name="conv3", **kw)(y)
-        bn3 = init.batch_norm(train, self.dtype, name="bn3")
+        y = conv(self.features, (1, 1), name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv2")(y)
+        y = nn.relu(norm(name="bn2")(y))
+        y = conv(out, (1, 1), name="conv3")(y)
+        bn3 = norm(name="bn3")
         if self.zero_init_last_bn:
             # Each residual branch then starts as zero, so every block begins as the identity.
             bn3 = bn3.clone(scale_init=nn.initializers.zeros)
         y = bn3(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != out:
-            shortcut = init.conv(out, 1, strides=self.strides, name="downsample_conv", **kw)(x)
-            shortcut = init.batch_norm(train, self.dtype, name="downsample_bn")(shortcut)
+            shortcut = conv(out, (1, 1), strides=self.strides, name="downsample_conv")(x)
+            shortcut = norm(name="downsample_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -60,8 +64,8 @@ class ResNetImageNet(nn.Module):
       num_classes: size of the output layer.
       zero_init_last_bn: torchvision's ``zero_init_residual`` (off by default).
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
-      conv_general_dilated: replacement for ``lax.conv_general_dilated`` in every conv
-        (``None``: ``grasp_jax.models.conv.conv_general_dilated``, see ``init.conv``).
+      conv: the convolution module type of every conv (default ``init.Conv``, see
+        ``resnet_cifar.ResNetCifar``).
 
     Parameter names: ``conv1``, ``bn1``, ``layer{s}_{b}`` (s = 1..4, b from 0), ``fc``.
     """
@@ -70,19 +74,18 @@ class ResNetImageNet(nn.Module):
     num_classes: int = 1000
     zero_init_last_bn: bool = False
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = init.conv(64, 7, strides=2, padding=3, dtype=self.dtype,
-                      conv_general_dilated=self.conv_general_dilated, name="conv1")(x)
+        x = self.conv(64, (7, 7), strides=2, padding=3, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(init.batch_norm(train, self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
                 strides = 2 if (s > 0 and b == 0) else 1
                 x = Bottleneck(64 * 2**s, strides, self.zero_init_last_bn, self.dtype,
-                               self.conv_general_dilated, name=f"layer{s + 1}_{b}")(x, train)
+                               self.conv, name=f"layer{s + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         fan_in = x.shape[-1]
         x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init.torch_linear_kernel_init,

@@ -12,7 +12,8 @@ survives several layers); the output layer uses the reference's N(0, 0.01) with 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,14 +35,14 @@ class LeNet5(nn.Module):
 
     num_classes: int = 10
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         del train
         for i, width in enumerate((6, 16)):
-            x = init.conv(width, 5, padding=2, use_bias=True, dtype=self.dtype,
-                          conv_general_dilated=self.conv_general_dilated, name=f"conv{i + 1}")(x)
+            x = self.conv(width, (5, 5), padding=2, use_bias=True, dtype=self.dtype,
+                          name=f"conv{i + 1}")(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(_hidden_dense(120, self.dtype, "fc1")(x))
@@ -53,14 +54,14 @@ class LeNet5(nn.Module):
 class MLP(nn.Module):
     """Fully connected ReLU network on the flattened input.
 
-    Parameter names: ``fc1`` ... ``fc{len(hidden)}``, ``classifier``. ``conv_general_dilated``
-    exists only for a uniform interface (there are no convs); ``train`` has no effect.
+    Parameter names: ``fc1`` ... ``fc{len(hidden)}``, ``classifier``. ``conv`` exists only for a
+    uniform interface (there are no convs); ``train`` has no effect.
     """
 
     num_classes: int = 10
     hidden: Sequence[int] = (300, 100)
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -12,7 +12,8 @@ max-pools, adaptive average pooling to 7x7 and a 4096-4096 classifier with dropo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -20,10 +21,10 @@ import numpy as np
 
 from grasp_jax.models import init
 
-Cfg = Sequence[Union[int, str]]
+Cfg = Sequence[int | str]
 
 # The last 'M' of the classic configurations is omitted, as in the GraSP reference.
-CIFAR_CFGS: dict[int, tuple[Union[int, str], ...]] = {
+CIFAR_CFGS: dict[int, tuple[int | str, ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
     13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
     16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
@@ -32,7 +33,7 @@ CIFAR_CFGS: dict[int, tuple[Union[int, str], ...]] = {
 }
 
 # torchvision's configuration "D" (VGG-16), with all five pools.
-IMAGENET_CFG16: tuple[Union[int, str], ...] = CIFAR_CFGS[16] + ("M",)
+IMAGENET_CFG16: tuple[int | str, ...] = CIFAR_CFGS[16] + ("M",)
 
 
 def _max_pool(x: jnp.ndarray) -> jnp.ndarray:
@@ -46,8 +47,8 @@ class VGG(nn.Module):
       cfg: channel counts, with ``'M'`` for a 2x2 max-pool.
       num_classes: size of the output layer.
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
-      conv_general_dilated: replacement for ``lax.conv_general_dilated`` in every conv
-        (``None``: ``grasp_jax.models.conv.conv_general_dilated``, see ``init.conv``).
+      conv: the convolution module type of every conv (default ``init.Conv``: the reference
+        init and the fast CPU convolution in auto mode; ``init.NativeConv`` for XLA's own).
 
     Parameter names: ``conv{i}``/``bn{i}`` for the i-th conv layer, ``classifier``.
     """
@@ -55,7 +56,7 @@ class VGG(nn.Module):
     cfg: Cfg
     num_classes: int = 10
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -64,8 +65,7 @@ class VGG(nn.Module):
             if v == "M":
                 x = _max_pool(x)
                 continue
-            x = init.conv(v, 3, padding=1, dtype=self.dtype,
-                          conv_general_dilated=self.conv_general_dilated, name=f"conv{i}")(x)
+            x = self.conv(v, (3, 3), padding=1, dtype=self.dtype, name=f"conv{i}")(x)
             x = init.batch_norm(train, self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
             i += 1
@@ -109,7 +109,7 @@ class VGGImageNet(nn.Module):
       num_classes: size of the output layer.
       batch_norm: insert BatchNorm after each conv (torchvision's ``*_bn`` variants).
       dropout_rate: dropout probability in the classifier (0.5 in torchvision).
-      dtype, conv_general_dilated: as in ``VGG``.
+      dtype, conv: as in ``VGG``.
 
     Parameter names: ``conv{i}`` (and ``bn{i}``), ``fc1``, ``fc2``, ``fc3``.
     """
@@ -119,7 +119,7 @@ class VGGImageNet(nn.Module):
     batch_norm: bool = False
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
-    conv_general_dilated: Callable[..., Any] | None = None
+    conv: init.ModuleDef = init.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -129,8 +129,8 @@ class VGGImageNet(nn.Module):
                 x = _max_pool(x)
                 continue
             # torchvision keeps the conv bias even when BatchNorm follows.
-            x = init.conv(v, 3, padding=1, use_bias=True, dtype=self.dtype,
-                          conv_general_dilated=self.conv_general_dilated, name=f"conv{i}")(x)
+            x = self.conv(v, (3, 3), padding=1, use_bias=True, dtype=self.dtype,
+                          name=f"conv{i}")(x)
             if self.batch_norm:
                 x = init.batch_norm(train, self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
