@@ -6,6 +6,7 @@ nothing of models, data or training, which live in ``grasp_jax.models``,
 """
 
 from grasp_jax.ablations import inverted_direction, inverted_masks, reinitialized, shuffle_masks
+from grasp_jax.criteria import resolve_direction
 from grasp_jax.diagnostics import gradient_flow
 from grasp_jax.masks import (
     LayerCollapseWarning,
@@ -54,6 +55,7 @@ __all__ = [
     "prunable_flags",
     "prune",
     "random_scores",
+    "resolve_direction",
     "snip_scores",
     "sparsity_report",
     "sparsity_schedule",

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grasp_jax.criteria import Direction, resolve_direction
 from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 
 PyTree = Any
 Scope = Literal["global", "layerwise"]
-Direction = Literal["highest", "lowest"]
 
 
 def check_same_structure(a: PyTree, b: PyTree, what_a: str = "masks", what_b: str = "params") -> None:
@@ -143,7 +143,8 @@ def masks_from_scores(
     *,
     prunable: PrunableSpec = None,
     scope: Scope = "global",
-    prune: Direction = "lowest",
+    prune: Direction | None = None,
+    criterion: str | None = None,
     masks: PyTree | None = None,
 ) -> PyTree:
     """Boolean keep-masks that remove exactly round(sparsity × #prunable) weights.
@@ -156,7 +157,10 @@ def masks_from_scores(
       scope: ``"global"`` ranks all prunable weights together (the paper);
         ``"layerwise"`` removes the fraction from each prunable leaf.
       prune: ``"highest"`` removes the highest scores (GraSP's S(-θ));
-        ``"lowest"`` the lowest (SNIP, SynFlow, magnitude).
+        ``"lowest"`` the lowest (SNIP, SynFlow, magnitude). There is no
+        default: pass ``prune`` or ``criterion``.
+      criterion: a name in :data:`~grasp_jax.criteria.PRUNE_DIRECTION`
+        (``"grasp"``, ``"snip"``, ...) that implies ``prune``.
       masks: optional current masks; weights they prune stay pruned and count
         towards the target (iterative pruning).
 
@@ -171,8 +175,7 @@ def masks_from_scores(
     sparsity = check_sparsity(sparsity)
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
-    if prune not in ("highest", "lowest"):
-        raise ValueError(f"prune must be 'highest' or 'lowest', got {prune!r}")
+    prune = resolve_direction(prune, criterion)
     flags = prunable_flags(scores, prunable)
     if masks is not None:
         check_same_structure(masks, scores, "masks", "scores")

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+from grasp_jax.criteria import PRUNE_DIRECTION, Direction, resolve_direction
 from grasp_jax.masks import (
-    Direction,
     Scope,
     apply_masks,
     check_sparsity,
@@ -23,14 +23,7 @@ from grasp_jax.prunable import PrunableSpec
 PyTree = Any
 Schedule = Literal["exponential", "linear"]
 
-# Which end of each criterion's ranking is removed.
-PRUNE_DIRECTION: dict[str, Direction] = {
-    "grasp": "highest",  # S(-θ) = -θ⊙Hg: removing these reduces gradient flow least
-    "snip": "lowest",
-    "synflow": "lowest",
-    "magnitude": "lowest",
-    "random": "lowest",
-}
+__all__ = ["PRUNE_DIRECTION", "prune", "sparsity_schedule"]  # the table is re-exported here
 
 
 def sparsity_schedule(sparsity: float, rounds: int, schedule: Schedule = "exponential") -> list[float]:
@@ -57,7 +50,8 @@ def prune(
     score_fn: Callable[[PyTree], PyTree],
     sparsity: float,
     *,
-    prune: Direction,
+    prune: Direction | None = None,
+    criterion: str | None = None,
     rounds: int = 1,
     schedule: Schedule = "exponential",
     scope: Scope = "global",
@@ -72,7 +66,9 @@ def prune(
         ``lambda p: grasp_scores(p, loss_fn, batch)``; it sees the masked
         params in every round after the first.
       sparsity: the final fraction of prunable weights removed.
-      prune: ``"highest"`` or ``"lowest"``; see :data:`PRUNE_DIRECTION`.
+      prune, criterion: the direction, ``"highest"`` or ``"lowest"``, or a
+        criterion name that implies it (see :data:`PRUNE_DIRECTION`); one is
+        required.
       rounds, schedule: see :func:`sparsity_schedule`. ``rounds=1`` is
         one-shot pruning.
       scope, prunable: as in :func:`grasp_jax.masks.masks_from_scores`.
@@ -81,13 +77,14 @@ def prune(
 
     Weights pruned in a round stay pruned in later rounds.
     """
+    direction = resolve_direction(prune, criterion)  # before any scoring is spent
     targets = sparsity_schedule(sparsity, rounds, schedule)
     masks = None
     for r, s_r in enumerate(targets, start=1):
         current = params if masks is None else apply_masks(params, masks)
         scores = score_fn(current)
         masks = masks_from_scores(
-            scores, s_r, prunable=prunable, scope=scope, prune=prune, masks=masks
+            scores, s_r, prunable=prunable, scope=scope, prune=direction, masks=masks
         )
         if callback is not None:
             callback(r, s_r, masks)

@@ -16,7 +16,7 @@ def params(seed=0):
 
 def test_shuffle_keeps_every_layers_count_and_moves_weights():
     p = params()
-    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.8)
+    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.8, prune="lowest")
     shuffled = shuffle_masks(masks, jax.random.PRNGKey(1))
     for n in ("a", "b"):
         assert int(shuffled[n]["kernel"].sum()) == int(masks[n]["kernel"].sum())
@@ -39,7 +39,7 @@ def test_invert_keeps_the_same_count_from_the_other_end():
 
 def test_reinit_changes_values_only_where_kept():
     p = params(2)
-    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.7)
+    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.7, prune="lowest")
     fresh = params(3)
     out = reinitialized(fresh, masks)
     for n in ("a", "b"):

@@ -14,7 +14,8 @@ def test_gradient_flow_matches_explicit_hessian():
     with jax.enable_x64(True):
         params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float64)
         batch = make_batch(jax.random.PRNGKey(1), dtype=jnp.float64)
-        masks = gj.masks_from_scores(gj.random_scores(params, jax.random.PRNGKey(2)), 0.5)
+        scores = gj.random_scores(params, jax.random.PRNGKey(2))
+        masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
         pruned = gj.apply_masks(params, masks)
         kernels = {n: pruned[n]["kernel"] for n in pruned}
         flat, unravel = ravel_pytree(kernels)

@@ -2,6 +2,7 @@
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ def kept(masks, name):
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.98, 0.996])
 def test_global_removes_exact_count(sparsity):
     scores = tree()
-    masks = gj.masks_from_scores(scores, sparsity)
+    masks = gj.masks_from_scores(scores, sparsity, prune="lowest")
     total = 200 + 50
     removed = total - kept(masks, "layer0") - kept(masks, "layer1")
     assert removed == int(np.floor(sparsity * total + 0.5))
@@ -57,24 +58,24 @@ def test_layerwise_removes_the_fraction_from_every_layer():
     # Make layer1 far more prunable than layer0 so that global and layerwise differ.
     scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
     with pytest.warns(gj.LayerCollapseWarning, match="layer1/kernel"):
-        glob = gj.masks_from_scores(scores, 0.2, scope="global")
+        glob = gj.masks_from_scores(scores, 0.2, scope="global", prune="lowest")
     assert kept(glob, "layer1") == 0  # 50 lowest are all of layer1
-    lw = gj.masks_from_scores(scores, 0.2, scope="layerwise")
+    lw = gj.masks_from_scores(scores, 0.2, scope="layerwise", prune="lowest")
     assert kept(lw, "layer0") == 200 - 40 and kept(lw, "layer1") == 50 - 10
 
 
 def test_ties_are_broken_deterministically_by_position():
     scores = {"a": {"kernel": jnp.zeros((4, 5))}, "b": {"kernel": jnp.zeros((5, 2))}}
-    masks = gj.masks_from_scores(scores, 0.5)
+    masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
     keep = np.concatenate([np.ravel(masks["a"]["kernel"]), np.ravel(masks["b"]["kernel"])])
     # 15 of 30 removed: the first 15 positions in flattening order.
     np.testing.assert_array_equal(keep, np.arange(30) >= 15)
-    again = gj.masks_from_scores(scores, 0.5)
+    again = gj.masks_from_scores(scores, 0.5, prune="lowest")
     np.testing.assert_array_equal(again["a"]["kernel"], masks["a"]["kernel"])
     # Partial ties at the threshold: values 0,1,1,1,2 remove 2 -> the 0 and the first 1.
     s = {"w": {"kernel": jnp.array([[1.0, 0.0, 1.0, 2.0, 1.0]])}}
     np.testing.assert_array_equal(
-        gj.masks_from_scores(s, 0.4)["w"]["kernel"][0], [False, False, True, True, True]
+        gj.masks_from_scores(s, 0.4, prune="lowest")["w"]["kernel"][0], [False, False, True, True, True]
     )
 
 
@@ -95,46 +96,65 @@ def test_float64_scores_keep_their_resolution():
         base = 1.0
         vals = jnp.array([[base + 3e-16 * i for i in range(6)]], jnp.float64)
         assert len(set(np.asarray(vals[0]).tolist())) == 6  # distinct in float64, not in float32
-        masks = gj.masks_from_scores({"w": {"kernel": vals[:, ::-1]}}, 0.5)
+        masks = gj.masks_from_scores({"w": {"kernel": vals[:, ::-1]}}, 0.5, prune="lowest")
         np.testing.assert_array_equal(masks["w"]["kernel"][0], [True, True, True, False, False, False])
 
 
 def test_existing_masks_stay_pruned_and_count():
     scores = tree(3)
-    first = gj.masks_from_scores(scores, 0.5)
+    first = gj.masks_from_scores(scores, 0.5, prune="lowest")
     # Rescore with the opposite ranking: previously pruned weights would be kept now.
     flipped = jax.tree_util.tree_map(lambda x: -x, scores)
-    second = gj.masks_from_scores(flipped, 0.6, masks=first)
+    second = gj.masks_from_scores(flipped, 0.6, masks=first, prune="lowest")
     for n in ("layer0", "layer1"):
         assert not np.any(np.asarray(second[n]["kernel"]) & ~np.asarray(first[n]["kernel"]))
     assert gj.sparsity_report(second).kept == 250 - 150
     with pytest.raises(ValueError, match="sparsity can only grow"):
-        gj.masks_from_scores(scores, 0.3, masks=first)
+        gj.masks_from_scores(scores, 0.3, masks=first, prune="lowest")
 
 
 def test_bad_inputs_are_rejected_and_name_the_problem():
     scores = tree()
     for bad in (1.0, -0.1, 1.5, float("nan"), "x"):
         with pytest.raises(ValueError, match="sparsity"):
-            gj.masks_from_scores(scores, bad)
+            gj.masks_from_scores(scores, bad, prune="lowest")
     broken = jax.tree_util.tree_map(lambda x: x, scores)
     broken["layer1"]["kernel"] = broken["layer1"]["kernel"].at[0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match="layer1/kernel"):
-        gj.masks_from_scores(broken, 0.5)
+        gj.masks_from_scores(broken, 0.5, prune="lowest")
     broken["layer1"]["kernel"] = broken["layer1"]["kernel"].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="layer1/kernel"):
-        gj.masks_from_scores(broken, 0.5)
+        gj.masks_from_scores(broken, 0.5, prune="lowest")
     with pytest.raises(ValueError, match="no prunable leaf"):
-        gj.masks_from_scores({"b": jnp.ones(3)}, 0.5)
+        gj.masks_from_scores({"b": jnp.ones(3)}, 0.5, prune="lowest")
     with pytest.raises(ValueError, match="scope"):
-        gj.masks_from_scores(scores, 0.5, scope="per-layer")
+        gj.masks_from_scores(scores, 0.5, scope="per-layer", prune="lowest")
     with pytest.raises(ValueError, match="prune"):
         gj.masks_from_scores(scores, 0.5, prune="largest")
 
 
+def test_the_direction_is_explicit_or_implied_by_the_criterion():
+    scores = tree(8)
+    with pytest.raises(ValueError, match="prune='highest'.*prune='lowest'.*criterion="):
+        gj.masks_from_scores(scores, 0.5)
+    with pytest.raises(ValueError, match="prune='lowest' contradicts criterion='grasp'"):
+        gj.masks_from_scores(scores, 0.5, prune="lowest", criterion="grasp")
+    with pytest.raises(ValueError, match="unknown criterion 'grasp2'"):
+        gj.masks_from_scores(scores, 0.5, criterion="grasp2")
+    for criterion, direction in gj.PRUNE_DIRECTION.items():
+        chex.assert_trees_all_equal(
+            gj.masks_from_scores(scores, 0.5, criterion=criterion),
+            gj.masks_from_scores(scores, 0.5, prune=direction),
+            gj.masks_from_scores(scores, 0.5, prune=direction, criterion=criterion),
+        )
+    high = gj.masks_from_scores(scores, 0.5, criterion="grasp")
+    low = gj.masks_from_scores(scores, 0.5, criterion="snip")
+    assert not np.array_equal(high["layer0"]["kernel"], low["layer0"]["kernel"])
+
+
 def test_apply_masks_zeroes_exactly_and_checks_structure():
     params = tree(4)
-    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.8)
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.8, prune="lowest")
     pruned = gj.apply_masks(params, masks)
     for n in ("layer0", "layer1"):
         p, m = np.asarray(pruned[n]["kernel"]), np.asarray(masks[n]["kernel"])
@@ -150,7 +170,7 @@ def test_apply_masks_zeroes_exactly_and_checks_structure():
 
 def test_sparsity_report_counts_and_formats():
     params = tree(5)
-    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.6, scope="layerwise")
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.6, scope="layerwise", prune="lowest")
     report = gj.sparsity_report(masks)
     assert [l.name for l in report.layers] == ["layer0/kernel", "layer1/kernel"]
     assert [(l.kept, l.total) for l in report.layers] == [(80, 200), (20, 50)]
@@ -175,21 +195,21 @@ def test_large_global_selection_is_exact():
 def test_a_sparsity_that_rounds_to_every_weight_is_refused():
     small = {"w": {"kernel": jnp.arange(18.0).reshape(6, 3)}}
     with pytest.raises(ValueError, match="all of the prunable weights"):
-        gj.masks_from_scores(small, 0.99)  # round(17.82) = 18
-    assert gj.sparsity_report(gj.masks_from_scores(small, 0.97)).kept == 1  # round(17.46) = 17
+        gj.masks_from_scores(small, 0.99, prune="lowest")  # round(17.82) = 18
+    assert gj.sparsity_report(gj.masks_from_scores(small, 0.97, prune="lowest")).kept == 1  # round(17.46) = 17
     # Layerwise: a leaf of 4 weights cannot lose round(0.9 × 4) = 4 ...
     scores = tree(6, shapes=((20, 10), (2, 2)))
     with pytest.raises(ValueError, match="layer layer1/kernel"):
-        gj.masks_from_scores(scores, 0.9, scope="layerwise")
+        gj.masks_from_scores(scores, 0.9, scope="layerwise", prune="lowest")
     # ... while the global count, 184 of 204, is fine.
-    assert gj.sparsity_report(gj.masks_from_scores(scores, 0.9)).kept == 20
+    assert gj.sparsity_report(gj.masks_from_scores(scores, 0.9, prune="lowest")).kept == 20
 
 
 def test_emptied_layers_are_warned_and_reported():
     scores = tree(7)
     scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
     with pytest.warns(gj.LayerCollapseWarning, match="1 prunable layer.*layer1/kernel"):
-        masks = gj.masks_from_scores(scores, 0.5)
+        masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
     report = gj.sparsity_report(masks)
     assert report.collapsed == ("layer1/kernel",)
     assert report.as_dict()["collapsed"] == ["layer1/kernel"]
@@ -198,5 +218,5 @@ def test_emptied_layers_are_warned_and_reported():
     # No collapse: no warning, nothing listed.
     with warnings.catch_warnings():
         warnings.simplefilter("error", gj.LayerCollapseWarning)
-        fine = gj.sparsity_report(gj.masks_from_scores(scores, 0.1))
+        fine = gj.sparsity_report(gj.masks_from_scores(scores, 0.1, prune="lowest"))
     assert fine.collapsed == () and "Collapsed" not in str(fine) + fine.to_markdown()

@@ -38,7 +38,7 @@ def test_iterative_pruning_rescores_the_masked_network():
         assert reached == pytest.approx(np.floor(target * 600 + 0.5) / 600)
     assert gj.sparsity_report(masks).kept == 60
     # Iterative magnitude pruning of fixed weights equals one-shot magnitude pruning.
-    one_shot = gj.masks_from_scores(gj.magnitude_scores(params), 0.9)
+    one_shot = gj.masks_from_scores(gj.magnitude_scores(params), 0.9, prune="lowest")
     np.testing.assert_array_equal(masks["a"]["kernel"], one_shot["a"]["kernel"])
 
 
@@ -60,6 +60,24 @@ def test_rounds_can_change_the_outcome():
     assert diff > 0
     # SynFlow's point: iterating avoids disconnecting a whole layer.
     assert all(int(np.sum(many[n]["kernel"])) > 0 for n in params)
+
+
+def test_prune_needs_a_direction_before_it_scores():
+    params = {"a": {"kernel": jax.random.normal(jax.random.PRNGKey(2), (6, 5))}}
+    calls = []
+
+    def score_fn(p):
+        calls.append(1)
+        return gj.magnitude_scores(p)
+
+    with pytest.raises(ValueError, match="prune='highest'.*prune='lowest'"):
+        gj.prune(params, score_fn, 0.5)
+    with pytest.raises(ValueError, match="contradicts"):
+        gj.prune(params, score_fn, 0.5, prune="highest", criterion="magnitude")
+    assert calls == []
+    by_name = gj.prune(params, score_fn, 0.5, criterion="magnitude", rounds=2)
+    by_direction = gj.prune(params, score_fn, 0.5, prune="lowest", rounds=2)
+    np.testing.assert_array_equal(by_name["a"]["kernel"], by_direction["a"]["kernel"])
 
 
 def test_directions_registry():
