@@ -173,12 +173,38 @@ def test_kaiming_fan_out_on_a_vgg19_layer_shape():
     assert abs(float(w.std()) / np.sqrt(2.0 / (9 * 512)) - 1) < 0.01
 
 
-def test_pytorch_linear_init():
-    w = minit.torch_linear_kernel_init(jax.random.key(0), (2048, 1000))
-    b = minit.torch_linear_bias_init(2048)(jax.random.key(1), (1000,))
-    bound = 1 / np.sqrt(2048)
-    assert float(jnp.abs(w).max()) <= bound and float(jnp.abs(w).max()) > 0.99 * bound
-    assert float(jnp.abs(b).max()) <= bound and float(jnp.abs(b).max()) > 0.9 * bound
+# The ImageNet networks at reduced depth/width: the same layer types and init code as the
+# registered ones (ResNet-50's 2048 -> 1000 fc, VGG-16's 4096-wide classifier), cheap to draw.
+REDUCED_IMAGENET = {
+    "resnet50": ({"stage_sizes": (1, 1, 1, 1)}, (32, 32, 3)),
+    "vgg16_imagenet": ({"cfg": (8, "M")}, (14, 14, 3)),
+    "vgg16_bn_imagenet": ({"cfg": (8, "M")}, (14, 14, 3)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(REDUCED_IMAGENET))
+def test_imagenet_init_is_the_references_weights_init(arch):
+    """The authors' weights_init, applied to torchvision's networks before pruning: Kaiming-normal
+    fan-out convs with zero bias, Linear N(0, 0.01) with zero bias, BatchNorm scale 1, bias 0."""
+    fields, shape = REDUCED_IMAGENET[arch]
+    model = models.ARCHS[arch](num_classes=1000, **fields)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape)))
+    n_dense = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+        name, leaf = jax.tree_util.keystr(path), np.asarray(leaf)
+        if name.endswith("['bias']"):  # conv, linear and BatchNorm biases alike
+            assert not leaf.any(), name
+        elif name.endswith("['scale']"):
+            assert (leaf == 1).all(), name
+        elif leaf.ndim == 2:  # linear: N(0, 0.01), at least 1e6 draws per layer here
+            n_dense += 1
+            assert abs(leaf.std() / 0.01 - 1) < 0.01 and abs(leaf.mean()) < 1e-4, name
+        elif leaf.size >= 10_000:  # conv: std sqrt(2 / fan_out), fan_out = kh * kw * out
+            std = np.sqrt(2.0 / (np.prod(leaf.shape[:2]) * leaf.shape[-1]))
+            assert abs(leaf.std() / std - 1) < 0.05, name
+    assert n_dense == (1 if arch == "resnet50" else 3)
+    if arch == "resnet50":  # no longer torchvision's U(-1/sqrt(2048), 1/sqrt(2048)) for fc
+        assert np.abs(np.asarray(variables["params"]["fc"]["kernel"])).max() > 1 / np.sqrt(2048)
 
 
 def test_batchnorm_defaults_match_pytorch(small_vgg_init):

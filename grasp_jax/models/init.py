@@ -1,19 +1,23 @@
 """Initializers and normalisation defaults shared by the model definitions.
 
-The paper's networks were trained in PyTorch, so the initial weights (which is
-what pruning-at-initialization scores) follow PyTorch conventions rather than
-Flax's defaults:
+The paper's networks were trained in PyTorch, so the initial weights (which is what
+pruning-at-initialization scores) follow the authors' ``weights_init``
+(``models/base/init_utils.py``) rather than Flax's defaults. The reference applies it to every
+network it prunes: its CIFAR/Tiny-ImageNet VGG and ResNet call it in their constructors, and
+``main_prune_imagenet.py`` applies it (``mb.model.apply(weights_init)``) to the torchvision
+``resnet50`` / ``vgg16`` / ``vgg16_bn`` right before GraSP:
 
-* GraSP reference (`models/base/init_utils.py::weights_init`) and torchvision:
-  convolutions use ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``,
-  i.e. an *untruncated* normal with variance ``2 / (out_channels * kh * kw)``.
-* GraSP reference and torchvision VGG: linear layers use ``N(0, 0.01)`` weights
-  and zero bias.
-* torchvision ResNet leaves its final ``nn.Linear`` at PyTorch's default,
-  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weight and bias alike.
-* BatchNorm: scale 1, bias 0, PyTorch's ``momentum=0.1`` (Flax keeps
-  ``1 - 0.1`` of the old average, hence 0.9) and ``eps=1e-5``. One difference is kept: Flax
-  folds the biased batch variance into ``var``, PyTorch the unbiased one (a factor n/(n-1)).
+* convolutions: ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``, an *untruncated*
+  normal with variance ``2 / (out_channels * kh * kw)``, and zero bias where there is one;
+* linear layers: ``N(0, 0.01)`` weights and zero bias -- also for torchvision ResNet-50's
+  ``fc``, whose own default (PyTorch's uniform ``nn.Linear`` init) ``weights_init`` overwrites;
+  torchvision's VGG init is the same as ``weights_init`` for every layer;
+* BatchNorm: scale 1, bias 0, PyTorch's ``momentum=0.1`` (Flax keeps ``1 - 0.1`` of the old
+  average, hence 0.9) and ``eps=1e-5``. One difference is kept: Flax folds the biased batch
+  variance into ``var``, PyTorch the unbiased one (a factor n/(n-1)).
+
+The small test/demo networks (``small.py``) alone differ: their hidden dense layers use He
+fan-in (``dense_hidden_init``).
 
 Flax kernels are laid out ``(kh, kw, in, out)`` for convolutions and
 ``(in, out)`` for dense layers, so ``variance_scaling``'s default axes already
@@ -39,31 +43,14 @@ conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"
 # reference's N(0, 0.01) would shrink the signal at every layer and stall training.
 dense_hidden_init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-# N(0, 0.01): the GraSP reference and torchvision VGG classifier init.
+# N(0, 0.01): every linear layer of the GraSP reference's weights_init (zero bias with it).
 dense_kernel_init = jax.nn.initializers.normal(stddev=0.01)
-
-# PyTorch's default nn.Linear weight init, kaiming_uniform_(a=sqrt(5)), reduces to
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a uniform variance_scaling with scale 1/3 has that bound.
-torch_linear_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 zeros = jax.nn.initializers.zeros
 
 # PyTorch BatchNorm defaults expressed in Flax's convention.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-
-
-def torch_linear_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
-    """PyTorch's default ``nn.Linear`` bias init, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
-
-    A Flax bias initializer only sees the bias shape, so the fan-in is bound here.
-    """
-    bound = 1.0 / float(fan_in) ** 0.5
-
-    def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -> nn.BatchNorm:

@@ -4,8 +4,11 @@ This is the "v1.5" ResNet: the downsampling stride sits on the bottleneck's 3x3 
 its first 1x1. Stem: 7x7/2 conv (padding 3) + BN + ReLU + 3x3/2 max-pool (padding 1). The
 GraSP reference builds its ImageNet ResNet with torchvision, so this is also the paper's model.
 
-Init follows torchvision: Kaiming-normal (fan_out) convs, BN 1/0, and PyTorch's default
-``nn.Linear`` init for ``fc``. torchvision's ``zero_init_residual`` is off by default, here too.
+Init follows the reference's ``weights_init`` (``models/base/init_utils.py``), which
+``main_prune_imagenet.py`` applies to the torchvision network before pruning: Kaiming-normal
+(fan_out) convs, BN scale 1 and bias 0, and ``fc`` drawn from N(0, 0.01) with zero bias -- not
+torchvision's own ``nn.Linear`` default, which ``weights_init`` overwrites.
+torchvision's ``zero_init_residual`` is off by default, here too.
 """
 
 from __future__ import annotations
@@ -87,7 +90,5 @@ class ResNetImageNet(nn.Module):
                 x = Bottleneck(64 * 2**s, strides, self.zero_init_last_bn, self.dtype,
                                self.conv, name=f"layer{s + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        fan_in = x.shape[-1]
-        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init.torch_linear_kernel_init,
-                     bias_init=init.torch_linear_bias_init(fan_in), name="fc")(x)
+        x = init.dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)
