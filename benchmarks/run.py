@@ -46,7 +46,7 @@ from benchmarks import train_step as train_step_bench
 from benchmarks.compiled import flops, peak_bytes
 from benchmarks.input_pipeline import DEFAULT_DATA_DIR, pipeline_images_per_second
 from experiments import train
-from grasp_jax import models, scoring
+from grasp_jax import models
 from grasp_jax.models import conv as conv_lib
 
 # model -> (input HWC, classes, default batch, dataset whose optimizer preset the train step uses)
@@ -177,10 +177,8 @@ def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
 
     # grasp_scores with the default convolution: the jitted program grasp_scores runs for one
     # chunk, compiled here so its compile time and memory can be read.
-    flags = gj.prunable_flags(params)
-    grasp, r["compile_grasp_s"] = _compile(scoring._grasp_scores, params, data,
-                                           loss_fn=loss_fns["auto"], flags=flags,
-                                           num_microbatches=1, axis_name=None)
+    grasp, r["compile_grasp_s"] = _compile(
+        jax.jit(lambda p, d: gj.grasp_scores(p, loss_fns["auto"], d)), params, data)
     r["peak_grasp_bytes"] = peak_bytes(grasp)
     # What the work itself costs: an exact forward-over-reverse Hg doubles every bilinear op of
     # the gradient (the tangent of a·b is ta·b + a·tb), so FLOP-bound models sit near 3.

@@ -5,60 +5,89 @@ nothing of models, data or training, which live in ``grasp_jax.models``,
 ``grasp_jax.input_pipeline`` and ``experiments``.
 """
 
-from grasp_jax.ablations import inverted_direction, inverted_masks, reinitialized, shuffle_masks
+from grasp_jax.ablations import (
+    inverted_direction,
+    inverted_masks,
+    reinitialized,
+    shuffle_masks,
+)
+from grasp_jax.accumulate import (
+    accumulate_gradient,
+    accumulate_hvp,
+    default_memory_budget,
+)
+from grasp_jax.chunks import ChunkLayout, chunk_layout, split_microbatches
 from grasp_jax.criteria import resolve_direction
 from grasp_jax.diagnostics import gradient_flow
 from grasp_jax.masks import (
     LayerCollapseWarning,
     LayerDensity,
     SparsityReport,
+    TieWarning,
     apply_masks,
     masks_from_scores,
     sparsity_report,
 )
 from grasp_jax.optim import MaskedUpdatesState, masked_updates
-from grasp_jax.prunable import default_is_prunable, path_name, prunable_flags
+from grasp_jax.prunable import (
+    default_is_prunable,
+    merge_prunable,
+    path_name,
+    prunable_flags,
+    split_prunable,
+)
 from grasp_jax.pruning import PRUNE_DIRECTION, prune, sparsity_schedule
 from grasp_jax.scoring import (
     cross_entropy_with_temperature,
     gradient_and_hvp,
+    grasp_from_hvp,
     grasp_scores,
     magnitude_scores,
     random_scores,
+    snip_from_gradient,
     snip_scores,
-    split_microbatches,
     synflow_scores,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRUNE_DIRECTION",
+    "ChunkLayout",
     "LayerCollapseWarning",
     "LayerDensity",
     "MaskedUpdatesState",
-    "PRUNE_DIRECTION",
     "SparsityReport",
+    "TieWarning",
+    "accumulate_gradient",
+    "accumulate_hvp",
     "apply_masks",
+    "chunk_layout",
     "cross_entropy_with_temperature",
     "default_is_prunable",
+    "default_memory_budget",
     "gradient_and_hvp",
     "gradient_flow",
+    "grasp_from_hvp",
+    "grasp_scores",
     "inverted_direction",
     "inverted_masks",
-    "reinitialized",
-    "shuffle_masks",
-    "grasp_scores",
     "magnitude_scores",
     "masked_updates",
     "masks_from_scores",
+    "merge_prunable",
     "path_name",
     "prunable_flags",
     "prune",
     "random_scores",
+    "reinitialized",
     "resolve_direction",
+    "shuffle_masks",
+    "snip_from_gradient",
     "snip_scores",
     "sparsity_report",
     "sparsity_schedule",
     "split_microbatches",
+    "split_prunable",
     "synflow_scores",
 ]

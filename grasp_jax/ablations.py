@@ -11,9 +11,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from grasp_jax.masks import Direction, Scope, apply_masks, check_same_structure, masks_from_scores
-from grasp_jax.prunable import PrunableSpec, prunable_flags
+from grasp_jax.masks import (
+    Direction,
+    Scope,
+    apply_masks,
+    check_same_structure,
+    masks_from_scores,
+)
+from grasp_jax.prunable import (
+    PrunableSpec,
+    merge_prunable,
+    prunable_flags,
+    split_prunable,
+)
 
 PyTree = Any
 
@@ -21,13 +33,11 @@ PyTree = Any
 def shuffle_masks(masks: PyTree, key: jax.Array, *, prunable: PrunableSpec = None) -> PyTree:
     """Permute each prunable leaf's mask at random: same density per layer, new positions."""
     flags = prunable_flags(masks, prunable)
-    leaves, treedef = jax.tree_util.tree_flatten(masks)
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        jnp.reshape(jax.random.permutation(k, jnp.ravel(m)), jnp.shape(m)) if f else m
-        for m, k, f in zip(leaves, keys, flags)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    theta, rest, treedef = split_prunable(masks, flags)
+    keys = jax.random.split(key, len(flags))[np.flatnonzero(flags)]
+    shuffled = [jnp.reshape(jax.random.permutation(k, jnp.ravel(m)), jnp.shape(m))
+                for m, k in zip(theta, keys)]
+    return merge_prunable(shuffled, rest, flags, treedef)
 
 
 def inverted_masks(

@@ -10,25 +10,26 @@ flow than SNIP or random pruning.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from grasp_jax.accumulate import prunable_loss
 from grasp_jax.masks import apply_masks, check_same_structure
-from grasp_jax.prunable import PrunableSpec, prunable_flags
-from grasp_jax.scoring import _merge, _scalar_loss, _split
+from grasp_jax.prunable import PrunableSpec, prunable_flags, split_prunable
 
 PyTree = Any
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "flags"))
 def _flow(params, masks, batch, *, loss_fn, flags):
-    theta, rest, treedef = _split(params, flags)
-    m, _, _ = _split(masks, flags)
+    theta, loss_of = prunable_loss(params, loss_fn, flags)
+    m, _, _ = split_prunable(masks, flags)
 
     def loss_of_theta(t):
-        return _scalar_loss(loss_fn, _merge(t, rest, flags, treedef), batch)
+        return loss_of(t, batch)
 
     loss, g = jax.value_and_grad(loss_of_theta)(theta)
     # Only kept weights are parameters of the pruned network: the gradient and

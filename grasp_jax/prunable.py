@@ -7,14 +7,16 @@ readable name (``"block1/conv1/kernel"``) and whether it is one of the weights
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
 KeyPath = tuple
-PrunableSpec = Union[None, PyTree, Callable[[KeyPath, Any], bool]]
+PrunableSpec = None | PyTree | Callable[[KeyPath, Any], bool]
 
 
 def _key_name(key: Any) -> str | None:
@@ -81,3 +83,35 @@ def prunable_flags(params: PyTree, prunable: PrunableSpec = None) -> tuple[bool,
             "pass `prunable=` to choose others"
         )
     return flags
+
+
+# --------------------------------------------------------------------------
+# θ (the prunable leaves) apart from the rest, and back.
+
+
+def split_prunable(params: PyTree, flags: Sequence[bool]) -> tuple[list, list, Any]:
+    """``(theta, rest, treedef)``: the prunable leaves, the others, and the structure.
+
+    Both lists are in flattening order; ``flags`` is :func:`prunable_flags` of
+    ``params`` (or of any tree with its structure, such as its masks).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if len(leaves) != len(flags):
+        raise ValueError(f"params have {len(leaves)} leaves but flags has {len(flags)}")
+    theta = [x for x, f in zip(leaves, flags) if f]
+    rest = [x for x, f in zip(leaves, flags) if not f]
+    return theta, rest, treedef
+
+
+def merge_prunable(theta: Sequence[Any], rest: Sequence[Any], flags: Sequence[bool],
+                   treedef: Any) -> PyTree:
+    """The inverse of :func:`split_prunable`: one tree with ``theta`` at the prunable leaves."""
+    theta_it, rest_it = iter(theta), iter(rest)
+    leaves = [next(theta_it) if f else next(rest_it) for f in flags]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def scatter_prunable(theta_values: Sequence[Any], params: PyTree, flags: Sequence[bool]) -> PyTree:
+    """A tree like ``params`` with ``theta_values`` at prunable leaves and zeros elsewhere."""
+    _, rest, treedef = split_prunable(params, flags)
+    return merge_prunable(theta_values, [jnp.zeros_like(r) for r in rest], flags, treedef)
