@@ -8,10 +8,9 @@ masks, so every mask tree can be applied to every leaf the same way.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 from grasp_jax.criteria import Direction, resolve_direction
 from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
+from grasp_jax.selection import Selection, TieBreak, check_tie_break, select_removal
 
 PyTree = Any
 Scope = Literal["global", "layerwise"]
@@ -47,6 +47,18 @@ class LayerCollapseWarning(UserWarning):
     """
 
 
+class TieWarning(UserWarning):
+    """The tie-break, not the scores, chose a noticeable part of the removed weights.
+
+    Raised when the threshold falls inside a block of equal scores and the
+    weights removed from it are at least :data:`TIE_WARN_FRACTION` of all the
+    weights removed.
+    """
+
+
+TIE_WARN_FRACTION = 0.01
+
+
 def num_to_prune(sparsity: float, size: int) -> int:
     """round(sparsity × size), halves rounded up, so the count is the same everywhere."""
     return math.floor(sparsity * size + 0.5)
@@ -64,76 +76,6 @@ def check_sparsity(sparsity: float) -> float:
 
 
 # --------------------------------------------------------------------------
-# Exact selection of the n most prunable entries.
-#
-# Sorting 138M scores (VGG16) is slow on CPU and memory hungry; instead the
-# threshold is found by bisection over the order-preserving unsigned-integer
-# image of the floats: 32 (or 64) passes that each count how many entries lie
-# above a candidate. Ties at the threshold are broken by flat position, first
-# come first pruned, so the result is exact and deterministic.
-
-
-def _ordered_uint(x: jax.Array) -> jax.Array:
-    """A uint whose order is the float order of ``x`` (-0.0 just below +0.0)."""
-    if x.dtype == jnp.float64:
-        itype, utype, bits = jnp.int64, jnp.uint64, 64
-    else:
-        x = x.astype(jnp.float32)
-        itype, utype, bits = jnp.int32, jnp.uint32, 32
-    i = jax.lax.bitcast_convert_type(x, itype)
-    u = jax.lax.bitcast_convert_type(i, utype)
-    sign = jnp.asarray(1, utype) << (bits - 1)
-    # Positive floats: set the sign bit (they sort above all negatives).
-    # Negative floats: flip every bit (larger magnitude -> smaller key).
-    return jnp.where(i < 0, ~u, u | sign)
-
-
-@functools.partial(jax.jit, static_argnames=("highest",))
-def _keep_mask(scores: jax.Array, forced: jax.Array, n_remove: jax.Array, *, highest: bool) -> jax.Array:
-    """Keep-mask removing exactly ``n_remove`` entries of a flat ``scores``.
-
-    Entries with ``forced`` set are removed first (already-pruned weights in
-    iterative pruning); the rest are removed from the highest score down
-    (``highest``) or the lowest up.
-    """
-    key = _ordered_uint(scores)
-    if not highest:
-        key = ~key  # reverse the order: the lowest score gets the largest key
-    utype = key.dtype
-    top = jnp.iinfo(utype).max
-    # Forced entries get the largest key; scores never map there (NaN is
-    # rejected earlier and the largest finite/inf images are below it).
-    key = jnp.where(forced, jnp.asarray(top, utype), key)
-    bits = jnp.iinfo(utype).bits
-
-    # Largest t with #{key >= t} >= n_remove, by bisection on [0, top].
-    def body(_, lo_hi):
-        lo, hi = lo_hi
-        mid = lo + ((hi - lo) >> 1) + ((hi - lo) & 1)
-        enough = jnp.sum(key >= mid) >= n_remove
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
-
-    lo, _ = jax.lax.fori_loop(
-        0, bits + 1, body, (jnp.asarray(0, utype), jnp.asarray(top, utype))
-    )
-    above = key > lo
-    ties = key == lo
-    n_ties_to_remove = n_remove - jnp.sum(above)
-    tie_rank = jnp.cumsum(ties.astype(jnp.int32 if key.size < 2**31 else jnp.int64))
-    remove = above | (ties & (tie_rank <= n_ties_to_remove))
-    return ~remove
-
-
-def _select(flat_scores, forced, n_remove: int, highest: bool) -> jax.Array:
-    if n_remove == 0:  # nothing to remove (and nothing forced: checked by the caller)
-        return jnp.ones(flat_scores.shape, bool)
-    # n_remove is traced, not static, so that the rounds of iterative pruning
-    # (a new count each round) reuse one compiled selection.
-    return _keep_mask(flat_scores, forced, jnp.asarray(n_remove, jnp.int64 if n_remove >= 2**31 else jnp.int32),
-                      highest=bool(highest))
-
-
-# --------------------------------------------------------------------------
 # Public API.
 
 
@@ -146,6 +88,8 @@ def masks_from_scores(
     prune: Direction | None = None,
     criterion: str | None = None,
     masks: PyTree | None = None,
+    tie_break: TieBreak = "position",
+    key: jax.Array | None = None,
 ) -> PyTree:
     """Boolean keep-masks that remove exactly round(sparsity × #prunable) weights.
 
@@ -163,57 +107,107 @@ def masks_from_scores(
         (``"grasp"``, ``"snip"``, ...) that implies ``prune``.
       masks: optional current masks; weights they prune stay pruned and count
         towards the target (iterative pruning).
-
-    Ties at the threshold are broken by position (earlier leaves and earlier
-    flat indices are pruned first), so the result is deterministic.
+      tie_break: how the weights removed from a block of equal scores at the
+        threshold are chosen: ``"position"`` (earlier leaves and earlier flat
+        indices first) or ``"random"`` (a random subset drawn from ``key``).
+        Both are deterministic.
+      key: a ``jax.random`` key, required for (and only for) ``"random"``.
 
     Raises ValueError when the count round(sparsity × N) is all N prunable
     weights (in ``"layerwise"`` scope: all of one leaf). Warns with
     :class:`LayerCollapseWarning`, naming them, when the masks empty whole
-    prunable leaves.
+    prunable leaves, and with :class:`TieWarning` when the tie-break chooses
+    at least 1% of the removed weights.
     """
     sparsity = check_sparsity(sparsity)
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
-    prune = resolve_direction(prune, criterion)
+    highest = resolve_direction(prune, criterion) == "highest"
+    check_tie_break(tie_break, key)
     flags = prunable_flags(scores, prunable)
     if masks is not None:
         check_same_structure(masks, scores, "masks", "scores")
     check_finite(scores, prunable=prunable)
 
-    leaves, treedef = jax.tree_util.tree_flatten(scores)
-    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(scores)[0]]
-    old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(leaves)
-    idx = [i for i, f in enumerate(flags) if f]
-    forced = [
-        jnp.zeros(np.shape(leaves[i]), bool) if old[i] is None else ~jnp.asarray(old[i], bool)
-        for i in idx
+    named, treedef = jax.tree_util.tree_flatten_with_path(scores)
+    old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(named)
+    layers = [
+        _Layer(path_name(p), jnp.ravel(x), jnp.zeros(np.size(x), bool) if m is None
+               else ~jnp.ravel(jnp.asarray(m, bool)))
+        for (p, x), m, f in zip(named, old, flags) if f
     ]
-
-    out = [jnp.ones(np.shape(x), bool) for x in leaves]
-    highest = prune == "highest"
+    how = {"highest": highest, "tie_break": tie_break, "key": key}
     if scope == "global":
-        flat = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
-        flat_forced = jnp.concatenate([jnp.ravel(f) for f in forced])
-        n = num_to_prune(sparsity, flat.size)
-        _check_not_all(n, flat.size, sparsity, "the prunable weights")
-        _check_not_below_current(flat_forced, n, "all prunable weights")
-        keep = _select(flat, flat_forced, n, highest)
-        offset = 0
-        for i in idx:
-            size = int(np.size(leaves[i]))
-            out[i] = jnp.reshape(keep[offset : offset + size], np.shape(leaves[i]))
-            offset += size
+        keeps, checks = _select_global(layers, sparsity, **how)
     else:
-        for i, f in zip(idx, forced):
-            n = num_to_prune(sparsity, int(np.size(leaves[i])))
-            _check_not_all(n, int(np.size(leaves[i])), sparsity, f"layer {names[i]}")
-            _check_not_below_current(f, n, f"layer {names[i]}")
-            keep = _select(jnp.ravel(leaves[i]), jnp.ravel(f), n, highest)
-            out[i] = jnp.reshape(keep, np.shape(leaves[i]))
-    result = jax.tree_util.tree_unflatten(treedef, out)
-    _warn_collapsed(result, flags)
-    return result
+        keeps, checks = _select_per_layer(layers, sparsity, **how)
+    flat_keeps = iter(keeps)
+    out = [jnp.reshape(next(flat_keeps), np.shape(x)) if f else jnp.ones(np.shape(x), bool)
+           for (_, x), f in zip(named, flags)]
+    _warn_ties(checks, tie_break)
+    _warn_collapsed([layer.name for layer in layers], keeps)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _Layer(NamedTuple):
+    name: str
+    scores: jax.Array  # flat
+    forced: jax.Array  # flat bool: already pruned by the current masks
+
+
+class _TieCheck(NamedTuple):
+    names: tuple[str, ...]  # the layers of one selection, in order
+    n_remove: int
+    selection: Selection
+
+
+def _select_global(layers: list[_Layer], sparsity: float, **how) -> tuple[list, list]:
+    flat = jnp.concatenate([layer.scores for layer in layers])
+    forced = jnp.concatenate([layer.forced for layer in layers])
+    n = num_to_prune(sparsity, flat.size)
+    _check_not_all(n, flat.size, sparsity, "the prunable weights")
+    _check_not_below_current(forced, n, "all prunable weights")
+    sizes = tuple(int(layer.scores.size) for layer in layers)
+    sel = select_removal(flat, n, forced=forced, segment_sizes=sizes, **how)
+    keeps = jnp.split(sel.keep, np.cumsum(sizes)[:-1])
+    return keeps, [_TieCheck(tuple(layer.name for layer in layers), n, sel)]
+
+
+def _select_per_layer(layers: list[_Layer], sparsity: float, *, key, **how) -> tuple[list, list]:
+    keeps, checks = [], []
+    for i, layer in enumerate(layers):
+        n = num_to_prune(sparsity, int(layer.scores.size))
+        _check_not_all(n, int(layer.scores.size), sparsity, f"layer {layer.name}")
+        _check_not_below_current(layer.forced, n, f"layer {layer.name}")
+        layer_key = None if key is None else jax.random.fold_in(key, i)
+        sel = select_removal(layer.scores, n, forced=layer.forced, key=layer_key, **how)
+        keeps.append(sel.keep)
+        checks.append(_TieCheck((layer.name,), n, sel))
+    return keeps, checks
+
+
+def _warn_ties(checks: list[_TieCheck], tie_break: str) -> None:
+    figures = jax.device_get([(c.selection.tied, c.selection.tied_removed, c.selection.tie_value)
+                              for c in checks])  # one sync for all selections
+    found = []
+    for check, (tied, removed, value) in zip(checks, figures):
+        removed, n_tied = int(removed), int(np.sum(tied))
+        # A tie that is removed whole (or kept whole) is decided by the scores.
+        if 0 < removed < n_tied and removed >= TIE_WARN_FRACTION * check.n_remove:
+            where = ", ".join(f"{name} ({int(t):,})" for name, t in zip(check.names, tied) if t)
+            found.append(
+                f"the tie-break ({tie_break!r}) chose {removed:,} of the {check.n_remove:,} "
+                f"weights removed ({removed / check.n_remove:.1%}) among {n_tied:,} weights whose "
+                f"score equals the threshold {float(value):.6g}; layers with tied weights: {where}"
+            )
+    if found:  # one warning for all selections (a layerwise scope makes one per layer)
+        warnings.warn(
+            ";\n".join(found) + ".\nThe scores do not rank these weights (e.g. exact zeros behind "
+            "a zero-initialized BatchNorm scale); tie_break='random' with key= draws them at "
+            "random instead",
+            TieWarning,
+            stacklevel=3,
+        )
 
 
 def _check_not_all(n_remove: int, size: int, sparsity: float, where: str) -> None:
@@ -226,11 +220,9 @@ def _check_not_all(n_remove: int, size: int, sparsity: float, where: str) -> Non
         )
 
 
-def _warn_collapsed(masks: PyTree, flags: tuple[bool, ...]) -> None:
-    named = jax.tree_util.tree_flatten_with_path(masks)[0]
-    prunable = [(path_name(p), m) for (p, m), f in zip(named, flags) if f]
-    kept = jax.device_get([jnp.any(m) for _, m in prunable])  # one sync for all leaves
-    empty = [name for (name, _), k in zip(prunable, kept) if not k]
+def _warn_collapsed(names: list[str], keeps: list[jax.Array]) -> None:
+    kept = jax.device_get([jnp.any(k) for k in keeps])  # one sync for all leaves
+    empty = [name for name, k in zip(names, kept) if not k]
     if empty:
         warnings.warn(
             f"the masks keep no weight of {len(empty)} prunable layer(s): {', '.join(empty)}",

@@ -66,17 +66,19 @@ def test_layerwise_removes_the_fraction_from_every_layer():
 
 def test_ties_are_broken_deterministically_by_position():
     scores = {"a": {"kernel": jnp.zeros((4, 5))}, "b": {"kernel": jnp.zeros((5, 2))}}
-    masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
+    with pytest.warns(gj.TieWarning, match="chose 15 of the 15"):
+        masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
     keep = np.concatenate([np.ravel(masks["a"]["kernel"]), np.ravel(masks["b"]["kernel"])])
     # 15 of 30 removed: the first 15 positions in flattening order.
     np.testing.assert_array_equal(keep, np.arange(30) >= 15)
-    again = gj.masks_from_scores(scores, 0.5, prune="lowest")
+    with pytest.warns(gj.TieWarning):
+        again = gj.masks_from_scores(scores, 0.5, prune="lowest")
     np.testing.assert_array_equal(again["a"]["kernel"], masks["a"]["kernel"])
     # Partial ties at the threshold: values 0,1,1,1,2 remove 2 -> the 0 and the first 1.
     s = {"w": {"kernel": jnp.array([[1.0, 0.0, 1.0, 2.0, 1.0]])}}
-    np.testing.assert_array_equal(
-        gj.masks_from_scores(s, 0.4, prune="lowest")["w"]["kernel"][0], [False, False, True, True, True]
-    )
+    with pytest.warns(gj.TieWarning, match="chose 1 of the 2"):
+        partial = gj.masks_from_scores(s, 0.4, prune="lowest")
+    np.testing.assert_array_equal(partial["w"]["kernel"][0], [False, False, True, True, True])
 
 
 def test_negative_zero_and_extreme_values_order_correctly():
@@ -220,3 +222,80 @@ def test_emptied_layers_are_warned_and_reported():
         warnings.simplefilter("error", gj.LayerCollapseWarning)
         fine = gj.sparsity_report(gj.masks_from_scores(scores, 0.1, prune="lowest"))
     assert fine.collapsed == () and "Collapsed" not in str(fine) + fine.to_markdown()
+
+
+def mostly_zero_scores(seed=9, zero_fraction=0.97):
+    """Scores like those of a ResNet whose last BatchNorm scale starts at 0: mostly exact zeros."""
+    scores = tree(seed, shapes=((40, 25), (20, 10)))
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), 2)
+    for k, name in zip(keys, ("layer0", "layer1")):
+        kernel = scores[name]["kernel"]
+        zero = jax.random.uniform(k, kernel.shape) < zero_fraction
+        scores[name]["kernel"] = jnp.where(zero, 0.0, kernel)
+    return scores
+
+
+def flat_kernels(tree_):
+    return np.concatenate([np.ravel(tree_[n]["kernel"]) for n in ("layer0", "layer1")])
+
+
+def test_a_tie_that_decides_the_mask_warns_with_its_count_and_layers():
+    scores = mostly_zero_scores()
+    flat = flat_kernels(scores)
+    n_zero, n_positive = int(np.sum(flat == 0)), int(np.sum(flat > 0))
+    n_remove = int(np.floor(0.9 * flat.size + 0.5))
+    zeros_in = [int(np.sum(np.asarray(scores[n]["kernel"]) == 0)) for n in ("layer0", "layer1")]
+    # GraSP removes the highest: every positive score, then zeros chosen by position.
+    expected = (f"chose {n_remove - n_positive:,} of the {n_remove:,} .* among {n_zero:,} weights "
+                f"whose score equals the threshold 0; layers with tied weights: "
+                f"layer0/kernel \\({zeros_in[0]:,}\\), layer1/kernel \\({zeros_in[1]:,}\\)")
+    with pytest.warns(gj.TieWarning, match=expected):
+        gj.masks_from_scores(scores, 0.9, criterion="grasp")
+    with pytest.warns(gj.TieWarning, match="layers with tied weights: layer1/kernel"):
+        gj.masks_from_scores(scores, 0.9, criterion="grasp", scope="layerwise")
+
+
+def test_ties_that_decide_little_or_nothing_do_not_warn():
+    def lowest(vals, sparsity):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gj.masks_from_scores({"w": {"kernel": jnp.reshape(vals, (50, 20))}}, sparsity,
+                                 prune="lowest")
+        return [w for w in caught if issubclass(w.category, gj.TieWarning)]
+
+    vals = jnp.arange(1000.0)
+    assert lowest(vals.at[498:502].set(498.0), 0.5) == []  # 2 of 500 removed by the tie-break
+    assert len(lowest(vals.at[490:510].set(490.0), 0.5)) == 1  # 10 of 500: 2%
+    assert lowest(vals.at[:600].set(0.0), 0.6) == []  # the whole tie is removed: no choice made
+
+
+@pytest.mark.filterwarnings("ignore::grasp_jax.TieWarning")
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_random_tie_break_is_seeded_exact_and_only_moves_tied_weights(scope):
+    scores = mostly_zero_scores(11)
+    flat = flat_kernels(scores)
+
+    def mask(**kw):
+        return flat_kernels(gj.masks_from_scores(scores, 0.9, criterion="grasp", scope=scope, **kw))
+
+    by_position = mask()
+    a, again, b = (mask(tie_break="random", key=jax.random.PRNGKey(k)) for k in (0, 0, 1))
+    np.testing.assert_array_equal(a, again)
+    assert not np.array_equal(a, b) and not np.array_equal(a, by_position)
+    for m in (a, b):
+        assert m.sum() == by_position.sum()
+        np.testing.assert_array_equal(m[flat != 0], by_position[flat != 0])
+    if scope == "global":
+        # Position empties layer0's zeros first; a random draw spreads the removal over both.
+        kept0 = lambda m: int(m[:1000][flat[:1000] == 0].sum())
+        assert kept0(by_position) == 0 < kept0(a)
+
+
+def test_tie_break_arguments_are_checked():
+    scores = tree()
+    with pytest.raises(ValueError, match="needs key="):
+        gj.masks_from_scores(scores, 0.5, prune="lowest", tie_break="random")
+    with pytest.raises(ValueError, match="key= is used only"):
+        gj.masks_from_scores(scores, 0.5, prune="lowest", key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="tie_break must be one of"):
+        gj.masks_from_scores(scores, 0.5, prune="lowest", tie_break="first")
