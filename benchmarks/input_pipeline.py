@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from grasp_jax import input_pipeline
+from grasp_jax import data
 
 # ../shared/tfds beside the checkout, where the project's CIFAR-10 copy lives.
 DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[1].parent / "shared" / "tfds")
@@ -29,17 +29,17 @@ def pipeline_images_per_second(
     num_steps: int | None = None,
     seed: int = 0,
 ) -> float:
-    """Images per second delivered by ``train_iterator`` over ``num_steps`` steps.
+    """Images per second delivered by ``data.train_dataset`` over ``num_steps`` steps.
 
     The clock starts after ``skip_steps`` batches have been consumed (0 times
     the pipeline's start-up, including filling the shuffle buffer); by default
     ``num_steps`` is one epoch.
     """
     if num_steps is None:
-        num_steps = input_pipeline.steps_per_epoch(
+        num_steps = data.steps_per_epoch(
             dataset, global_batch_size, data_dir=data_dir, process_count=1
         )
-    batches = input_pipeline.train_iterator(
+    batches = data.train_dataset(
         dataset,
         global_batch_size=global_batch_size,
         seed=seed,
@@ -47,7 +47,7 @@ def pipeline_images_per_second(
         process_index=0,
         process_count=1,
         local_device_count=1,
-    )
+    ).as_numpy_iterator()
     start = time.perf_counter()
     for step in range(skip_steps + num_steps):
         if step == skip_steps:
@@ -58,11 +58,11 @@ def pipeline_images_per_second(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="cifar10", choices=input_pipeline.dataset_names())
+    parser.add_argument("--dataset", default="cifar10", choices=data.dataset_names())
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--batch_size", type=int, default=128)
     args = parser.parse_args()
-    steps = input_pipeline.steps_per_epoch(
+    steps = data.steps_per_epoch(
         args.dataset, args.batch_size, data_dir=args.data_dir, process_count=1
     )
     common = dict(data_dir=args.data_dir, global_batch_size=args.batch_size, num_steps=steps)

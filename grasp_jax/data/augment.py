@@ -1,0 +1,192 @@
+"""Decoding, augmentation and normalization: pure TF functions on stream elements.
+
+Augmentation that has the same shape for every image works on whole batches:
+tf.data's per-example overhead, not the arithmetic, dominates the cost of small
+images. Seeds come from ``seeds.augment_seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import tensorflow as tf
+
+from grasp_jax.data.seeds import augment_seed
+from grasp_jax.data.sources import FILE, PIXELS
+
+if TYPE_CHECKING:
+    from grasp_jax.data.registry import DatasetInfo
+
+# Training augmentations a registry entry may name.
+PAD_CROP_FLIP = "pad_crop_flip"  # CIFAR: zero-pad, random crop, horizontal flip
+RESIZED_CROP_FLIP = "resized_crop_flip"  # ImageNet: RandomResizedCrop, horizontal flip
+NORMALIZE_ONLY = "normalize_only"
+
+# ImageNet evaluation: resize the shorter side to 256, crop the central 224;
+# other sizes keep the ratio.
+_IMAGENET_RESIZE, _IMAGENET_CROP = 256, 224
+
+
+def encoded(image: tf.Tensor, image_format: str) -> tf.Tensor:
+    """The encoded bytes of an ``ENCODED`` or ``FILE`` image."""
+    return tf.io.read_file(image) if image_format == FILE else image
+
+
+def pixels(image: tf.Tensor, info: DatasetInfo, image_format: str) -> tf.Tensor:
+    """uint8 HWC pixels of a source image in any format, checked against the registry shape."""
+    if image_format == PIXELS:
+        return image
+    decoded = tf.io.decode_image(
+        encoded(image, image_format), channels=info.image_shape[-1], expand_animations=False
+    )
+    return tf.ensure_shape(decoded, info.image_shape)
+
+
+def normalize(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """uint8 or float pixels in [0, 255] -> float32 (x / 255 - mean) / std."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(info.mean)) / tf.constant(info.std)
+
+
+def pad_crop_flip(images: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
+    """Per image of a [B, H, W, C] batch: zero-pad, random crop back to H x W, random flip."""
+    offset_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    offsets = tf.random.stateless_uniform(
+        [batch, 2], seed=offset_seed, minval=0, maxval=2 * padding + 1, dtype=tf.int32
+    )
+    flips = tf.random.stateless_uniform([batch, 1], seed=flip_seed) < 0.5
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+    rows = offsets[:, :1] + tf.range(height)[None]
+    # A flip is the crop's columns read right to left.
+    columns = tf.where(flips, tf.range(width - 1, -1, -1)[None], tf.range(width)[None])
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, offsets[:, 1:] + columns, axis=2, batch_dims=1)
+
+
+def random_resized_crop_flip(jpeg: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+    """Inception-style crop (area 8%-100%, aspect 3/4-4/3), resize to size x size, flip."""
+    box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tf.image.extract_jpeg_shape(jpeg)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=box_seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    offset_y, offset_x, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(crop_size)
+    # Decoding only the window is much cheaper than decoding the full JPEG.
+    image = tf.image.decode_and_crop_jpeg(
+        jpeg, tf.stack([offset_y, offset_x, height, width]), channels=3
+    )
+    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def eval_resize(size: int) -> int:
+    """The shorter side before the center crop: 256 for 224, in proportion otherwise."""
+    return round(size * _IMAGENET_RESIZE / _IMAGENET_CROP)
+
+
+def resize_center_crop(jpeg: tf.Tensor, size: int) -> tf.Tensor:
+    """Resize the shorter side to ``eval_resize(size)``, then take the central size x size."""
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = eval_resize(size) / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+    top = (new_shape[0] - size) // 2
+    left = (new_shape[1] - size) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+# ---------------------------------------------------------------------------
+# Training: stream elements (epoch, (index, example)) -> normalized batches.
+
+
+def _needs_example_transform(info: DatasetInfo, image_format: str) -> bool:
+    return image_format != PIXELS or info.augmentation == RESIZED_CROP_FLIP
+
+
+def _example_transform(
+    info: DatasetInfo, image_format: str, key: tf.Tensor
+) -> Callable[..., tuple]:
+    """Per stream element ``(epoch, (index, example))``: decode, and the ImageNet crop.
+
+    Keeps the element's structure, with the image as pixels in [0, 255].
+    """
+
+    def transform(epoch, indexed):
+        index, ex = indexed
+        if info.augmentation == RESIZED_CROP_FLIP:
+            image = random_resized_crop_flip(
+                encoded(ex["image"], image_format),
+                augment_seed(key, epoch, index),
+                info.image_shape[0],
+            )
+        else:
+            image = pixels(ex["image"], info, image_format)
+        return epoch, (index, {"image": image, "label": ex["label"]})
+
+    return transform
+
+
+def _batch_transform(info: DatasetInfo, key: tf.Tensor) -> Callable[..., dict]:
+    """Per batch of stream elements: pad-crop-flip (if any) and normalization.
+
+    The batch is seeded by its first element, i.e. by (key, epoch, step), since
+    batches never straddle epochs.
+    """
+
+    def transform(epochs, indexed):
+        indices, ex = indexed
+        image = ex["image"]
+        if info.augmentation == PAD_CROP_FLIP:
+            image = pad_crop_flip(image, augment_seed(key, epochs[0], indices[0]), info.padding)
+        return {"image": normalize(image, info), "label": ex["label"]}
+
+    return transform
+
+
+def augmented_batches(
+    info: DatasetInfo, stream: tf.data.Dataset, image_format: str, key: tf.Tensor, batch_size: int
+) -> tf.data.Dataset:
+    """Stream elements -> augmented, normalized batches of ``batch_size``."""
+    if _needs_example_transform(info, image_format):
+        stream = stream.map(
+            _example_transform(info, image_format, key),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    ds = stream.batch(batch_size, drop_remainder=True)
+    return ds.map(
+        _batch_transform(info, key), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: no randomness.
+
+
+def eval_pixels(image: tf.Tensor, info: DatasetInfo, image_format: str) -> tf.Tensor:
+    """Evaluation pixels in [0, 255]: the decoded image, or ImageNet's center crop."""
+    if info.augmentation == RESIZED_CROP_FLIP:
+        return resize_center_crop(encoded(image, image_format), info.image_shape[0])
+    return pixels(image, info, image_format)
+
+
+def eval_batch_transform(info: DatasetInfo) -> Callable[..., dict]:
+    """Normalizes a batch; padding images become exact zeros."""
+
+    def transform(ex, mask):
+        image = tf.where(mask[:, None, None, None], normalize(ex["image"], info), 0.0)
+        return {"image": image, "label": ex["label"], "mask": mask}
+
+    return transform

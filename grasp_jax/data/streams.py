@@ -1,0 +1,265 @@
+"""Restartable, deterministic training streams and padded evaluation passes.
+
+Determinism and resuming
+    The training stream is a pure function of (dataset, seed, process, batch
+    layout). Epoch ``e`` is the process's slice shuffled with a seed derived from
+    (seed, process, e) and truncated to whole batches. Augmentation uses
+    stateless random ops seeded from (seed, process, e, i), where ``i`` is the
+    position in the epoch of the batch's first example (ImageNet: of each
+    example, whose crops differ in size before resizing). Therefore
+    ``train_dataset(..., start_step=s)`` yields exactly the batches ``s, s+1,
+    ...`` of an uninterrupted run, without replaying earlier epochs. (A global
+    ``tf.random.set_seed`` changes tf.data's shuffle seeds, so keep it fixed
+    between a run and its resumption.)
+
+Sharding
+    Each process reads its own contiguous slice of the split
+    (``tfds.split_for_jax_process``) and builds batches of
+    ``global_batch_size // process_count`` examples, shaped
+    ``[local_device_count, per_device_batch, ...]`` for ``jax.pmap``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from grasp_jax.data import augment
+from grasp_jax.data.layout import device_batch_layout, reshape_for_devices, resolve_process
+from grasp_jax.data.registry import DatasetInfo, resolve
+from grasp_jax.data.seeds import shuffle_seed, stream_key
+from grasp_jax.data.sources import PIXELS, Source, load_source
+
+
+def epoch_examples(
+    source: tf.data.Dataset, key: tf.Tensor, epoch: Any, buffer_size: int, take: int
+) -> tf.data.Dataset:
+    """Epoch ``epoch`` of a stream: elements ``(epoch, (index, example))``.
+
+    The order is shuffled with a seed from (key, epoch) and truncated to
+    ``take``; augmentation is seeded from (key, epoch, index).
+    Neither depends on what came before, which makes resuming at any step exact.
+    """
+    epoch = tf.cast(epoch, tf.int64)
+    ds = source.shuffle(buffer_size, seed=shuffle_seed(key, epoch), reshuffle_each_iteration=False)
+    # No per-element function here: it would run serially and cap throughput.
+    return tf.data.Dataset.zip(
+        (tf.data.Dataset.from_tensors(epoch).repeat(), ds.take(take).enumerate())
+    )
+
+
+def deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` with tf.data's determinism option set (parallel maps keep order)."""
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def training_steps(num_examples: int, local_batch: int, info: DatasetInfo) -> int:
+    """Whole batches of ``local_batch`` in ``num_examples``; ValueError if none."""
+    steps = num_examples // local_batch
+    if steps == 0:
+        raise ValueError(
+            f"{info.name}: the per-process batch of {local_batch} is larger than "
+            f"the {num_examples} training examples this process holds."
+        )
+    return steps
+
+
+def training_batches(
+    info: DatasetInfo,
+    source: Source,
+    *,
+    key: tf.Tensor,
+    local_batch: int,
+    num_devices: int,
+    start_step: int,
+    shuffle_buffer_size: int | None,
+    decode_before_shuffle: bool,
+) -> tf.data.Dataset:
+    """The infinite training stream of ``source`` from ``start_step`` (see the module doc)."""
+    steps = training_steps(source.num_examples, local_batch, info)
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0.")
+    first_epoch, step_in_epoch = divmod(start_step, steps)
+    buffer_size = shuffle_buffer_size or info.shuffle_buffer_size or source.num_examples
+    examples = source.dataset
+    image_format = source.image_format
+    # A buffer holding the whole split reads all of it every epoch, so the
+    # cache below is complete after epoch one (a partial cache is discarded).
+    if decode_before_shuffle and image_format != PIXELS and buffer_size >= source.num_examples:
+        # Decoding is deterministic, so decoding before or after the shuffle gives
+        # identical batches; before + cache saves re-decoding every epoch.
+        examples = examples.map(
+            lambda ex: {
+                "image": augment.pixels(ex["image"], info, image_format),
+                "label": ex["label"],
+            },
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        ).cache()
+        image_format = PIXELS
+    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+    ds = epochs.flat_map(
+        lambda e: epoch_examples(examples, key, e, buffer_size, steps * local_batch)
+    )
+    # Only the first epoch is partial; skipping happens before any decoding.
+    ds = ds.skip(step_in_epoch * local_batch)
+    ds = augment.augmented_batches(info, ds, image_format, key, local_batch)
+    ds = ds.map(reshape_for_devices(num_devices))
+    return deterministic(ds.prefetch(tf.data.AUTOTUNE))
+
+
+# ---------------------------------------------------------------------------
+# Public pipelines. ``dataset`` is a registry name or a ``DatasetInfo`` from
+# ``get_info(name, image_size=...)``.
+
+
+def _process_batch(
+    dataset: str | DatasetInfo, global_batch_size: int, process_count: int | None
+) -> tuple[DatasetInfo, int, int]:
+    """``(info, process_count, examples per process)``, the batch checked to divide."""
+    info = resolve(dataset)
+    _, count = resolve_process(0, process_count)
+    device_batch_layout(global_batch_size, process_count=count, local_device_count=1)
+    return info, count, global_batch_size // count
+
+
+def steps_per_epoch(
+    dataset: str | DatasetInfo,
+    global_batch_size: int,
+    *,
+    data_dir: str | None = None,
+    process_count: int | None = None,
+) -> int:
+    """Training steps in one epoch (the remainder of each epoch is dropped)."""
+    info, count, local_batch = _process_batch(dataset, global_batch_size, process_count)
+    source = load_source(info, info.train_split, data_dir, 0, count, drop_remainder=True)
+    return training_steps(source.num_examples, local_batch, info)
+
+
+def train_dataset(
+    dataset: str | DatasetInfo,
+    *,
+    global_batch_size: int,
+    seed: int,
+    data_dir: str | None = None,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+    shuffle_buffer_size: int | None = None,
+) -> tf.data.Dataset:
+    """Infinite, augmented, shuffled training batches of this process.
+
+    Iterate it with ``.as_numpy_iterator()`` for numpy batches on the host.
+
+    Args:
+      dataset: a registry name (see ``dataset_names()``) or a ``DatasetInfo``.
+      global_batch_size: examples per step summed over all processes.
+      seed: fixes the order and augmentation of every epoch.
+      data_dir: TFDS data dir, or the tiny-imagenet-200 folder (or its parent);
+        ignored by ``digits``. None means TFDS's default.
+      start_step: first step to produce; the stream from here equals that of an
+        uninterrupted run from step 0.
+      process_index, process_count, local_device_count: default to JAX's.
+      shuffle_buffer_size: overrides the registry's (whole split by default).
+
+    Returns:
+      A tf.data.Dataset of {'image' [D, b, H, W, C] float32, 'label' [D, b]
+      int32} with D local devices and b examples per device.
+    """
+    info = resolve(dataset)
+    index, count = resolve_process(process_index, process_count)
+    num_devices, per_device = device_batch_layout(
+        global_batch_size, process_count=count, local_device_count=local_device_count
+    )
+    source = load_source(info, info.train_split, data_dir, index, count, drop_remainder=True)
+    return training_batches(
+        info,
+        source,
+        key=stream_key(seed, index),
+        local_batch=num_devices * per_device,
+        num_devices=num_devices,
+        start_step=start_step,
+        shuffle_buffer_size=shuffle_buffer_size,
+        decode_before_shuffle=info.cache_decoded,
+    )
+
+
+def _eval_steps(total: int, count: int, local_batch: int) -> int:
+    # Every process runs the same number of (collective) eval steps, so all
+    # pad up to the largest slice, which has ceil(total / count) examples.
+    return max(1, math.ceil(math.ceil(total / count) / local_batch))
+
+
+def num_eval_steps(
+    dataset: str | DatasetInfo,
+    global_batch_size: int,
+    *,
+    data_dir: str | None = None,
+    process_count: int | None = None,
+) -> int:
+    """Evaluation batches per process: enough for the largest process slice."""
+    info, count, local_batch = _process_batch(dataset, global_batch_size, process_count)
+    total = load_source(info, info.test_split, data_dir, 0, 1, drop_remainder=False).num_examples
+    return _eval_steps(total, count, local_batch)
+
+
+def eval_dataset(
+    dataset: str | DatasetInfo,
+    *,
+    global_batch_size: int,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> tf.data.Dataset:
+    """One pass over this process's slice of the evaluation split.
+
+    Padded with zero images to ``num_eval_steps`` full batches; ``mask`` is False
+    on padding, so summing ``mask``-weighted metrics over all processes counts
+    every test example exactly once. The dataset can be iterated repeatedly
+    (``.as_numpy_iterator()`` for numpy batches).
+
+    Returns:
+      A tf.data.Dataset of {'image' [D, b, H, W, C] float32, 'label' [D, b]
+      int32, 'mask' [D, b] bool}.
+    """
+    info = resolve(dataset)
+    index, count = resolve_process(process_index, process_count)
+    num_devices, per_device = device_batch_layout(
+        global_batch_size, process_count=count, local_device_count=local_device_count
+    )
+    local_batch = num_devices * per_device
+    source = load_source(info, info.test_split, data_dir, index, count, drop_remainder=False)
+    total = load_source(info, info.test_split, data_dir, 0, 1, drop_remainder=False).num_examples
+    steps = _eval_steps(total, count, local_batch)
+    images = source.dataset.map(
+        lambda ex: {
+            "image": augment.eval_pixels(ex["image"], info, source.image_format),
+            "label": ex["label"],
+        },
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if info.cache_decoded:
+        images = images.cache()  # Repeated evaluations skip decoding.
+    # Elements are (example, mask); zipping in the mask avoids a serial per-element map.
+    real = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensors(True).repeat()))
+    blank = {
+        "image": tf.zeros(info.image_shape, images.element_spec["image"].dtype),
+        "label": tf.constant(0, tf.int32),
+    }
+    padding = tf.data.Dataset.from_tensors((blank, False)).repeat(
+        steps * local_batch - source.num_examples
+    )
+    ds = real.concatenate(padding).batch(local_batch, drop_remainder=True)
+    ds = ds.map(
+        augment.eval_batch_transform(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    ds = ds.map(reshape_for_devices(num_devices))
+    return deterministic(ds.prefetch(tf.data.AUTOTUNE))
