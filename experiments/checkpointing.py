@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run.
+"""Orbax checkpoints of a run, and restoring the newest one that is intact.
 
 Layout under ``<workdir>/checkpoints/<step>/``:
 
@@ -9,40 +9,50 @@ Layout under ``<workdir>/checkpoints/<step>/``:
   also the data position: the input pipeline restarts exactly at batch
   ``step``.
 * ``meta``: JSON with what the run has learned about itself: best test
-  accuracy and its step, accumulated wall time and training time.
+  accuracy and its step, and the run clock (``experiments.clock``).
 
 Orbax writes each step to a temporary directory and renames it when complete,
-so a run killed mid-save leaves the previous checkpoint intact.
+so a run killed mid-save leaves the previous checkpoint intact. A checkpoint
+damaged afterwards (a truncated or corrupted file, missing metadata) is moved
+aside to ``<workdir>/checkpoints.damaged/`` by :meth:`Checkpointer.restore_newest`,
+which then tries the next older one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Optional
+import shutil
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+DAMAGED_DIR = "checkpoints.damaged"
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist but none of them restores."""
+
+
+def _manager(directory: str, **options: Any) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options))
 
 
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` for (state, meta) pairs."""
 
     def __init__(self, workdir: str, max_to_keep: int = 3) -> None:
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                create=True,
-                # Remove half-written steps left by a killed run.
-                cleanup_tmp_directories=True,
-                # Host arrays are written in a background thread while training goes on.
-                enable_async_checkpointing=True,
-            ),
-        )
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.manager = _manager(
+            self.directory, max_to_keep=max_to_keep, create=True,
+            # Remove half-written steps left by a killed run.
+            cleanup_tmp_directories=True,
+            # Host arrays are written in a background thread while training goes on.
+            enable_async_checkpointing=True)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -51,7 +61,8 @@ class Checkpointer:
         """Save; ``state`` should be host (numpy) arrays so that training may go on."""
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
             force=True,
         )
 
@@ -60,9 +71,51 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         out = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                    meta=ocp.args.JsonRestore()),
         )
-        return out["state"], dict(out["meta"] or {})
+        meta = out["meta"]
+        if not isinstance(meta, dict):
+            raise ValueError(f"its meta item is {type(meta).__name__}, not a JSON object")
+        return out["state"], dict(meta)
+
+    def restore_newest(self, abstract_state: PyTree, log: Callable[[str], None] = print,
+                       is_main: bool = True) -> Optional[tuple[int, PyTree, dict]]:
+        """(step, state, meta) of the newest checkpoint that restores; None if there is none.
+
+        Each one that fails is named in one line and moved aside (process 0
+        moves, every process skips it); NoUsableCheckpoint when all fail.
+        """
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_tensorstore():
+                    state, meta = self.restore(step, abstract_state)
+                return step, state, meta
+            except Exception as e:  # noqa: BLE001 - any damage means: try the next one
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                failures.append(f"  step {step}: {reason}")
+                where = self._move_aside(step) if is_main else "left for process 0 to move"
+                log(f"checkpoint {step} cannot be restored ({reason}); {where}; trying the "
+                    "next older one")
+        if failures:
+            raise NoUsableCheckpoint(
+                f"no checkpoint in {self.directory} restores:\n" + "\n".join(failures)
+                + f"\nthe damaged ones are in {os.path.join(self.workdir, DAMAGED_DIR)}; "
+                "rerun with --overwrite to start over")
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst_dir = os.path.join(self.workdir, DAMAGED_DIR)
+        os.makedirs(dst_dir, exist_ok=True)
+        dst = os.path.join(dst_dir, str(step))
+        n = 1
+        while os.path.exists(dst):
+            dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
+        shutil.move(src, dst)
+        self.manager.reload()
+        return f"moved aside to {dst}"
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -72,20 +125,28 @@ class Checkpointer:
         self.manager.close()
 
 
+class _quiet_tensorstore:
+    """Keep absl/tensorstore's per-chunk error logging of a damaged file out of the console."""
+
+    def __enter__(self) -> None:
+        self._level = logging.getLogger("absl").level
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("absl").setLevel(self._level)
+
+
 def load_state(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
     """(step, state as nested dicts of numpy arrays) of a run's checkpoint.
 
     For analysis and tests: no target structure is needed, so NamedTuples in the
     optimizer state come back as plain containers.
     """
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    )
+    manager = _manager(os.path.abspath(os.path.join(workdir, "checkpoints")), read_only=True,
+                       create=False)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}")
     out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()
     return step, jax.tree_util.tree_map(np.asarray, out["state"])
-

@@ -1,32 +1,16 @@
-"""The paper's training and pruning settings, as code.
+"""The run config: every setting once, with its help, its check and its preset.
 
-A run is described by one frozen :class:`Config`. :func:`preset` holds every
-fact taken from the paper (Wang, Zhang & Grosse, ICLR 2020) and the authors'
-reference code; :func:`resolve` fills a config from a preset plus whatever the
-user overrode, and derives what depends on the dataset size.
+A run is described by one frozen :class:`Config`. Each field is declared with
+:func:`setting`, which carries the help text, the command-line group and the
+check of its value; ``experiments.run`` generates its parser from these
+fields, so adding a setting is one field here (plus, if the paper fixes it, a
+preset value below).
 
-Sources for the numbers below:
-
-* CIFAR-10/100 and Tiny-ImageNet (paper §5 and the reference configs): batch
-  128, SGD with momentum 0.9, learning rate 0.1 divided by 10 at 50% and 75%
-  of training, weight decay 5e-4 for VGG and 1e-4 for ResNet, 160 epochs on
-  CIFAR and 300 on Tiny-ImageNet.
-* GraSP scoring (reference ``pruner/GraSP.py``): the logits are divided by a
-  temperature T = 200; the scores are those of a copy of the network whose
-  linear layers are re-drawn Xavier-normal (``reinit=True``; the masks go to
-  the original); each "draw" is a class-balanced batch that is scored in
-  two halves; 10 per class x 1 draw on CIFAR-10 and on CIFAR-100 with VGG19,
-  5 per class x 2 draws on CIFAR-100 with ResNet-32, 1 per class x 10 draws on
-  Tiny-ImageNet.
-* ImageNet (reference ``main_prune_imagenet.py``, ``pruner/GraSP_ImageNet.py``,
-  ``main_finetune_imagenet.py``): scores are summed over the first 150
-  training batches, each fed to the network in chunks of at most 20 images;
-  training is the standard PyTorch ImageNet recipe: 90 epochs, batch 256,
-  learning rate 0.1 divided by 10 every 30 epochs (at 30 and 60), weight
-  decay 1e-4. Our scoring batches have 128 images (as the issue asks) and
-  :func:`grasp_jax.grasp_scores` needs equal chunks, so the chunk is 16 (the
-  largest divisor of 128 not above 20): 8 chunks per batch, 1,200 in all.
-* SynFlow (Tanaka et al., 2020): 100 rounds on the exponential schedule.
+Presets are data: :data:`PRESETS` is a table of rows keyed by dataset,
+architecture family and method (``None`` matches any), each naming its source
+in the paper (Wang, Zhang & Grosse, ICLR 2020) or the authors' code
+(alecwangcq/GraSP). :func:`resolve` applies the matching rows in order, then
+the method registry's own values, then whatever the user gave.
 
 The learning rate of a preset is quoted at the preset's batch size; another
 ``batch_size`` scales it linearly (Goyal et al., 2017) unless ``lr`` is given.
@@ -36,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-# The criteria a run can use; "dense" trains without pruning.
-METHODS = ("grasp", "snip", "synflow", "magnitude", "random", "dense")
+from experiments import methods
+
 ABLATIONS = ("none", "shuffle", "invert", "reinit")
 
 # Default network per dataset when --arch is not given.
@@ -51,70 +36,165 @@ DEFAULT_ARCH = {
     "digits": "lenet5",
 }
 
-# Fields that change where a run writes, how often it reports or how far it
-# goes, but not the trajectory of the training itself. A saved run may be
-# resumed with different values of these (e.g. a larger --max_steps extends a
-# smoke run along the very same path); any other difference is refused.
-RUN_CONTROL_FIELDS = (
-    "max_steps",
-    "data_dir",
-    "checkpoint_every_steps",
-    "log_every_steps",
-    "keep_checkpoints",
-    "gradient_flow",
-)
+# The largest seed whose PRNG key is its own: jax.random.PRNGKey folds a seed
+# into 32 bits, so 2**32 would draw seed 0's initialization.
+MAX_SEED = 2**32 - 1
+
+
+class UsageError(ValueError):
+    """A setting, or a combination of settings, that cannot run; the message names it."""
+
+
+# --------------------------------------------------------------------------
+# Checks: each returns None for a good value, else what the value should be.
+
+
+def _number(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional[str]]:
+    def problem(value: Any) -> Optional[str]:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and check(value)
+        return None if ok else what
+
+    problem.__name__ = what
+    return problem
+
+
+positive_int = _number(lambda v: float(v).is_integer() and v >= 1, "a positive integer")
+nonnegative_int = _number(lambda v: float(v).is_integer() and v >= 0, "a non-negative integer")
+positive_float = _number(lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = _number(lambda v: 0 <= v < math.inf, "a non-negative number")
+fraction = _number(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+seed_value = _number(lambda v: float(v).is_integer() and 0 <= v <= MAX_SEED,
+                     f"an integer in [0, {MAX_SEED}] (seeds map one-to-one onto 32-bit PRNG keys)")
+
+
+def nonempty_path(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) and value.strip() else "a non-empty path"
+
+
+def positive_floats(value: Any) -> Optional[str]:
+    ok = isinstance(value, tuple) and all(nonnegative_float(v) is None for v in value)
+    return None if ok else "a comma-separated list of non-negative numbers"
+
+
+# --------------------------------------------------------------------------
+# Fields.
+
+
+def setting(default: Any, help: str, *, group: str, check: Optional[Callable] = None,
+            choices: Optional[Callable[[], tuple[str, ...]]] = None, run_control: bool = False,
+            metavar: Optional[str] = None) -> Any:
+    """A Config field with what the CLI and :func:`validate` need to know about it.
+
+    ``choices`` is a function (registries are read when the parser is built);
+    ``run_control`` marks settings that change where a run writes, how often it
+    reports or how far it goes, but not its trajectory: a saved run may resume
+    with other values of these.
+    """
+    meta = dict(help=help, group=group, check=check, choices=choices, run_control=run_control,
+                metavar=metavar)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _datasets() -> tuple[str, ...]:
+    from grasp_jax import data
+
+    return data.dataset_names()
+
+
+def _archs() -> tuple[str, ...]:
+    from grasp_jax import models
+
+    return tuple(models.ARCHS)
+
+
+WHAT, OPTIM, PRUNE, SCORE, RUNNING = ("what to run", "optimization", "pruning",
+                                     "scoring data", "running")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that determines a run. Resolved configs have no ``None`` left
-    except in optional fields (``max_steps``, ``data_dir``,
-    ``checkpoint_every_steps``)."""
+    """Everything that determines a run. After :func:`resolve`, only ``max_steps``,
+    ``data_dir`` and ``checkpoint_every_steps`` may be ``None``."""
 
-    # What to train.
-    arch: str
-    dataset: str
-    method: str = "grasp"
-    sparsity: float = 0.9
-    seed: int = 0
+    dataset: str = setting("cifar10", "dataset (the data package's registry)", group=WHAT,
+                           choices=_datasets)
+    arch: Optional[str] = setting(None, "network (default per dataset: " + ", ".join(
+        f"{d} {a}" for d, a in DEFAULT_ARCH.items()) + ")", group=WHAT, choices=_archs,
+        metavar="ARCH")
+    method: str = setting("grasp", "pruning criterion; 'dense' trains the unpruned network",
+                          group=WHAT, choices=methods.names)
+    sparsity: float = setting(0.9, "fraction of conv/dense weights to prune, in [0, 1) "
+                              "(0 for dense)", group=WHAT, check=fraction)
+    seed: int = setting(0, "seeds init, scoring data, data order, augmentation and dropout",
+                        group=WHAT, check=seed_value)
 
-    # Optimization (PyTorch-style SGD: decay added to the gradient before momentum).
-    epochs: int = 160
-    batch_size: int = 128  # global, over all devices of all processes
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    # The lr is multiplied by lr_decay_factor at each of these epochs (fractions allowed).
-    lr_decay_epochs: tuple[float, ...] = (80, 120)
-    lr_decay_factor: float = 0.1
-    steps_per_epoch: int = 0  # derived from the dataset and batch_size
+    # PyTorch-style SGD: weight decay is added to the gradient before momentum.
+    epochs: int = setting(160, "length of the schedule", group=OPTIM, check=positive_int)
+    batch_size: int = setting(128, "global batch over all devices of all processes; must "
+                              "divide by the device count", group=OPTIM, check=positive_int)
+    lr: float = setting(0.1, "initial learning rate (scaled linearly by batch_size / preset "
+                        "batch when --batch_size is changed)", group=OPTIM, check=positive_float)
+    momentum: float = setting(0.9, "SGD momentum", group=OPTIM, check=fraction)
+    weight_decay: float = setting(5e-4, "L2 added to the gradient, PyTorch style", group=OPTIM,
+                                  check=nonnegative_float)
+    lr_decay_epochs: tuple[float, ...] = setting(
+        (80, 120), "epochs (fractions allowed) at which the lr is multiplied by "
+        "--lr_decay_factor (preset: 50%% and 75%% of --epochs; ImageNet every third)",
+        group=OPTIM, check=positive_floats)
+    lr_decay_factor: float = setting(0.1, "factor of each lr decay", group=OPTIM,
+                                     check=positive_float)
+    steps_per_epoch: int = 0  # derived from the dataset and batch_size; not a flag
 
-    # Pruning.
-    scope: str = "global"  # or "layerwise"
-    rounds: int = 1  # iterative pruning rounds (SynFlow: 100)
-    prune_schedule: str = "exponential"
-    temperature: float = 200.0  # GraSP's logits / T while scoring (1 for the other criteria)
-    # Score a copy whose dense kernels are redrawn Xavier-normal (the reference GraSP's reinit).
-    score_reinit_dense: bool = True
-    # The scoring data: class-balanced draws ...
-    score_samples_per_class: int = 10
-    score_draws: int = 1
-    # ... or, when score_batches > 0, the first training batches (ImageNet).
-    score_batches: int = 0
-    score_batch_size: int = 128
-    score_chunk_size: int = 0  # microbatch size for score_batches; 0 = whole batches
-    # Sanity checks (Frankle et al., 2021): none, shuffle (each layer's mask
-    # permuted), invert (keep what the method would prune), reinit (train the
-    # kept weights from a fresh initialization).
-    ablation: str = "none"
+    scope: str = setting("global", "rank all layers together (the paper) or prune each layer "
+                         "by --sparsity", group=PRUNE, choices=lambda: ("global", "layerwise"))
+    rounds: int = setting(1, "iterative pruning rounds", group=PRUNE, check=positive_int)
+    prune_schedule: str = setting("exponential", "sparsity schedule across --rounds",
+                                  group=PRUNE, choices=lambda: ("exponential", "linear"))
+    temperature: float = setting(1.0, "divide logits by this while scoring", group=PRUNE,
+                                 check=positive_float)
+    score_reinit_dense: bool = setting(
+        False, "score a copy whose dense layers are re-drawn Xavier-normal, as the reference "
+        "GraSP does (the masks go to the original initialization)", group=PRUNE)
+    score_reinit_layers: str = setting(
+        "all", "which dense layers that copy re-draws: all (reference pruner/GraSP.py) or only "
+        "the last (pruner/GraSP_ImageNet.py)", group=PRUNE, choices=lambda: ("all", "last"))
+    ablation: str = setting("none", "sanity check (Frankle et al., 2021): shuffle = permute each "
+                            "layer's mask, invert = keep what the method would prune (same "
+                            "count), reinit = train the kept weights from a fresh initialization",
+                            group=PRUNE, choices=lambda: ABLATIONS)
+    gradient_flow: bool = setting(True, "measure the loss, ||g||^2 and g^T H g at init before "
+                                  "and after pruning on a training batch other than the scoring "
+                                  "batch (results.json: gradient_flow)", group=PRUNE,
+                                  run_control=True)
 
-    # Running.
-    max_steps: Optional[int] = None  # stop early (the lr schedule still spans `epochs`)
-    data_dir: Optional[str] = None
-    checkpoint_every_steps: Optional[int] = None  # besides every epoch
-    keep_checkpoints: int = 3
-    log_every_steps: int = 50
-    gradient_flow: bool = True  # measure loss, ||g||^2 and g^T H g before/after pruning
+    score_samples_per_class: int = setting(10, "class-balanced scoring draw: images per class",
+                                           group=SCORE, check=nonnegative_int)
+    score_draws: int = setting(1, "number of class-balanced draws, each scored in two halves",
+                               group=SCORE, check=nonnegative_int)
+    score_batches: int = setting(0, "score on this many training batches instead of "
+                                 "class-balanced draws (ImageNet); 0 = draws", group=SCORE,
+                                 check=nonnegative_int)
+    score_batch_size: int = setting(128, "images per scoring batch (with --score_batches)",
+                                    group=SCORE, check=positive_int)
+    score_chunk_size: int = setting(0, "images per forward pass while scoring with "
+                                    "--score_batches (the last chunk of a batch may be "
+                                    "smaller); 0 = whole batches", group=SCORE,
+                                    check=nonnegative_int)
+
+    max_steps: Optional[int] = setting(None, "stop after this many steps (smoke runs); the lr "
+                                       "schedule still spans --epochs, so a later, larger value "
+                                       "continues the same run", group=RUNNING,
+                                       check=positive_int, run_control=True)
+    data_dir: Optional[str] = setting(None, "TFDS data dir (or the tiny-imagenet-200 folder); "
+                                      "default: TFDS_DATA_DIR or ~/tensorflow_datasets",
+                                      group=RUNNING, check=nonempty_path, run_control=True)
+    checkpoint_every_steps: Optional[int] = setting(
+        None, "also checkpoint every N steps (always: every epoch, at the end, and when "
+        "stopped by a signal)", group=RUNNING, check=positive_int, run_control=True)
+    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep", group=RUNNING,
+                                    check=positive_int, run_control=True)
+    log_every_steps: int = setting(50, "training metrics are written every N steps",
+                                   group=RUNNING, check=positive_int, run_control=True)
 
     @property
     def total_steps(self) -> int:
@@ -130,10 +210,10 @@ class Config:
 
     @property
     def num_score_microbatches(self) -> int:
-        """How many equal chunks the scoring batch is fed to the network in."""
+        """How many chunks the scoring data is fed to the network in."""
         if self.score_batches:
             chunk = self.score_chunk_size or self.score_batch_size
-            return self.score_batches * (self.score_batch_size // chunk)
+            return self.score_batches * -(-self.score_batch_size // chunk)
         # The reference feeds each class-balanced draw in two halves.
         return 2 * self.score_draws
 
@@ -146,12 +226,20 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "lr_decay_epochs" in d:
             d["lr_decay_epochs"] = tuple(d["lr_decay_epochs"])
         return cls(**d)
+
+
+def flag_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields a user sets (all but the derived ``steps_per_epoch``)."""
+    return tuple(f for f in dataclasses.fields(Config) if "help" in f.metadata)
+
+
+RUN_CONTROL_FIELDS = tuple(f.name for f in flag_fields() if f.metadata["run_control"])
 
 
 def differences(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -166,68 +254,71 @@ def differences(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _family(arch: str) -> str:
+# --------------------------------------------------------------------------
+# The paper's presets, as a table.
+
+
+def family(arch: str) -> str:
+    """``resnet`` or ``vgg`` (the small test models count as VGG-like)."""
     return "resnet" if arch.startswith("resnet") else "vgg"
 
 
+class Preset(NamedTuple):
+    """Values for the runs this row matches (``None`` matches anything), and where they come from."""
+
+    values: Mapping[str, Any]
+    source: str
+    dataset: Optional[str] = None
+    family: Optional[str] = None
+
+
+# Applied top to bottom; a later matching row overrides an earlier one.
+# Schedule points (lr_decay_at) are fractions of training, turned into epochs by resolve().
+PRESETS: tuple[Preset, ...] = (
+    Preset(dict(batch_size=128, lr=0.1, momentum=0.9, lr_decay_at=(0.5, 0.75),
+                lr_decay_factor=0.1, score_samples_per_class=10, score_draws=1, score_batches=0,
+                score_batch_size=128, score_chunk_size=0, score_reinit_layers="all"),
+           "paper §5 and configs/cifar10/*.json: SGD momentum 0.9, lr 0.1 decayed x0.1 at "
+           "int(0.5 epochs) and int(0.75 epochs), batch 128; main_prune_non_imagenet.py: "
+           "samples_per_class 10, num_iters 1"),
+    Preset(dict(weight_decay=5e-4), "configs/*/vgg19/*.json: weight_decay 5e-4", family="vgg"),
+    Preset(dict(weight_decay=1e-4), "configs/*/resnet32/*.json: weight_decay 1e-4",
+           family="resnet"),
+    Preset(dict(epochs=160), "paper §5.1 / configs/cifar10/*.json: 160 epochs",
+           dataset="cifar10"),
+    Preset(dict(epochs=160), "configs/cifar100/*.json: 160 epochs", dataset="cifar100"),
+    Preset(dict(score_samples_per_class=5, score_draws=2),
+           "configs/cifar100/resnet32/*.json: samples_per_class 5, num_iters 2",
+           dataset="cifar100", family="resnet"),
+    Preset(dict(epochs=300, score_samples_per_class=1, score_draws=10),
+           "configs/tiny_imagenet/*.json: 300 epochs, samples_per_class 1, num_iters 10",
+           dataset="tiny_imagenet"),
+    Preset(dict(epochs=150, batch_size=256, weight_decay=1e-4, lr_decay_at=(1 / 3, 2 / 3),
+                score_samples_per_class=0, score_draws=0, score_batches=150,
+                score_batch_size=250, score_chunk_size=20, score_reinit_layers="last"),
+           "paper §5.1 and alecwangcq/GraSP issue #5: 150 epochs, lr /10 every 50; "
+           "main_finetune_imagenet.py: batch 256, wd 1e-4, lr 0.1*0.1**(epoch//(epochs//3)); "
+           "main_prune_imagenet.py: num_iters 150 batches of 250; pruner/GraSP_ImageNet.py: "
+           "chunks of 20, only fc_layers[-1] re-drawn", dataset="imagenet2012"),
+    Preset(dict(epochs=30), "not in the paper: the offline demo; 1,437 training images, "
+           "11 steps per epoch at batch 128, a few hundred steps reach ~95%", dataset="digits"),
+)
+
+
 def preset(dataset: str, arch: str, method: str) -> dict[str, Any]:
-    """The paper's settings for (dataset, arch, method), as Config field values.
-
-    Epoch-valued schedule points are given as fractions of training here and
-    turned into epochs by :func:`resolve`, so that changing ``epochs`` keeps
-    the shape of the schedule.
-    """
-    p: dict[str, Any] = dict(
-        batch_size=128,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=1e-4 if _family(arch) == "resnet" else 5e-4,
-        lr_decay_at=(0.5, 0.75),
-        lr_decay_factor=0.1,
-        score_samples_per_class=10,
-        score_draws=1,
-        score_batches=0,
-        score_batch_size=128,
-        score_chunk_size=0,
-    )
-    if dataset in ("cifar10", "cifar100"):
-        p["epochs"] = 160
-        if dataset == "cifar100" and _family(arch) == "resnet":
-            p.update(score_samples_per_class=5, score_draws=2)
-    elif dataset == "tiny_imagenet":
-        p.update(epochs=300, score_samples_per_class=1, score_draws=10)
-    elif dataset == "imagenet2012":
-        p.update(
-            epochs=90,
-            batch_size=256,
-            weight_decay=1e-4,
-            lr_decay_at=(1 / 3, 2 / 3),  # every 30 of 90 epochs
-            score_samples_per_class=0,
-            score_draws=0,
-            score_batches=150,
-            score_batch_size=128,
-            score_chunk_size=16,
-        )
-    elif dataset == "digits":
-        # Not in the paper: the offline demo. 1,437 training images, 11 steps
-        # per epoch at batch 128; a few hundred steps reach ~95% test accuracy.
-        p.update(epochs=30)
-    else:
-        raise ValueError(f"no preset for dataset {dataset!r}")
-    p["temperature"] = 200.0 if method == "grasp" else 1.0
-    p["score_reinit_dense"] = method == "grasp"
-    p["rounds"] = 100 if method == "synflow" else 1
-    return p
+    """The matching rows of :data:`PRESETS`, then the method's own values."""
+    if dataset not in {row.dataset for row in PRESETS}:
+        raise UsageError(f"no preset for dataset {dataset!r}")
+    out: dict[str, Any] = {}
+    for row in PRESETS:
+        if row.dataset in (None, dataset) and row.family in (None, family(arch)):
+            out.update(row.values)
+    out.update(methods.get(method).preset)
+    return out
 
 
-def resolve(
-    *,
-    dataset: str,
-    arch: Optional[str] = None,
-    method: str = "grasp",
-    steps_per_epoch: int,
-    **overrides: Any,
-) -> Config:
+def resolve(*, dataset: str, arch: Optional[str] = None, method: str = "grasp",
+            steps_per_epoch: int, **overrides: Any) -> Config:
     """A full Config: the preset for (dataset, arch, method), then ``overrides``.
 
     Args:
@@ -237,23 +328,22 @@ def resolve(
       overrides: Config fields; ``None`` values mean "use the preset".
     """
     arch = arch or DEFAULT_ARCH[dataset]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method not in methods.names():
+        raise UsageError(f"unknown method {method!r}; valid: {', '.join(methods.names())}")
     p = preset(dataset, arch, method)
     given = {k: v for k, v in overrides.items() if v is not None}
-    batch_size = given.get("batch_size", p["batch_size"])
     if "lr" not in given:
         # Linear scaling rule: the preset's lr is quoted at its own batch size.
-        given["lr"] = p["lr"] * batch_size / p["batch_size"]
-    epochs = given.get("epochs", p["epochs"])
+        given["lr"] = p["lr"] * given.get("batch_size", p["batch_size"]) / p["batch_size"]
     decay_at = p.pop("lr_decay_at")
     if "lr_decay_epochs" not in given:
         # The reference decays at int(epochs * 0.5) and int(epochs * 0.75): the
-        # same for every preset (160, 300, 90 epochs), but 0 for a 1-epoch run,
-        # which would train at lr/100 from step 0. Fractional epochs keep the
-        # decays at 50% / 75% of any schedule; rounding keeps 90 * (1/3) at 30.
+        # same for every preset, but 0 for a 1-epoch run, which would train at
+        # lr/100 from step 0. Fractional epochs keep the decays at 50% / 75% of
+        # any schedule; rounding keeps 150 * (1/3) at 50.
+        epochs = given.get("epochs", p.get("epochs"))
         given["lr_decay_epochs"] = tuple(_whole_if_integral(round(f * epochs, 6)) for f in decay_at)
-    if method == "dense":
+    if not methods.get(method).prunes:
         given["sparsity"] = 0.0
     p.update(given)
     return Config(dataset=dataset, arch=arch, method=method, steps_per_epoch=steps_per_epoch, **p)
@@ -261,6 +351,40 @@ def resolve(
 
 def _whole_if_integral(x: float) -> float:
     return int(x) if float(x).is_integer() else x
+
+
+# --------------------------------------------------------------------------
+# Checks of a whole config.
+
+
+def validate(config: Config) -> None:
+    """Raise UsageError naming the first bad value or combination of ``config``.
+
+    Every field's own check, then what fields say about each other. Checks that
+    need the data or the devices are ``experiments.run.check_environment``'s.
+    """
+    for f in flag_fields():
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None and f.default is None:
+            continue
+        if meta["check"] is not None and (problem := meta["check"](value)) is not None:
+            raise UsageError(f"--{f.name} {value!r}: not {problem}")
+        if meta["choices"] is not None and value not in meta["choices"]():
+            raise UsageError(f"--{f.name} {value!r}: not one of {', '.join(meta['choices']())}")
+    method = methods.get(config.method)
+    if not method.prunes and config.sparsity:
+        raise UsageError(f"--method {config.method} prunes nothing; got --sparsity "
+                         f"{config.sparsity}")
+    if not method.prunes and config.ablation != "none":
+        raise UsageError(f"--method {config.method} prunes nothing to ablate; got --ablation "
+                         f"{config.ablation}")
+    if config.score_batches and config.score_chunk_size > config.score_batch_size:
+        raise UsageError(f"--score_chunk_size {config.score_chunk_size} is larger than its batch "
+                         f"(--score_batch_size {config.score_batch_size})")
+    if method.needs_data and not config.score_batches and not (
+            config.score_draws and config.score_samples_per_class):
+        raise UsageError(f"--method {config.method} scores on data, but there is none: give "
+                         "--score_batches, or --score_draws and --score_samples_per_class")
 
 
 def lr_boundaries(config: Config) -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""Console, JSON-lines and TensorBoard output of a run.
+"""Console output of a run: log lines and progress.
 
 Only process 0 writes anything (files and console), so a multi-host run logs
 once. A progress bar is shown when stdout is a terminal; otherwise (CI, a
@@ -8,12 +8,9 @@ readable.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import time
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 
@@ -58,6 +55,12 @@ class _Progress:
                             file=sys.stdout, leave=True)
         _Progress.active = self if self.use_bar else None
 
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def write(self, message: str) -> None:
         if self.bar is not None:
             self.bar.write(message)
@@ -90,72 +93,3 @@ class _Progress:
 
 
 Progress = _Progress
-
-
-class MetricWriter:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files.
-
-    One JSON object per line: ``{"step": ..., "<split>/<name>": value, ...}``.
-    On resume, :meth:`truncate_after` drops the lines a killed run wrote after
-    its last checkpoint, since those steps are about to be trained again.
-    """
-
-    def __init__(self, workdir: str) -> None:
-        self.enabled = is_main_process()
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if self.enabled:
-            # TensorFlow (a dependency already, for the data) writes the event
-            # files; the `tensorboard` package is needed only to view them.
-            import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
-
-            self._tf = tf
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-            # What tf.summary.scalar attaches, spelled out so that writing does not
-            # import the tensorboard package (tensorflow-cpu does not install it).
-            self._scalar_metadata = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-
-    def truncate_after(self, step: int) -> None:
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step), "time": round(time.time(), 3)}
-        record.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with self._tb.as_default(step=int(step)):
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tf.summary.write(k, self._tf.constant(float(v), self._tf.float32),
-                                           metadata=self._scalar_metadata)
-
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
-        return v.item()
-    return v

@@ -1,4 +1,5 @@
-"""Writing a run's small output files: atomically, and plots without a display.
+"""A run's and a sweep's small outputs: files written atomically, plots without
+a display, durations as people read them.
 
 Every file goes to a temporary name and is renamed onto its path, so a reader
 (or a process killed mid-write) never sees half a file. Only the standard
@@ -8,8 +9,10 @@ library here (matplotlib is imported on first use), so that
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 
 def _tmp(path: str) -> str:
@@ -42,3 +45,12 @@ def save_png(fig: Any, path: str) -> None:
     """``fig`` as a PNG at ``path`` (atomically), then closed."""
     write_bytes_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
     pyplot().close(fig)
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded), rounded to the second; ``?`` for NaN or inf."""
+    if not math.isfinite(seconds):
+        return "?"
+    h, rest = divmod(round(float(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"

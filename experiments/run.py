@@ -1,245 +1,204 @@
 """``python -m experiments.run``: prune at initialization, train, report.
 
-    python -m experiments.run                       # the offline demo (digits, ~2 min on CPU)
+    python -m experiments.run                       # the offline demo (digits, ~1 min on CPU)
     python -m experiments.run --dataset cifar10 --arch vgg19 --method grasp --sparsity 0.98
     python -m experiments.run --arch resnet50 --dataset imagenet2012 --data_dir ~/tfds
 
-Flags not given take the paper's preset for the dataset and architecture (see
-``experiments/configs.py``). Every value is checked before anything is
-written: a bad one ends the program with a message and exit status 2.
-Rerunning a command resumes its run from the latest checkpoint in
-``--workdir``; a workdir that holds a run with a different configuration is
-refused unless ``--overwrite`` is given.
+The flags are generated from the run config's fields (``experiments/configs.py``);
+flags not given take the paper's preset for the dataset, architecture and
+method. Every value is checked before anything is written: a bad one ends the
+program with a message and exit status 2. Rerunning a command resumes its run
+from the latest checkpoint in ``--workdir``; a workdir that holds a run with a
+different configuration is refused unless ``--overwrite`` is given, and a
+workdir another live run holds is refused always.
 
-Exit status: 0 finished; 1 error during the run (e.g. a pruned weight moved
-off zero); 2 bad command line or conflicting workdir; 143 stopped by SIGTERM
-after saving a checkpoint (rerun to resume).
+Exit status: 0 finished; 1 error during the run (diverged, a pruned weight
+moved off zero, no checkpoint restores); 2 bad command line, conflicting or
+locked workdir, or collapsing masks; 128 + signal when stopped by SIGTERM,
+SIGINT or SIGHUP after saving a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
-import shutil
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from experiments import configs
-
-# The files a run owns in its workdir; --overwrite removes these and nothing else.
-RUN_FILES = ("checkpoints", "tensorboard", "config.json", "metrics.jsonl", "results.json",
-             "sparsity.md", "density.png", "masks.npz", "gradient_flow.json")
+from experiments import cli, configs
+from experiments import workdir as workdirs
+from experiments.configs import UsageError, setting
 
 DEMO_WORKDIR = os.path.join("runs", "demo")
 DEMO_RUNS = (("grasp_90", dict(method="grasp", sparsity=0.9)), ("dense", dict(method="dense")))
 
-
-# --------------------------------------------------------------------------
-# Argument types: each rejects a bad value at parse time, naming it.
+RUNNING, MULTIHOST = configs.RUNNING, "multi-host (docs/MULTIHOST.md)"
 
 
-def _number(kind, check, what):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """How this command runs a config: not part of the run, never saved with it."""
 
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
+    workdir: Optional[str] = setting(
+        None, "where checkpoints, logs and reports go (default: "
+        "runs/<dataset>_<arch>_<method>_<sparsity>_seed<seed>)", group=RUNNING,
+        check=configs.nonempty_path)
+    overwrite: bool = setting(False, "discard the run already in --workdir (its checkpoints and "
+                              "reports) and start over", group=RUNNING)
+    allow_layer_collapse: bool = setting(
+        False, "train even when the masks empty a whole prunable layer (refused by default)",
+        group=RUNNING)
+    compilation_cache: Optional[str] = setting(
+        None, "JAX's persistent compilation cache directory, so reruns, resumes and sweep cells "
+        "skip compiling ('none' disables; default: $XDG_CACHE_HOME/grasp_jax/jax or "
+        "~/.cache/grasp_jax/jax)", group=RUNNING, check=configs.nonempty_path)
+
+    coordinator_address: Optional[str] = setting(
+        None, "address of process 0, where the JAX coordinator listens. Without these flags, "
+        "JAX's distributed runtime is joined only when the environment is a multi-process "
+        "cluster JAX detects (Cloud TPU pod, SLURM, Open MPI)", group=MULTIHOST,
+        metavar="HOST:PORT", check=configs.nonempty_path)
+    num_processes: Optional[int] = setting(None, "number of processes in the run",
+                                           group=MULTIHOST, check=configs.positive_int)
+    process_id: Optional[int] = setting(None, "this process's index, in [0, --num_processes)",
+                                        group=MULTIHOST, check=configs.nonnegative_int)
+    num_cpu_devices: Optional[int] = setting(
+        None, "CPU devices per process (tests and demos of multi-device runs on CPU)",
+        group=MULTIHOST, check=configs.positive_int)
+    distributed_timeout: Optional[int] = setting(
+        None, "seconds to wait for the coordinator at start-up (default 300); a process whose "
+        "peer stops responding exits after a fifth of this (at least 10 s, at most 100 s)",
+        group=MULTIHOST, check=configs.positive_int)
 
 
-positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number(float, lambda v: v > 0 and v < float("inf"), "a positive number")
-nonnegative_float = _number(float, lambda v: 0 <= v < float("inf"), "a non-negative number")
-fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(cls) if "help" in f.metadata)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one (preset-filled flags say so in their help)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from grasp_jax import input_pipeline, models  # registries: the one list of valid names
-
-    p = argparse.ArgumentParser(
+def build_parser() -> cli.Parser:
+    p = cli.Parser(
         prog="python -m experiments.run",
-        description="Prune a network at initialization (GraSP, SNIP, SynFlow, magnitude, random "
-                    "or none), train it data-parallel over all devices, checkpoint, resume, and "
-                    "report. Without arguments: an offline demo (GraSP 90% vs dense on digits).",
-        epilog="Unset flags take the paper's preset for the dataset/arch (experiments/configs.py). "
-               "Exit status: 0 done, 1 run error, 2 bad flags or conflicting workdir, "
-               "143 stopped by SIGTERM after saving (rerun to resume).",
-        formatter_class=_HelpFormatter,
+        description="Prune a network at initialization (" + ", ".join(_method_names()) + "), "
+                    "train it data-parallel over all devices, checkpoint, resume, and report. "
+                    "Without arguments: an offline demo (GraSP 90% vs dense on digits).",
+        epilog="Unset flags take the paper's preset for the dataset/arch/method "
+               "(experiments/configs.py). Exit status: 0 done, 1 run error (e.g. diverged), "
+               "2 bad flags, conflicting or locked workdir, or collapsing masks, 128+signal "
+               "when stopped by SIGTERM/SIGINT/SIGHUP after saving (rerun to resume).",
     )
-    g = p.add_argument_group("what to run")
-    g.add_argument("--dataset", default="cifar10", choices=input_pipeline.dataset_names(),
-                   help="dataset (from the input pipeline's registry)")
-    g.add_argument("--arch", choices=tuple(models.ARCHS), default=None, metavar="ARCH",
-                   help="network, one of: " + ", ".join(models.ARCHS) + ". Default per dataset: "
-                        + ", ".join(f"{d} {a}" for d, a in configs.DEFAULT_ARCH.items()))
-    g.add_argument("--method", default="grasp", choices=configs.METHODS,
-                   help="pruning criterion; 'dense' trains the unpruned network")
-    g.add_argument("--sparsity", type=fraction, default=None,
-                   help="fraction of conv/dense weights to prune, in [0, 1) (default 0.9; "
-                        "0 for dense)")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="seeds init, scoring data, data order, augmentation and dropout")
-
-    g = p.add_argument_group("optimization (defaults: the paper's preset)")
-    g.add_argument("--epochs", type=positive_int, default=None,
-                   help="length of the schedule (preset: 160 CIFAR, 300 Tiny-ImageNet, 90 ImageNet)")
-    g.add_argument("--max_steps", type=positive_int, default=None,
-                   help="stop after this many steps (smoke runs); the lr schedule still spans "
-                        "--epochs, so a later, larger value continues the same run")
-    g.add_argument("--batch_size", type=positive_int, default=None,
-                   help="global batch over all devices; must divide by the device count "
-                        "(preset: 128, ImageNet 256)")
-    g.add_argument("--lr", type=positive_float, default=None,
-                   help="initial learning rate (preset 0.1, scaled linearly by batch_size / preset "
-                        "batch when --batch_size is changed)")
-    g.add_argument("--momentum", type=fraction, default=None, help="SGD momentum (preset 0.9)")
-    g.add_argument("--weight_decay", type=nonnegative_float, default=None,
-                   help="L2 added to the gradient, PyTorch style (preset 5e-4 VGG, 1e-4 ResNet)")
-
-    g = p.add_argument_group("pruning")
-    g.add_argument("--scope", choices=("global", "layerwise"), default="global",
-                   help="rank all layers together (the paper) or prune each layer by --sparsity")
-    g.add_argument("--rounds", type=positive_int, default=None,
-                   help="iterative pruning rounds (preset: 100 for synflow, 1 otherwise)")
-    g.add_argument("--prune_schedule", choices=("exponential", "linear"), default="exponential",
-                   help="sparsity schedule across --rounds")
-    g.add_argument("--temperature", type=positive_float, default=None,
-                   help="divide logits by this while scoring (preset: 200 for grasp, 1 otherwise)")
-    g.add_argument("--score_reinit_dense", action=argparse.BooleanOptionalAction, default=None,
-                   help="score a copy whose dense layers are re-drawn Xavier-normal, as the "
-                        "reference GraSP does (preset: on for grasp, off otherwise)")
-    g.add_argument("--score_samples_per_class", type=positive_int, default=None,
-                   help="class-balanced scoring draw: images per class (preset: see configs.py)")
-    g.add_argument("--score_draws", type=positive_int, default=None,
-                   help="number of class-balanced draws, each scored in two halves")
-    g.add_argument("--ablation", choices=configs.ABLATIONS, default="none",
-                   help="sanity check (Frankle et al., 2021): shuffle = permute each layer's mask, "
-                        "invert = keep what the method would prune (same count), reinit = train "
-                        "the kept weights from a fresh initialization")
-    g.add_argument("--gradient_flow", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the loss, ||g||^2 and g^T H g at init before and after pruning "
-                        "on a training batch other than the scoring batch (results.json: "
-                        "gradient_flow)")
-
-    g = p.add_argument_group("running")
-    g.add_argument("--workdir", default=None,
-                   help="where checkpoints, logs and reports go (default: "
-                        "runs/<dataset>_<arch>_<method>_<sparsity>_seed<seed>)")
-    g.add_argument("--data_dir", default=None,
-                   help="TFDS data dir (or the tiny-imagenet-200 folder); default: TFDS_DATA_DIR "
-                        "or ~/tensorflow_datasets")
-    g.add_argument("--overwrite", action="store_true",
-                   help="discard the run already in --workdir (its checkpoints and reports) "
-                        "and start over")
-    g.add_argument("--checkpoint_every_steps", type=positive_int, default=None,
-                   help="also checkpoint every N steps (always: every epoch, at the end, "
-                        "on SIGTERM)")
-    g.add_argument("--keep_checkpoints", type=positive_int, default=3,
-                   help="how many recent checkpoints to keep")
-    g.add_argument("--log_every_steps", type=positive_int, default=50,
-                   help="training metrics are written every N steps")
-
-    g = p.add_argument_group(
-        "multi-host (docs/MULTIHOST.md)",
-        "Start the same command on every process. Without these flags, JAX's distributed "
-        "runtime is joined only when the environment is a multi-process cluster JAX detects "
-        "(Cloud TPU pod, SLURM, Open MPI); otherwise the run is single-process.")
-    g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                   help="address of process 0, where the JAX coordinator listens")
-    g.add_argument("--num_processes", type=positive_int, default=None,
-                   help="number of processes in the run")
-    g.add_argument("--process_id", type=nonnegative_int, default=None,
-                   help="this process's index, in [0, --num_processes)")
-    g.add_argument("--num_cpu_devices", type=positive_int, default=None,
-                   help="CPU devices per process (tests and demos of multi-device runs on CPU)")
-    g.add_argument("--distributed_timeout", type=positive_int, default=None,
-                   help="seconds to wait for the coordinator at start-up (default 300); "
-                        "a process whose peer stops responding exits after a fifth of this "
-                        "(heartbeat timeout: at least 10 s, at most 100 s; 60 s by default)")
+    cli.add_fields(p, configs.flag_fields(), help_defaults={"dataset": "cifar10",
+                                                            "method": "grasp"})
+    cli.add_fields(p, _fields(Invocation))
     return p
+
+
+def _method_names() -> list[str]:
+    from experiments import methods
+
+    return list(methods.names())
 
 
 # --------------------------------------------------------------------------
 # From flags to a checked config.
 
 
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> configs.Config:
-    """Resolve the preset and check everything that needs the devices or the data.
+def overrides_from_args(args: Any) -> dict[str, Any]:
+    """The config fields the command line gave."""
+    return cli.given(args, configs.flag_fields())
 
-    Any problem ends the program through ``parser.error`` (exit status 2)
-    before anything is written.
-    """
-    from grasp_jax import input_pipeline
 
-    arch = args.arch or configs.DEFAULT_ARCH[args.dataset]
-    if args.method == "dense" and args.sparsity:
-        parser.error(f"--method dense prunes nothing; got --sparsity {args.sparsity}")
-    if args.method == "dense" and args.ablation != "none":
-        parser.error(f"--method dense prunes nothing to ablate; got --ablation {args.ablation}")
-    problem = arch_input_problem(arch, args.dataset)
-    if problem:
-        parser.error(f"--arch {arch} does not fit --dataset {args.dataset}: {problem}")
-    preset = configs.preset(args.dataset, arch, args.method)
-    batch_size = args.batch_size or preset["batch_size"]
+def config_from_args(parser: cli.Parser, args: Any) -> configs.Config:
+    """Resolve the preset and check everything, the data and devices included;
+    UsageError (through ``parser.error``) for any problem, before anything is written."""
     try:
-        input_pipeline.device_batch_layout(batch_size)
+        return config_from_overrides(overrides_from_args(args))
+    except UsageError as e:
+        parser.error(str(e))
+
+
+def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
+    """The checked Config of these flag values (the sweep's cells are overrides too)."""
+    from grasp_jax import data
+
+    overrides = dict(overrides)
+    dataset = overrides.pop("dataset", "cifar10")
+    method = overrides.pop("method", "grasp")
+    arch = overrides.pop("arch", None) or configs.DEFAULT_ARCH[dataset]
+    config = configs.resolve(dataset=dataset, arch=arch, method=method, steps_per_epoch=1,
+                             **overrides)
+    configs.validate(config)
+    try:
+        data.device_batch_layout(config.batch_size)
     except ValueError as e:
-        parser.error(f"--batch_size {batch_size}: {e}")
+        raise UsageError(f"--batch_size {config.batch_size}: {e}") from None
+    check_environment(config)
     try:
-        steps_per_epoch = input_pipeline.steps_per_epoch(
-            args.dataset, batch_size, data_dir=args.data_dir)
+        steps = data.steps_per_epoch(dataset, config.batch_size, data_dir=config.data_dir)
     except (FileNotFoundError, ValueError) as e:
-        parser.error(f"--dataset {args.dataset}: {e}")
+        raise UsageError(f"--dataset {dataset}: {e}") from None
+    return dataclasses.replace(config, steps_per_epoch=steps)
 
-    return configs.resolve(
-        dataset=args.dataset, arch=arch, method=args.method, steps_per_epoch=steps_per_epoch,
-        sparsity=args.sparsity, seed=args.seed, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, scope=args.scope, rounds=args.rounds,
-        prune_schedule=args.prune_schedule, temperature=args.temperature,
-        score_reinit_dense=args.score_reinit_dense,
-        score_samples_per_class=args.score_samples_per_class, score_draws=args.score_draws,
-        ablation=args.ablation, gradient_flow=args.gradient_flow,
-        data_dir=args.data_dir, checkpoint_every_steps=args.checkpoint_every_steps,
-        keep_checkpoints=args.keep_checkpoints, log_every_steps=args.log_every_steps,
-    )
+
+def parse_config(argv: Sequence[str]) -> configs.Config:
+    """The checked Config of a runner command line; UsageError for any bad flag."""
+    return config_from_overrides(overrides_from_args(build_parser().parse_args(list(argv))))
+
+
+def check_environment(config: configs.Config) -> None:
+    """UsageError unless the network takes the dataset's images and the sparsity
+    leaves some weight. Shapes only (``jax.eval_shape``): nothing is computed."""
+    problem = arch_input_problem(config.arch, config.dataset)
+    if problem:
+        raise UsageError(f"--arch {config.arch} does not fit --dataset {config.dataset}: "
+                         f"{problem}")
+    if config.sparsity:
+        import grasp_jax as gj
+
+        total = prunable_weight_count(config.arch, config.dataset)
+        removed = gj.masks.num_to_prune(config.sparsity, total)
+        if removed >= total:
+            raise UsageError(f"--sparsity {config.sparsity!r} removes all {total:,} prunable "
+                             f"weights of {config.arch} (round(s·N) = {removed:,})")
+
+
+def _abstract_init(arch: str, dataset: str, capture: bool = False):
+    import jax
+    import jax.numpy as jnp
+
+    from grasp_jax import data, models
+
+    info = data.get_info(dataset)
+    model = models.get_model(arch, info.num_classes)
+    x = jnp.zeros((1,) + info.image_shape, jnp.float32)
+    return info, jax.eval_shape(lambda: model.init_with_output(
+        jax.random.PRNGKey(0), x, train=False, capture_intermediates=capture))
+
+
+def prunable_weight_count(arch: str, dataset: str) -> int:
+    """How many weights the default prunable rule sees in ``arch`` (shapes only)."""
+    import math
+
+    import jax
+
+    import grasp_jax as gj
+
+    _, (_, variables) = _abstract_init(arch, dataset)
+    params = variables["params"]
+    leaves = jax.tree_util.tree_leaves(params)
+    return sum(math.prod(x.shape) for x, f in zip(leaves, gj.prunable_flags(params)) if f)
 
 
 def arch_input_problem(arch: str, dataset: str) -> Optional[str]:
     """Why ``arch`` cannot take ``dataset``'s images, or None.
 
-    Shapes only (``jax.eval_shape``): nothing is computed. A network can
-    "accept" too small an input by pooling it down to an empty map (VGG19 on
-    8x8 digits) and then average nothing into NaN, so empty intermediate
-    outputs count as a failure too.
+    A network can "accept" too small an input by pooling it down to an empty
+    map (VGG19 on 8x8 digits) and then average nothing into NaN, so empty
+    intermediate outputs count as a failure too.
     """
     import jax
-    import jax.numpy as jnp
 
-    from grasp_jax import input_pipeline, models
-
-    info = input_pipeline.get_info(dataset)
-    model = models.get_model(arch, info.num_classes)
-    x = jnp.zeros((1,) + info.image_shape, jnp.float32)
     try:
-        logits, variables = jax.eval_shape(lambda: model.init_with_output(
-            jax.random.PRNGKey(0), x, train=False, capture_intermediates=True))
+        info, (logits, variables) = _abstract_init(arch, dataset, capture=True)
     except Exception as e:  # noqa: BLE001 - any failure means the pair does not fit
         return f"{type(e).__name__}: {e}"
     empty = [jax.tree_util.keystr(path) for path, leaf in
@@ -253,84 +212,31 @@ def arch_input_problem(arch: str, dataset: str) -> Optional[str]:
     return None
 
 
-def default_workdir(config: configs.Config) -> str:
-    name = f"{config.dataset}_{config.arch}_{config.method}"
-    if config.method != "dense":
-        name += f"_{config.sparsity:g}"
-    return os.path.join("runs", f"{name}_seed{config.seed}")
+def checked_workdir(invocation: Invocation, config: configs.Config) -> str:
+    """The workdir, refused (UsageError) when unusable or holding another run."""
+    path = invocation.workdir if invocation.workdir is not None else \
+        workdirs.default_workdir(config)
+    problem = workdirs.unusable(path)
+    if problem:
+        raise UsageError(f"--workdir {path!r} {problem}")
+    conflict = workdirs.conflict(path, config)
+    if conflict and not invocation.overwrite:
+        raise UsageError(f"{conflict}\npass --overwrite to discard it, or choose another "
+                         "--workdir")
+    return path
 
 
-def workdir_conflict(workdir: str, config: configs.Config) -> Optional[str]:
-    """Why ``workdir`` cannot host ``config`` (None if it can: new, empty or the same run).
-
-    Runs are the same when their resolved configs agree on every field except
-    the run-control ones (``configs.RUN_CONTROL_FIELDS``: max_steps, data_dir,
-    checkpoint/log frequency), which do not change the training trajectory.
-    """
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = configs.Config.from_dict(json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            return f"{path} cannot be read ({e})"
-        diff = configs.differences(saved, config)
-        if diff:
-            lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in diff)
-            return f"{workdir} holds a run with a different configuration:\n{lines}"
-        return None
-    if os.path.exists(os.path.join(workdir, "checkpoints")):
-        return f"{workdir} holds checkpoints but no config.json to check them against"
-    return None
+# --------------------------------------------------------------------------
+# Running.
 
 
-def prepare_workdir(workdir: str, config: configs.Config, overwrite: bool) -> None:
-    """Create the workdir (process 0), clear the old run if asked, save the config."""
-    import jax
+def run(config: configs.Config, workdir: str, overwrite: bool = False,
+        allow_layer_collapse: bool = False) -> tuple[int, dict]:
+    """Train one config in ``workdir``, holding its lock; (exit status, results)."""
+    from experiments import session
 
-    from experiments.outputs import write_text
-
-    if jax.process_index() != 0:
-        return
-    if overwrite:
-        for name in RUN_FILES:
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
-    write_text(os.path.join(workdir, "config.json"), config.to_json())
-
-
-def sync_processes(name: str) -> None:
-    """A barrier across the processes of a multi-host run (no-op on one process)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def run(config: configs.Config, workdir: str, overwrite: bool = False) -> tuple[int, dict]:
-    """Train one config in workdir; (exit status, results)."""
-    from experiments import distributed, train
-    from experiments.logging_utils import log
-
-    prepare_workdir(workdir, config, overwrite)
-    sync_processes("prepare_workdir")  # the others wait until process 0 has set the workdir up
-    log(f"workdir {os.path.abspath(workdir)}")
-    log("config " + json.dumps(config.to_dict(), sort_keys=True))
-    try:
-        results = train.train_and_evaluate(config, workdir)
-    except (train.SparsityDriftError, distributed.MaskMismatchError) as e:
-        import jax
-
-        print(f"error (process {jax.process_index()}): {e}", file=sys.stderr)
-        return 1, {}
-    sync_processes("run_finished")  # leave together: process 0 writes the reports last
-    return (train.PREEMPTED_EXIT_CODE if results["preempted"] else 0), results
+    return session.run(config, workdir, overwrite=overwrite,
+                       allow_layer_collapse=allow_layer_collapse)
 
 
 def demo() -> int:
@@ -338,19 +244,15 @@ def demo() -> int:
     from experiments import report
     from experiments.logging_utils import log
 
-    parser = build_parser()
     rows = []
     for name, flags in DEMO_RUNS:
-        argv = ["--dataset", "digits", "--arch", "lenet5", "--method", flags["method"]]
-        if "sparsity" in flags:
-            argv += ["--sparsity", str(flags["sparsity"])]
-        config = config_from_args(parser, parser.parse_args(argv))
-        workdir = os.path.join(DEMO_WORKDIR, name)
-        conflict = workdir_conflict(workdir, config)
+        config = config_from_overrides(dict(dataset="digits", arch="lenet5", **flags))
+        path = os.path.join(DEMO_WORKDIR, name)
+        conflict = workdirs.conflict(path, config)
         if conflict:
-            parser.error(f"{conflict}\nremove {DEMO_WORKDIR} to rerun the demo")
+            build_parser().refuse(f"{conflict}\nremove {DEMO_WORKDIR} to rerun the demo")
         log(f"\n=== demo: {name} ===")
-        status, results = run(config, workdir)
+        status, results = run(config, path)
         if status:
             return status
         rows.append(results)
@@ -358,23 +260,22 @@ def demo() -> int:
     return 0
 
 
-def join_processes(parser: argparse.ArgumentParser, args: Optional[argparse.Namespace]) -> int:
+def join_processes(invocation: Invocation) -> int:
     """Join the other processes of a multi-host run (before any JAX computation); 0 or 1."""
     from experiments import distributed
 
-    launch = distributed.Launch()
-    if args is not None:
-        timeout = args.distributed_timeout or distributed.INIT_TIMEOUT_S
-        heartbeat = min(max(timeout // 5, 10), 100)
-        launch = distributed.Launch(
-            coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-            process_id=args.process_id, num_cpu_devices=args.num_cpu_devices,
-            # Shutdown waits for the slowest process to finish (process 0 writes the
-            # reports); a dead one is caught by the heartbeat long before.
-            init_timeout_s=timeout, heartbeat_timeout_s=heartbeat, shutdown_timeout_s=timeout)
-        problem = distributed.check_launch(launch)
-        if problem:
-            parser.error(problem)
+    timeout = invocation.distributed_timeout or distributed.INIT_TIMEOUT_S
+    launch = distributed.Launch(
+        coordinator_address=invocation.coordinator_address,
+        num_processes=invocation.num_processes, process_id=invocation.process_id,
+        num_cpu_devices=invocation.num_cpu_devices,
+        # Shutdown waits for the slowest process to finish (process 0 writes the
+        # reports); a dead one is caught by the heartbeat long before.
+        init_timeout_s=timeout, heartbeat_timeout_s=min(max(timeout // 5, 10), 100),
+        shutdown_timeout_s=timeout)
+    problem = distributed.check_launch(launch)
+    if problem:
+        raise UsageError(problem)
     try:
         if distributed.initialize(launch):
             print(distributed.describe(), file=sys.stderr, flush=True)
@@ -385,20 +286,26 @@ def join_processes(parser: argparse.ArgumentParser, args: Optional[argparse.Name
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from experiments import jax_cache
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        return join_processes(build_parser(), None) or demo()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    status = join_processes(parser, args)
-    if status:
-        return status
-    config = config_from_args(parser, args)
-    workdir = args.workdir or default_workdir(config)
-    conflict = workdir_conflict(workdir, config)
-    if conflict and not args.overwrite:
-        parser.error(f"{conflict}\npass --overwrite to discard it, or choose another --workdir")
-    status, _ = run(config, workdir, overwrite=args.overwrite)
+    if not argv:
+        jax_cache.enable(None)
+        return join_processes(Invocation()) or demo()
+    try:
+        args = parser.parse_args(argv)
+        invocation = Invocation(**cli.given(args, _fields(Invocation)))
+        status = join_processes(invocation)
+        if status:
+            return status
+        jax_cache.enable(invocation.compilation_cache)
+        config = config_from_args(parser, args)
+        path = checked_workdir(invocation, config)
+    except UsageError as e:
+        parser.refuse(str(e))
+    status, _ = run(config, path, overwrite=invocation.overwrite,
+                    allow_layer_collapse=invocation.allow_layer_collapse)
     return status
 
 

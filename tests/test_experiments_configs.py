@@ -11,7 +11,7 @@ import pytest
 
 import grasp_jax as gj
 from flax import jax_utils
-from experiments import configs, train
+from experiments import configs, steps
 
 
 def _resolve(dataset, arch, method="grasp", steps_per_epoch=100, **kw):
@@ -38,11 +38,14 @@ def test_paper_presets(dataset, arch, epochs, wd, spc, draws, micro):
 
 
 def test_imagenet_preset():
+    # The paper's ImageNet protocol (issue 14): 150 epochs, lr / 10 at 50 and 100,
+    # scored on 150 batches of 250 in chunks of 20 (12 x 20 + 10 per batch).
     c = _resolve("imagenet2012", "resnet50")
-    assert (c.epochs, c.batch_size, c.lr, c.weight_decay) == (90, 256, 0.1, 1e-4)
-    assert c.lr_decay_epochs == (30, 60)
-    # 150 batches of 128 in chunks of 16 (the largest divisor of 128 not above 20).
-    assert (c.score_batches, c.score_batch_size, c.num_score_microbatches) == (150, 128, 1200)
+    assert (c.epochs, c.batch_size, c.lr, c.weight_decay) == (150, 256, 0.1, 1e-4)
+    assert c.lr_decay_epochs == (50, 100)
+    assert (c.score_batches, c.score_batch_size, c.score_chunk_size) == (150, 250, 20)
+    assert c.num_score_microbatches == 150 * 13
+    assert c.score_reinit_dense and c.score_reinit_layers == "last"
 
 
 def test_overrides_linear_lr_scaling_and_method_defaults():
@@ -74,7 +77,7 @@ def test_config_roundtrip_and_differences():
 
 def test_lr_schedule_decays_from_the_first_step_of_the_decay_epoch():
     c = _resolve("cifar10", "vgg19", steps_per_epoch=10, epochs=4)  # decay at epochs 2 and 3
-    lr = train.learning_rate_schedule(c)
+    lr = steps.learning_rate_schedule(c)
     # optax counts updates from 0: update k is step k+1 of the run; epoch 2 starts at update 20.
     got = [float(lr(k)) for k in (0, 19, 20, 29, 30, 39)]
     np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
@@ -85,8 +88,8 @@ def test_optimizer_is_pytorch_sgd_with_masks():
     c = _resolve("cifar10", "vgg19", steps_per_epoch=1000, weight_decay=0.01, lr=0.5)
     params = {"w": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]])}}
     masks = {"w": {"kernel": jnp.array([[True, False], [True, True]])}}
-    tx = train.make_optimizer(c, masks)
-    state = train.create_state({"params": params, "batch_stats": {}}, masks, tx, jax.random.PRNGKey(0))
+    tx = steps.make_optimizer(c, masks)
+    state = steps.create_state({"params": params, "batch_stats": {}}, masks, tx, jax.random.PRNGKey(0))
     p, opt = state.params, state.opt_state
     ref_p = np.where(masks["w"]["kernel"], params["w"]["kernel"], 0.0)
     buf = np.zeros_like(ref_p)
@@ -104,10 +107,10 @@ def test_optimizer_is_pytorch_sgd_with_masks():
 def test_guard_names_the_leaf_whose_pruned_weights_moved():
     params = {"a": {"kernel": jnp.zeros((2, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
     masks = {"a": {"kernel": jnp.zeros((2, 2), bool)}, "b": {"kernel": jnp.ones((2, 2), bool)}}
-    train.check_pruned_weights_are_zero(params, masks)  # fine
+    steps.check_pruned_weights_are_zero(params, masks)  # fine
     params["a"]["kernel"] = params["a"]["kernel"].at[0, 0].set(1e-30)
-    with pytest.raises(train.SparsityDriftError, match=r"a/kernel \(1 weights\)"):
-        train.check_pruned_weights_are_zero(params, masks)
+    with pytest.raises(steps.SparsityDriftError, match=r"a/kernel \(1 weights\)"):
+        steps.check_pruned_weights_are_zero(params, masks)
 
 
 def test_train_step_keeps_pruned_weights_zero_under_pmap():
@@ -115,12 +118,12 @@ def test_train_step_keeps_pruned_weights_zero_under_pmap():
 
     model = models.get_model("small_vgg", 10)
     c = _resolve("cifar10", "small_vgg", steps_per_epoch=10, batch_size=8)
-    variables = train.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+    variables = steps.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
     masks = gj.masks_from_scores(gj.magnitude_scores(variables["params"]), 0.8, prune="lowest")
-    tx = train.make_optimizer(c, masks)
-    state = train.create_state(variables, masks, tx, jax.random.PRNGKey(1))
-    rstate = jax_utils.replicate(state, axis_name=train.AXIS)
-    step = train.make_train_step(model, tx)
+    tx = steps.make_optimizer(c, masks)
+    state = steps.create_state(variables, masks, tx, jax.random.PRNGKey(1))
+    rstate = jax_utils.replicate(state, axis_name=steps.AXIS)
+    step = steps.make_train_step(model, tx)
     rng = np.random.default_rng(0)
     for _ in range(3):
         batch = {"image": rng.normal(size=(1, 8, 8, 8, 3)).astype(np.float32),
@@ -128,6 +131,6 @@ def test_train_step_keeps_pruned_weights_zero_under_pmap():
         rstate, metrics = step(rstate, batch)
     host = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), rstate.as_dict())
     assert int(host["step"]) == 3 and np.isfinite(metrics["loss"]).all()
-    train.check_pruned_weights_are_zero(host["params"], host["masks"])
+    steps.check_pruned_weights_are_zero(host["params"], host["masks"])
     # BatchNorm running statistics moved away from their init.
     assert not np.allclose(host["batch_stats"]["bn0"]["mean"], 0.0)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import checkpointing, configs, run
+from experiments import workdir as workdirs
 
 REPO = Path(__file__).resolve().parents[1]
 TFDS_DIR = REPO.parent / "shared" / "tfds"
@@ -26,7 +27,7 @@ TFDS_DIR = REPO.parent / "shared" / "tfds"
 _SELF_SIGNAL = """
 import os, sys, time
 import jax
-import experiments.train as t
+import experiments.steps as t
 at, sig = int(sys.argv[1]), int(sys.argv[2])
 ckpts = os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints")
 make = t.make_train_step
@@ -233,7 +234,7 @@ def _saved_run(workdir, **overrides):
     parser = run.build_parser()
     config = run.config_from_args(parser, parser.parse_args(DIGITS + [
         x for k, v in overrides.items() for x in (f"--{k}", str(v))]))
-    run.prepare_workdir(str(workdir), config, overwrite=False)
+    workdirs.prepare(str(workdir), config, overwrite=False)
     return config
 
 
@@ -262,9 +263,11 @@ def test_overwrite_replaces_the_run_but_nothing_else(tmp_path, monkeypatch):
     (workdir / "notes.txt").write_text("mine")
     seen = {}
 
-    def fake_train(config, wd):
-        seen["config"], seen["names"] = config, sorted(os.listdir(wd))
-        return {"preempted": False}
+    def fake_train(config, wd, *args):
+        # The run's lock is held while it trains; everything else is as the run found it.
+        seen["config"] = config
+        seen["names"] = sorted(n for n in os.listdir(wd) if n != workdirs.LOCK_FILE)
+        return {"status": "done"}
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     assert run.main(DIGITS + ["--sparsity", "0.5", "--workdir", str(workdir), "--overwrite"]) == 0
@@ -278,7 +281,7 @@ def test_run_control_flags_may_change_on_resume(tmp_path, monkeypatch):
 
     workdir = tmp_path / "w"
     _saved_run(workdir, max_steps=10)
-    monkeypatch.setattr(train, "train_and_evaluate", lambda c, wd: {"preempted": False})
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, wd, *a: {"status": "done"})
     assert run.main(DIGITS + ["--max_steps", "20", "--log_every_steps", "3",
                               "--workdir", str(workdir)]) == 0
     assert json.loads((workdir / "config.json").read_text())["max_steps"] == 20

@@ -1,0 +1,173 @@
+"""A run's metrics: the window of training steps not yet fetched, and where they are written.
+
+:class:`MetricsWindow` holds the device metrics of recent steps (fetching
+every step would synchronize host and device) and turns them into means when
+the loop reports; it also finds the first step whose loss or gradients were
+not finite. :class:`MetricWriter` appends to ``metrics.jsonl`` and TensorBoard
+event files, and on resume drops from both what a killed run wrote after its
+last checkpoint, so every step has one record.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from experiments import distributed
+from experiments.logging_utils import is_main_process
+
+
+class MetricsWindow:
+    """Train metrics of the steps since the last report, and running epoch sums."""
+
+    def __init__(self) -> None:
+        self._steps: list[int] = []
+        self._pending: list[Any] = []
+        self._epoch = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+
+    def add(self, step: int, device_metrics: Any) -> None:
+        self._steps.append(step)
+        self._pending.append(device_metrics)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> tuple[Optional[dict[str, float]], Optional[int]]:
+        """(means of the window, the first step that was not finite or None); (None, None) if empty."""
+        if not self._pending:
+            return None, None
+        fetched = distributed.first_replica(self._pending)
+        steps, self._steps, self._pending = self._steps, [], []
+        bad = [s for s, m in zip(steps, fetched) if not float(m["finite"])]
+        losses = [float(m["loss"]) for m in fetched]
+        accs = [float(m["accuracy"]) for m in fetched]
+        self._epoch["loss"] += sum(losses)
+        self._epoch["accuracy"] += sum(accs)
+        self._epoch["n"] += len(losses)
+        means = {"train/loss": float(np.mean(losses)), "train/accuracy": float(np.mean(accs))}
+        return means, (bad[0] if bad else None)
+
+    def epoch(self) -> dict[str, float]:
+        """Means over the epoch's reported steps, and a fresh epoch."""
+        n = max(self._epoch["n"], 1)
+        out = {"train/epoch_loss": self._epoch["loss"] / n,
+               "train/epoch_accuracy": self._epoch["accuracy"] / n}
+        self._epoch = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+        return out
+
+
+class MetricWriter:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only).
+
+    One JSON object per line: ``{"step": ..., "<split>/<name>": value, ...}``.
+    """
+
+    def __init__(self, workdir: str) -> None:
+        self.enabled = is_main_process()
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb_dir = os.path.join(workdir, "tensorboard")
+        self._tb = None
+
+    def _writer(self):
+        if self._tb is None:
+            # TensorFlow (a dependency already, for the data) writes the event
+            # files; the `tensorboard` package is needed only to view them.
+            import tensorflow as tf
+            from tensorflow.core.framework import summary_pb2
+
+            self._tf = tf
+            self._tb = tf.summary.create_file_writer(self.tb_dir)
+            # What tf.summary.scalar attaches, spelled out so that writing does not
+            # import the tensorboard package (tensorflow-cpu does not install it).
+            self._scalar_metadata = summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        return self._tb
+
+    def truncate_after(self, step: int) -> None:
+        """Drop every record past ``step`` (written by a run killed after its last checkpoint)."""
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+            _replace(self.path, lambda f: f.writelines(kept), mode="w")
+        _truncate_event_files(self.tb_dir, step)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._writer()
+        tf = self._tf
+        with writer.as_default(step=int(step)):
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tf.summary.write(k, tf.constant(float(v), tf.float32),
+                                     metadata=self._scalar_metadata)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _replace(path: str, write: Any, mode: str = "wb") -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _truncate_event_files(tb_dir: str, step: int) -> None:
+    """Rewrite each TensorBoard event file without the events past ``step``.
+
+    TensorBoard would otherwise show two values for each step a killed run
+    trained past its last checkpoint (the resumed run trains them again).
+    A record cut short by a kill ends the file's readable part.
+    """
+    files = sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")))
+    if not files:
+        return
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    for path in files:
+        kept, dropped = [], 0
+        try:
+            for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                event = event_pb2.Event.FromString(record)
+                if event.HasField("summary") and event.step > step:
+                    dropped += 1
+                else:
+                    kept.append(record)
+        except tf.errors.DataLossError:  # the tail a kill cut short
+            dropped += 1
+        if dropped:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with tf.io.TFRecordWriter(tmp) as w:
+                for record in kept:
+                    w.write(record)
+            os.replace(tmp, path)
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    return v

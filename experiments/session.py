@@ -1,0 +1,110 @@
+"""One run in its workdir, from taking the lock to the exit status.
+
+The lock is taken before anything is written (process 0 takes it; on several
+hosts the others wait for its decision); the old run is cleared if asked, the
+config saved, the run trained; every way a run can end becomes an exit
+status: 0 done, 1 an error during the run (diverged, a pruned weight moved,
+no checkpoint restores, processes disagree on the masks), 2 refused (locked
+workdir, collapsing masks), 128 + signal when stopped by a signal after
+saving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from experiments import checkpointing, configs, distributed, train
+from experiments import workdir as workdirs
+from experiments.logging_utils import log
+from experiments.signals import StopSignals
+from experiments.steps import SparsityDriftError
+
+REFUSED, FAILED = 2, 1
+
+
+def _error(message: str) -> None:
+    import jax
+
+    where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+    print(f"error{where}: {message}", file=sys.stderr, flush=True)
+
+
+def _agree(status: int) -> int:
+    """Process 0's status, on every process (a collective on several processes)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return status
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(status)))
+
+
+def _sync(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
+        allow_layer_collapse: bool = False) -> tuple[int, dict]:
+    """Train ``config`` in ``workdir``; (exit status, results)."""
+    import jax
+
+    main = jax.process_index() == 0
+    lock = workdirs.Lock(workdir)
+    status = 0
+    if main:
+        try:
+            lock.acquire()
+            if lock.took_over:
+                log(lock.took_over)
+        except workdirs.LockHeld as e:
+            _error(str(e))
+            status = REFUSED
+    status = _agree(status)
+    if status:
+        return status, {}
+    try:
+        fresh = overwrite or not os.path.isdir(os.path.join(workdir, "checkpoints"))
+        if main:
+            workdirs.prepare(workdir, config, overwrite)
+        _sync("prepare_workdir")  # the others wait until process 0 has set the workdir up
+        log(f"workdir {os.path.abspath(workdir)}")
+        log("config " + json.dumps(config.to_dict(), sort_keys=True))
+        with StopSignals() as signals:
+            results = train.train_and_evaluate(config, workdir, allow_layer_collapse, signals)
+    except train.LayerCollapseError as e:
+        _error(str(e))
+        if main and fresh:  # nothing of this refused run stays behind
+            for name in workdirs.RUN_FILES:
+                _remove(os.path.join(workdir, name))
+            lock.discard_workdir_if_created()
+        return REFUSED, {}
+    except (SparsityDriftError, distributed.MaskMismatchError,
+            checkpointing.NoUsableCheckpoint) as e:
+        _error(str(e))
+        return FAILED, {}
+    finally:
+        if main:
+            lock.release()
+    _sync("run_finished")  # leave together: process 0 writes the reports last
+    if results["status"] == "diverged":
+        return FAILED, results
+    return (signals.exit_status if results["status"] == "stopped" else 0), results
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)

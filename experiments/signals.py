@@ -1,0 +1,56 @@
+"""Stop signals: SIGTERM, SIGINT (Ctrl-C) and SIGHUP all take one path.
+
+The first one sets a flag that the training loop polls: it finishes the
+current step, saves a checkpoint, says where and how to resume, and the
+process exits ``128 + signal``. A second one exits at once (``os._exit``):
+orbax renames a checkpoint into place only once it is complete, so the
+newest finished checkpoint is never damaged by it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Optional
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class StopSignals:
+    """A context manager; ``signum`` is the first stop signal received, or None."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for s in STOP_SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave the handlers alone
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum) if self.signum else 0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now; the newest finished "
+                  "checkpoint is intact, rerun the same command to resume from it",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current step and saving a "
+              "checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)

@@ -1,0 +1,189 @@
+"""A run's working directory: where it goes, whether it can host a run, and who holds it.
+
+* :func:`unusable` says why a path cannot be a workdir (a file, not creatable,
+  not writable, a read-only file system) without leaving anything behind.
+* :func:`conflict` says why a workdir holds another run.
+* :class:`Lock` makes a workdir one run's at a time: a file holding the
+  holder's PID, host and start time, created exclusively before anything else
+  is written. A lock whose process is gone (on this host) is taken over.
+* :func:`prepare` clears an old run when asked and saves the config.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Optional
+
+from experiments import configs
+from experiments.outputs import write_text
+
+# The files a run owns in its workdir; --overwrite removes these and nothing else.
+RUN_FILES = ("checkpoints", "checkpoints.damaged", "tensorboard", "config.json", "metrics.jsonl",
+             "results.json", "sparsity.md", "density.png", "masks.npz", "gradient_flow.json")
+LOCK_FILE = "run.lock"
+
+
+def default_workdir(config: configs.Config) -> str:
+    name = f"{config.dataset}_{config.arch}_{config.method}"
+    if config.sparsity or config.method != "dense":
+        name += f"_{config.sparsity:g}"
+    return os.path.join("runs", f"{name}_seed{config.seed}")
+
+
+def unusable(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a directory this process writes into, or None.
+
+    Probes for real (a temporary file in the directory, or in the nearest
+    existing ancestor when it does not exist yet) and removes the probe: the
+    permission bits do not tell the whole story (root, read-only mounts).
+    """
+    if not path.strip():
+        return "is empty"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    probe_dir = path
+    while not os.path.isdir(probe_dir):
+        parent = os.path.dirname(os.path.abspath(probe_dir))
+        if os.path.exists(probe_dir) or parent == probe_dir:
+            return f"cannot be created ({probe_dir} is not a directory)"
+        probe_dir = parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        reason = "read-only file system" if e.errno == errno.EROFS else e.strerror
+        return f"is not writable ({probe_dir}: {reason})"
+    return None
+
+
+def conflict(workdir: str, config: configs.Config) -> Optional[str]:
+    """Why ``workdir`` cannot host ``config`` (None if it can: new, empty or the same run).
+
+    Runs are the same when their resolved configs agree on every field except
+    the run-control ones (``configs.RUN_CONTROL_FIELDS``), which do not change
+    the training trajectory.
+    """
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = configs.Config.from_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            return f"{path} cannot be read ({e})"
+        diff = configs.differences(saved, config)
+        if diff:
+            lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in diff)
+            return f"{workdir} holds a run with a different configuration:\n{lines}"
+        return None
+    if os.path.exists(os.path.join(workdir, "checkpoints")):
+        return f"{workdir} holds checkpoints but no config.json to check them against"
+    return None
+
+
+def prepare(workdir: str, config: configs.Config, overwrite: bool) -> None:
+    """Clear the old run if asked, then save the config (process 0 only)."""
+    if overwrite:
+        for name in RUN_FILES:
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    write_text(os.path.join(workdir, "config.json"), config.to_json())
+
+
+class LockHeld(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class Lock:
+    """``<workdir>/run.lock``: one run per workdir.
+
+    :meth:`acquire` creates the workdir if needed and the lock file
+    exclusively (``O_EXCL``, atomic on POSIX file systems); it raises LockHeld
+    naming the holder when a live process holds it, and takes over a lock
+    whose process is gone from this host. :meth:`release` removes it (only if
+    it is still ours).
+    """
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.created_workdir = False
+        self.held = False
+        self.took_over: Optional[str] = None  # a line describing a stale holder, if any
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written right now, or damaged
+
+    def acquire(self) -> None:
+        if not os.path.isdir(self.workdir):
+            os.makedirs(self.workdir)
+            self.created_workdir = True
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released in between: try again
+                if self._stale(holder):
+                    self.took_over = (f"took over the lock of process {holder.get('pid')} on "
+                                      f"{holder.get('host')} (started {holder.get('started')}), "
+                                      "which is gone")
+                    os.remove(self.path)
+                    continue
+                raise LockHeld(self._describe(holder)) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise LockHeld(f"{self.path} keeps changing hands; is another run starting there?")
+
+    def _stale(self, holder: dict) -> bool:
+        same_host = holder.get("host") == socket.gethostname()
+        pid = holder.get("pid")
+        return same_host and isinstance(pid, int) and not _alive(pid)
+
+    def _describe(self, holder: dict) -> str:
+        if not holder:
+            return f"{self.workdir} is locked ({self.path} exists but cannot be read)"
+        return (f"{self.workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                f"(started {holder.get('started')}); wait for it to finish, or stop it. If that "
+                f"process is gone from another host, remove {self.path}")
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            os.remove(self.path)
+        self.held = False
+
+    def discard_workdir_if_created(self) -> None:
+        """After a refusal: leave no trace of a workdir this lock created."""
+        self.release()
+        if self.created_workdir and os.path.isdir(self.workdir) and not os.listdir(self.workdir):
+            os.rmdir(self.workdir)
