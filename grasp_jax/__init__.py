@@ -16,6 +16,7 @@ from grasp_jax.accumulate import (
     accumulate_hvp,
     default_memory_budget,
 )
+from grasp_jax.budgets import erk_densities
 from grasp_jax.chunks import ChunkLayout, chunk_layout, split_microbatches
 from grasp_jax.criteria import resolve_direction
 from grasp_jax.diagnostics import gradient_flow
@@ -48,6 +49,7 @@ from grasp_jax.scoring import (
     snip_scores,
     synflow_scores,
 )
+from grasp_jax.structured import nm_masks
 
 __version__ = "0.1.0"
 
@@ -67,6 +69,7 @@ __all__ = [
     "default_is_prunable",
     "default_memory_budget",
     "gradient_and_hvp",
+    "erk_densities",
     "gradient_flow",
     "grasp_from_hvp",
     "grasp_scores",
@@ -75,6 +78,7 @@ __all__ = [
     "magnitude_scores",
     "masked_updates",
     "masks_from_scores",
+    "nm_masks",
     "merge_prunable",
     "path_name",
     "prunable_flags",

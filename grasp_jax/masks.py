@@ -8,7 +8,6 @@ masks, so every mask tree can be applied to every leaf the same way.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Literal, NamedTuple
 
@@ -16,21 +15,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grasp_jax.budgets import SCOPES, check_sparsity, layer_removal_counts, num_to_prune
 from grasp_jax.criteria import Direction, resolve_direction
 from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 from grasp_jax.selection import Selection, TieBreak, check_tie_break, select_removal
 
 PyTree = Any
-Scope = Literal["global", "layerwise"]
+Scope = Literal["global", "layerwise", "uniform", "erk"]
+
+__all__ = [  # check_sparsity and num_to_prune live in budgets.py, re-exported here
+    "LayerCollapseWarning", "LayerDensity", "SparsityReport", "TieWarning", "apply_masks",
+    "check_same_structure", "check_sparsity", "masks_from_scores", "num_to_prune",
+    "sparsity_report",
+]
 
 
-def check_same_structure(a: PyTree, b: PyTree, what_a: str = "masks", what_b: str = "params") -> None:
+def check_same_structure(
+    a: PyTree, b: PyTree, what_a: str = "masks", what_b: str = "params"
+) -> None:
     """ValueError unless ``a`` and ``b`` have the same tree structure and leaf shapes."""
     da, db = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
     if da != db:
-        raise ValueError(f"{what_a} and {what_b} differ in structure:\n  {what_a}: {da}\n  {what_b}: {db}")
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+        raise ValueError(
+            f"{what_a} and {what_b} differ in structure:\n  {what_a}: {da}\n  {what_b}: {db}"
+        )
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                            jax.tree_util.tree_leaves(b)):
         if np.shape(x) != np.shape(y):
             raise ValueError(
                 f"{what_a} and {what_b} differ in shape at {path_name(path)}: "
@@ -59,22 +70,6 @@ class TieWarning(UserWarning):
 TIE_WARN_FRACTION = 0.01
 
 
-def num_to_prune(sparsity: float, size: int) -> int:
-    """round(sparsity × size), halves rounded up, so the count is the same everywhere."""
-    return math.floor(sparsity * size + 0.5)
-
-
-def check_sparsity(sparsity: float) -> float:
-    """``sparsity`` as a float, or a ValueError unless it is a number in [0, 1)."""
-    try:
-        s = float(sparsity)
-    except (TypeError, ValueError):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
-    if not 0.0 <= s < 1.0:  # also rejects NaN
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    return s
-
-
 # --------------------------------------------------------------------------
 # Public API.
 
@@ -99,7 +94,10 @@ def masks_from_scores(
       prunable: which leaves are prunable (default: ``kernel`` leaves with
         ndim >= 2); pass the same value given to the scoring function.
       scope: ``"global"`` ranks all prunable weights together (the paper);
-        ``"layerwise"`` removes the fraction from each prunable leaf.
+        the others fix each prunable leaf's count first and rank within it:
+        ``"layerwise"`` (or its synonym ``"uniform"``) removes round(s · N_l)
+        from each leaf, ``"erk"`` splits round(s · N) over the leaves by the
+        Erdős–Rényi-Kernel rule (see :mod:`grasp_jax.budgets`).
       prune: ``"highest"`` removes the highest scores (GraSP's S(-θ));
         ``"lowest"`` the lowest (SNIP, SynFlow, magnitude). There is no
         default: pass ``prune`` or ``criterion``.
@@ -120,8 +118,8 @@ def masks_from_scores(
     at least 1% of the removed weights.
     """
     sparsity = check_sparsity(sparsity)
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     highest = resolve_direction(prune, criterion) == "highest"
     check_tie_break(tie_break, key)
     flags = prunable_flags(scores, prunable)
@@ -130,17 +128,16 @@ def masks_from_scores(
     check_finite(scores, prunable=prunable)
 
     named, treedef = jax.tree_util.tree_flatten_with_path(scores)
-    old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(named)
-    layers = [
-        _Layer(path_name(p), jnp.ravel(x), jnp.zeros(np.size(x), bool) if m is None
-               else ~jnp.ravel(jnp.asarray(m, bool)))
-        for (p, x), m, f in zip(named, old, flags) if f
-    ]
+    layers = _prunable_layers(named, masks, flags)
     how = {"highest": highest, "tie_break": tie_break, "key": key}
     if scope == "global":
         keeps, checks = _select_global(layers, sparsity, **how)
     else:
-        keeps, checks = _select_per_layer(layers, sparsity, **how)
+        counts = layer_removal_counts(
+            [layer.shape for layer in layers], sparsity, scope,
+            already_removed=None if masks is None else _forced_counts(layers),
+        )
+        keeps, checks = _select_per_layer(layers, counts, sparsity, **how)
     flat_keeps = iter(keeps)
     out = [jnp.reshape(next(flat_keeps), np.shape(x)) if f else jnp.ones(np.shape(x), bool)
            for (_, x), f in zip(named, flags)]
@@ -151,8 +148,18 @@ def masks_from_scores(
 
 class _Layer(NamedTuple):
     name: str
+    shape: tuple[int, ...]
     scores: jax.Array  # flat
     forced: jax.Array  # flat bool: already pruned by the current masks
+
+
+def _prunable_layers(named: list, masks: PyTree | None, flags: tuple[bool, ...]) -> list[_Layer]:
+    old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(named)
+    return [
+        _Layer(path_name(p), np.shape(x), jnp.ravel(x), jnp.zeros(np.size(x), bool) if m is None
+               else ~jnp.ravel(jnp.asarray(m, bool)))
+        for (p, x), m, f in zip(named, old, flags) if f
+    ]
 
 
 class _TieCheck(NamedTuple):
@@ -173,10 +180,14 @@ def _select_global(layers: list[_Layer], sparsity: float, **how) -> tuple[list, 
     return keeps, [_TieCheck(tuple(layer.name for layer in layers), n, sel)]
 
 
-def _select_per_layer(layers: list[_Layer], sparsity: float, *, key, **how) -> tuple[list, list]:
+def _forced_counts(layers: list[_Layer]) -> list[int]:
+    return [int(c) for c in jax.device_get([jnp.sum(layer.forced) for layer in layers])]
+
+
+def _select_per_layer(layers: list[_Layer], counts: list[int], sparsity: float, *, key,
+                      **how) -> tuple[list, list]:
     keeps, checks = [], []
-    for i, layer in enumerate(layers):
-        n = num_to_prune(sparsity, int(layer.scores.size))
+    for i, (layer, n) in enumerate(zip(layers, counts)):
         _check_not_all(n, int(layer.scores.size), sparsity, f"layer {layer.name}")
         _check_not_below_current(layer.forced, n, f"layer {layer.name}")
         layer_key = None if key is None else jax.random.fold_in(key, i)
@@ -315,7 +326,8 @@ class SparsityReport:
             shape = "×".join(map(str, l.shape))
             rows.append(f"| {l.name} | {shape} | {l.kept:,} | {l.total:,} | {l.density:.2%} |")
         rows.append(f"| **all prunable** | | {self.kept:,} | {self.total:,} | {self.density:.2%} |")
-        rows.append(f"\nSparsity {self.sparsity:.4%}; {self.dense_params:,} non-prunable parameters kept dense.")
+        rows.append(f"\nSparsity {self.sparsity:.4%}; {self.dense_params:,} non-prunable "
+                    "parameters kept dense.")
         if self.collapsed:
             rows.append(f"\n**{self._collapsed_line()}.**")
         return "\n".join(rows)
@@ -325,8 +337,10 @@ class SparsityReport:
         lines = [f"{'layer':<{width}}  {'shape':>18}  {'kept':>12}  {'total':>12}  density"]
         for l in self.layers:
             shape = "x".join(map(str, l.shape))
-            lines.append(f"{l.name:<{width}}  {shape:>18}  {l.kept:>12,}  {l.total:>12,}  {l.density:7.2%}")
-        lines.append(f"{'all prunable':<{width}}  {'':>18}  {self.kept:>12,}  {self.total:>12,}  {self.density:7.2%}")
+            lines.append(f"{l.name:<{width}}  {shape:>18}  {l.kept:>12,}  {l.total:>12,}  "
+                         f"{l.density:7.2%}")
+        lines.append(f"{'all prunable':<{width}}  {'':>18}  {self.kept:>12,}  {self.total:>12,}  "
+                     f"{self.density:7.2%}")
         if self.collapsed:
             lines.append(self._collapsed_line())
         return "\n".join(lines)

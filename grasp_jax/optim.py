@@ -40,7 +40,8 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
 
     def init_fn(params: PyTree) -> MaskedUpdatesState:
         check_same_structure(masks, params, "masks", "params")
-        return MaskedUpdatesState(masks=jax.tree_util.tree_map(lambda m: jnp.asarray(m, bool), masks))
+        as_bool = jax.tree_util.tree_map(lambda m: jnp.asarray(m, bool), masks)
+        return MaskedUpdatesState(masks=as_bool)
 
     def update_fn(updates, state: MaskedUpdatesState, params=None):
         del params

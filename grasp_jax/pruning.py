@@ -26,7 +26,9 @@ Schedule = Literal["exponential", "linear"]
 __all__ = ["PRUNE_DIRECTION", "prune", "sparsity_schedule"]  # the table is re-exported here
 
 
-def sparsity_schedule(sparsity: float, rounds: int, schedule: Schedule = "exponential") -> list[float]:
+def sparsity_schedule(
+    sparsity: float, rounds: int, schedule: Schedule = "exponential"
+) -> list[float]:
     """The target sparsity after each of ``rounds`` rounds; the last is ``sparsity``.
 
     exponential: s_r = 1 - (1 - s)^(r/R)  (each round keeps the same fraction)

@@ -131,7 +131,9 @@ def select_removal(
     ends = jnp.asarray(np.cumsum(sizes), jnp.int64 if size >= 2**31 else jnp.int32)
     random_ties = tie_break == "random"
     tie_key = key if random_ties else jax.random.PRNGKey(0)
-    return _select(scores, forced, count, ends, tie_key, highest=bool(highest), random_ties=random_ties)
+    return _select(
+        scores, forced, count, ends, tie_key, highest=bool(highest), random_ties=random_ties
+    )
 
 
 def check_tie_break(tie_break: str, key: jax.Array | None) -> None:
@@ -139,6 +141,10 @@ def check_tie_break(tie_break: str, key: jax.Array | None) -> None:
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
     if tie_break == "random" and key is None:
-        raise ValueError("tie_break='random' needs key= (a jax.random key) so the mask is reproducible")
+        raise ValueError(
+            "tie_break='random' needs key= (a jax.random key) so the mask is reproducible"
+        )
     if tie_break == "position" and key is not None:
-        raise ValueError("key= is used only with tie_break='random'; drop it or set tie_break='random'")
+        raise ValueError(
+            "key= is used only with tie_break='random'; drop it or set tie_break='random'"
+        )

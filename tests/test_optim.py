@@ -38,7 +38,8 @@ def problem(seed=0):
 )
 def test_pruned_weights_stay_exactly_zero_and_others_move(optimizer):
     params, loss = problem()
-    masks = gj.masks_from_scores(gj.random_scores(params, jax.random.PRNGKey(1)), 0.8, prune="lowest")
+    masks = gj.masks_from_scores(gj.random_scores(params, jax.random.PRNGKey(1)), 0.8,
+                                 criterion="random")
     params = gj.apply_masks(params, masks)
     start = params
     tx = optax.chain(optimizer, gj.masked_updates(masks))
@@ -65,7 +66,8 @@ def test_pruned_weights_stay_exactly_zero_and_others_move(optimizer):
 def test_without_the_transform_pruned_weights_do_move():
     """The control for the test above: plain SGD-momentum revives pruned weights."""
     params, loss = problem()
-    masks = gj.masks_from_scores(gj.random_scores(params, jax.random.PRNGKey(1)), 0.8, prune="lowest")
+    masks = gj.masks_from_scores(gj.random_scores(params, jax.random.PRNGKey(1)), 0.8,
+                                 criterion="random")
     params = gj.apply_masks(params, masks)
     tx = optax.sgd(0.1, momentum=0.9)
     state = tx.init(params)
@@ -115,7 +117,8 @@ def test_state_round_trips_through_orbax(tmp_path):
         restored = ckptr.restore(tmp_path / "state", state)
     masked_state = restored[1]
     assert isinstance(masked_state, gj.MaskedUpdatesState)
-    for a, b in zip(jax.tree_util.tree_leaves(masked_state.masks), jax.tree_util.tree_leaves(masks)):
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(masked_state.masks), leaves(masks)):
         assert a.dtype == jnp.bool_
         np.testing.assert_array_equal(a, b)
 

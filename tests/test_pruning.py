@@ -34,7 +34,7 @@ def test_iterative_pruning_rescores_the_masked_network():
     assert len(seen) == 5
     # Round r sees the weights pruned so far as zeros.
     assert np.sum(seen[0] == 0) == 0 and np.sum(seen[1] == 0) == round(600 * rounds[0][1])
-    for r, target, reached in rounds:
+    for _, target, reached in rounds:
         assert reached == pytest.approx(np.floor(target * 600 + 0.5) / 600)
     assert gj.sparsity_report(masks).kept == 60
     # Iterative magnitude pruning of fixed weights equals one-shot magnitude pruning.
@@ -56,7 +56,8 @@ def test_rounds_can_change_the_outcome():
     one = gj.prune(params, score, 0.95, prune="lowest", rounds=1)
     many = gj.prune(params, score, 0.95, prune="lowest", rounds=20)
     assert gj.sparsity_report(one).kept == gj.sparsity_report(many).kept
-    diff = sum(int(np.sum(np.asarray(one[n]["kernel"]) != np.asarray(many[n]["kernel"]))) for n in params)
+    diff = sum(int(np.sum(np.asarray(one[n]["kernel"]) != np.asarray(many[n]["kernel"])))
+               for n in params)
     assert diff > 0
     # SynFlow's point: iterating avoids disconnecting a whole layer.
     assert all(int(np.sum(many[n]["kernel"])) > 0 for n in params)
