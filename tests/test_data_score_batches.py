@@ -60,7 +60,21 @@ def test_scoring_stream_regenerates_the_same_batches_each_pass():
     # Two iterators side by side do not disturb each other.
     a, b = batches(), batches()
     assert_batches_equal([next(a), next(a)], [next(b), next(b)])
+    # Restarting at a batch gives the rest of the same pass.
+    assert_batches_equal(list(batches(start=3)), first_pass[3:])
+    assert list(batches(start=4)) == []
+    with pytest.raises(ValueError, match="start=5"):
+        batches(start=5)
     other = list(data.scoring_stream("digits", 4, 25, seed=2)())
     assert not np.array_equal(first_pass[0]["image"], other[0]["image"])
     with pytest.raises(ValueError, match="num_batches=0"):
         data.scoring_stream("digits", 0, 25, seed=1)
+
+
+def test_scoring_stream_past_one_epoch_and_too_large_batches():
+    # digits has 1,437 training images: 2 batches of 700 per epoch, the third from epoch 1.
+    batches = list(data.scoring_stream("digits", 3, 700, seed=0)())
+    assert len(batches) == 3
+    assert_batches_equal(batches, data.first_batches("digits", 3, 700, seed=0))
+    with pytest.raises(ValueError, match="per-process batch of 2000 is larger"):
+        data.scoring_stream("digits", 1, 2000, seed=0)

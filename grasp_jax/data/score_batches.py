@@ -22,7 +22,12 @@ from grasp_jax.data.layout import Batch
 from grasp_jax.data.registry import DatasetInfo, resolve
 from grasp_jax.data.seeds import stream_key
 from grasp_jax.data.sources import load_source
-from grasp_jax.data.streams import deterministic, epoch_examples, training_batches
+from grasp_jax.data.streams import (
+    deterministic,
+    epoch_examples,
+    training_batches,
+    training_steps,
+)
 
 
 def _flag(keep: tf.Tensor, element: tuple) -> tf.Tensor:
@@ -103,7 +108,7 @@ def scoring_stream(
     *,
     seed: int,
     data_dir: str | None = None,
-) -> Callable[[], Iterator[Batch]]:
+) -> Callable[..., Iterator[Batch]]:
     """The first ``num_batches`` training batches of a single-process run, regenerable.
 
     What the authors' ImageNet pruning reads (``num_iters`` batches of a fixed
@@ -111,33 +116,39 @@ def scoring_stream(
     augmentation: RandomResizedCrop + horizontal flip + mean/std). Each call of
     the returned function starts a fresh iterator over the same batches, bit for
     bit, so a two-pass scorer sums g over a first pass and Hg over a second
-    while holding one batch at a time. Independent of the calling process:
+    while holding one batch at a time; ``batches(start=k)`` restarts at batch
+    ``k`` without reading the ones before. Independent of the calling process:
     every host regenerates every full batch and keeps its own chunks (see the
-    module doc).
+    module doc). Batches past the first epoch of a small split come from the
+    next epoch, as in training.
 
     Returns:
-      ``() -> iterator`` of {'image' [batch_size, H, W, C] float32, 'label'
-      [batch_size] int32}, unsharded.
+      ``batches(start=0) -> iterator`` of {'image' [batch_size, H, W, C]
+      float32, 'label' [batch_size] int32}, unsharded: batches ``start`` to
+      ``num_batches - 1``.
     """
     info = resolve(dataset)
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches={num_batches} and batch_size={batch_size} must be >= 1.")
     source = load_source(info, info.train_split, data_dir, 0, 1, drop_remainder=True)
-    ds = training_batches(
-        info,
-        source,
-        key=stream_key(seed, 0),
-        local_batch=batch_size,
-        num_devices=1,
-        start_step=0,
-        shuffle_buffer_size=None,
-        # A one-off read: decoding the whole split up front would be wasted.
-        decode_before_shuffle=False,
-    )
-    # Drop the device axis of size 1 inside tf.data, so that batches arrive unsharded.
-    ds = ds.take(num_batches).map(lambda batch: {k: v[0] for k, v in batch.items()})
+    training_steps(source.num_examples, batch_size, info)  # fail here, not at the first batch
 
-    def batches() -> Iterator[Batch]:
+    def batches(start: int = 0) -> Iterator[Batch]:
+        if not 0 <= start <= num_batches:
+            raise ValueError(f"start={start} must lie in [0, num_batches={num_batches}].")
+        ds = training_batches(
+            info,
+            source,
+            key=stream_key(seed, 0),
+            local_batch=batch_size,
+            num_devices=1,
+            start_step=start,
+            shuffle_buffer_size=None,
+            # A one-off read: decoding the whole split up front would be wasted.
+            decode_before_shuffle=False,
+        )
+        # Drop the device axis of size 1 inside tf.data: batches arrive unsharded.
+        ds = ds.take(num_batches - start).map(lambda b: {k: v[0] for k, v in b.items()})
         return ds.as_numpy_iterator()
 
     return batches
