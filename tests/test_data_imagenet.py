@@ -1,0 +1,89 @@
+"""grasp_jax.data on a synthetic imagenet2012 in the real manual-download format.
+
+``fake_datasets.write_imagenet2012`` writes ``ILSVRC2012_img_train.tar`` (a tar
+of per-synset tars of JPEGs) and ``ILSVRC2012_img_val.tar`` under
+``downloads/manual`` and has TFDS's own imagenet2012 builder prepare them, so
+these tests read what ``tfds build imagenet2012`` would have written.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+from data_helpers import ONE_DEVICE, assert_batches_equal, eval_batches, take, train_batches
+from fake_datasets import write_imagenet2012
+
+from grasp_jax import data
+
+SMALL = data.get_info("imagenet2012", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    return write_imagenet2012(tmp_path_factory.mktemp("imagenet"))
+
+
+def class_of_color(images: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
+    """The class whose color (see fake_datasets) is nearest each image's mean color."""
+    info = data.get_info("imagenet2012")
+    pixels = (images.mean(axis=(1, 2)) * np.asarray(info.std) + np.asarray(info.mean)) * 255
+    colors = np.stack([np.random.default_rng(label).integers(40, 216, 3) for label in labels])
+    nearest = np.argmin(((pixels[:, None] - colors[None]) ** 2).sum(-1), axis=1)
+    return np.asarray(labels)[nearest]
+
+
+def test_the_manual_tars_have_the_real_layout(fake):
+    manual = fake.data_dir / "downloads" / "manual"
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar") as train:
+        assert sorted(train.getnames()) == sorted(f"{w}.tar" for w in fake.wnids)
+        inner = tarfile.open(fileobj=train.extractfile(f"{fake.wnids[0]}.tar"))
+        assert inner.getnames()[0] == f"{fake.wnids[0]}_0.JPEG"
+    with tarfile.open(manual / "ILSVRC2012_img_val.tar") as val:
+        assert val.getnames()[0] == "ILSVRC2012_val_00000001.JPEG"
+    # The first validation labels of TFDS's validation_labels.txt.
+    assert fake.validation_labels[:3] == (65, 970, 230)
+
+
+def test_training_stream_reads_every_image_once_per_epoch(fake):
+    data_dir = str(fake.data_dir)
+    steps = data.steps_per_epoch(SMALL, 8, data_dir=data_dir, process_count=1)
+    assert steps == fake.num_train // 8 == 3
+    common = dict(global_batch_size=8, seed=0, data_dir=data_dir)
+    epoch = take(train_batches(SMALL, **common, **{**ONE_DEVICE, "local_device_count": 2}), steps)
+    assert epoch[0]["image"].shape == (2, 4, 32, 32, 3) and epoch[0]["image"].dtype == np.float32
+    labels = np.concatenate([b["label"].reshape(-1) for b in epoch])
+    assert sorted(labels.tolist()) == sorted(list(fake.labels) * fake.train_per_class)
+    images = np.concatenate([b["image"].reshape(-1, 32, 32, 3) for b in epoch])
+    np.testing.assert_array_equal(class_of_color(images, fake.labels), labels)
+    # Resuming at step 4 (in epoch 1) gives the uninterrupted stream's batch.
+    full = take(train_batches(SMALL, **common, **ONE_DEVICE), 5)
+    assert_batches_equal(
+        full[4:], take(train_batches(SMALL, start_step=4, **common, **ONE_DEVICE), 1)
+    )
+
+
+@pytest.mark.parametrize("info", [SMALL, data.get_info("imagenet2012")], ids=["32px", "224px"])
+def test_validation_labels_match_the_images(fake, info):
+    evals = eval_batches(info, global_batch_size=4, data_dir=str(fake.data_dir), **ONE_DEVICE)
+    size = info.image_shape[0]
+    assert [b["image"].shape for b in evals] == [(1, 4, size, size, 3)] * 2
+    mask = np.concatenate([b["mask"][0] for b in evals])
+    labels = np.concatenate([b["label"][0] for b in evals])[mask]
+    images = np.concatenate([b["image"][0] for b in evals])[mask]
+    assert mask.sum() == len(fake.validation_labels)
+    assert sorted(labels.tolist()) == sorted(fake.validation_labels)
+    np.testing.assert_array_equal(class_of_color(images, fake.labels), labels)
+
+
+def test_scoring_stream_is_regenerable(fake):
+    batches = data.scoring_stream(SMALL, 6, 5, seed=0, data_dir=str(fake.data_dir))
+    first, second = list(batches()), list(batches())
+    assert [b["image"].shape for b in first] == [(5, 32, 32, 3)] * 6
+    assert_batches_equal(first, second)
+    assert_batches_equal(list(batches(start=4)), first[4:])
+    labels = np.concatenate([b["label"] for b in first])
+    assert set(labels.tolist()) <= set(fake.labels)
+    images = np.concatenate([b["image"] for b in first])
+    np.testing.assert_array_equal(class_of_color(images, fake.labels), labels)
