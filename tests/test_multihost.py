@@ -36,15 +36,15 @@ CIFAR_ARGS = ["--dataset", "cifar10", "--arch", "small_vgg", "--data_dir", str(S
 # single-process run differs; this isolates the distributed computation itself.
 _SAME_DATA_AS_TWO_PROCESSES = """
 import sys
-import numpy as np
-from grasp_jax import input_pipeline as ip
-one_process = ip.train_iterator
-def train_iterator(name, **kw):
+import tensorflow as tf
+from grasp_jax import data
+one_process = data.train_dataset
+def train_dataset(name, **kw):
     shards = [one_process(name, **kw, process_index=i, process_count=2, local_device_count=2)
               for i in range(2)]
-    for parts in zip(*shards):
-        yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-ip.train_iterator = train_iterator
+    return tf.data.Dataset.zip(tuple(shards)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+data.train_dataset = train_dataset
 from experiments.run import main
 sys.exit(main(sys.argv[1:]))
 """
