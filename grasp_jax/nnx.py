@@ -224,8 +224,9 @@ def synflow_scores(
     """
     graphdef, tree = _prepare(model, None)
     apply_fn = _tree_forward(graphdef, forward)
-    return scoring_lib.synflow_scores(tree, apply_fn, input_shape, prunable=_flags_tree(tree, prunable),
-                              rescale=rescale)[0]
+    flags = _flags_tree(tree, prunable)
+    return scoring_lib.synflow_scores(tree, apply_fn, input_shape, prunable=flags,
+                                      rescale=rescale)[0]
 
 
 def magnitude_scores(model: nnx.Module, *, prunable: PrunableSpec = None) -> nnx.State:

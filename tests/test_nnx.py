@@ -49,7 +49,9 @@ def make_batch(dtype=jnp.float32, n=8):
 def host_state(model):
     """Every Variable of ``model`` as numpy (rng keys as their key data)."""
     def host(a):
-        return np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+        is_key = jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+        return np.asarray(jax.random.key_data(a) if is_key else a)
+
     return jax.tree_util.tree_map(host, nnx.state(model))
 
 
@@ -59,7 +61,8 @@ def by_hand(model, *, train=True):
 
     def loss(p, batch):
         m = nnx.merge(graphdef, p, jax.tree_util.tree_map(jnp.array, rest))
-        m.set_attributes(use_running_average=not train, deterministic=True, raise_if_not_found=False)
+        m.set_attributes(use_running_average=not train, deterministic=True,
+                         raise_if_not_found=False)
         return loss_fn(m, batch)
 
     def apply_eval(p, x):
@@ -74,6 +77,12 @@ def assert_states_close(a, b, **tol):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(x, y, **tol)
+
+
+def assert_states_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
 
 
 # --------------------------------------------------------------------------
@@ -157,10 +166,7 @@ def test_scoring_leaves_batch_stats_rng_counts_and_modes_unchanged():
     gnnx.grasp_scores(model, loss_fn, batch, rngs=0, num_microbatches=2)
     gnnx.snip_scores(model, loss_fn, batch, rngs=nnx.Rngs(dropout=1))
     gnnx.synflow_scores(model, (5, 5, 2))
-    after = host_state(model)
-    assert jax.tree_util.tree_structure(before) == jax.tree_util.tree_structure(after)
-    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
-        np.testing.assert_array_equal(x, y)
+    assert_states_equal(before, host_state(model))
     assert model.bn.use_running_average is True and model.drop.deterministic is True
     # The check above can fail: a training-mode forward of the module itself moves them.
     model.train()
@@ -236,7 +242,8 @@ def test_masks_fit_nnx_optimizer_and_pruned_weights_stay_zero():
     losses = [float(step(model, optimizer, batch)) for _ in range(4)]
     assert losses[-1] < losses[0]
     for name in ("conv", "head"):
-        kernel, keep = np.asarray(getattr(model, name).kernel[...]), np.asarray(masks[name]["kernel"][...])
+        kernel = np.asarray(getattr(model, name).kernel[...])
+        keep = np.asarray(masks[name]["kernel"][...])
         assert (~keep).sum() > 0
         assert np.all(kernel[~keep] == 0.0)
     kept = np.asarray(masks["conv"]["kernel"][...])
@@ -272,5 +279,4 @@ def test_iterative_prune_rescoring_the_masked_module():
     report = gj.sparsity_report(masks)
     assert report.total - report.kept == round(0.8 * report.total)
     assert seen[0] == 0.0 and seen[-1] > 0.0  # later rounds see the pruned weights at 0
-    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(host_state(model))):
-        np.testing.assert_array_equal(x, y)
+    assert_states_equal(before, host_state(model))
