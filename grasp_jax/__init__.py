@@ -20,6 +20,7 @@ from grasp_jax.budgets import erk_densities
 from grasp_jax.chunks import ChunkLayout, chunk_layout, split_microbatches
 from grasp_jax.criteria import resolve_direction
 from grasp_jax.diagnostics import gradient_flow
+from grasp_jax.export import load_sparse, load_sparse_masks, save_sparse
 from grasp_jax.masks import (
     LayerCollapseWarning,
     LayerDensity,
@@ -75,6 +76,8 @@ __all__ = [
     "grasp_scores",
     "inverted_direction",
     "inverted_masks",
+    "load_sparse",
+    "load_sparse_masks",
     "magnitude_scores",
     "masked_updates",
     "masks_from_scores",
@@ -85,6 +88,7 @@ __all__ = [
     "prune",
     "random_scores",
     "reinitialized",
+    "save_sparse",
     "resolve_direction",
     "shuffle_masks",
     "snip_from_gradient",
