@@ -38,6 +38,19 @@ def _without_flag(keep: tf.Tensor, element: tuple) -> tuple:
     return element
 
 
+def _too_few_examples(
+    info: DatasetInfo, kept: tf.data.Dataset, samples_per_class: int
+) -> ValueError:
+    """The error naming the classes short of examples, from a second, label-only pass."""
+    labels = np.fromiter((element[1][1]["label"] for element in kept.as_numpy_iterator()), np.int32)
+    found = np.bincount(labels, minlength=info.num_classes)
+    short = {c: int(n) for c, n in enumerate(found) if n < samples_per_class}
+    return ValueError(
+        f"{info.name}: the training split lacks {samples_per_class} examples for "
+        f"some classes (class: count found) {short}."
+    )
+
+
 def scoring_batch(
     dataset: str | DatasetInfo,
     *,
@@ -86,16 +99,8 @@ def scoring_batch(
     kept = kept.take(wanted)
     batches = augment.augmented_batches(info, kept, source.image_format, key, wanted)
     batch = next(deterministic(batches).as_numpy_iterator(), None)
-    if batch is None:  # The split ran out first; a second, label-only pass says where.
-        labels = np.fromiter(
-            (element[1][1]["label"] for element in kept.as_numpy_iterator()), np.int32
-        )
-        found = np.bincount(labels, minlength=info.num_classes)
-        short = {c: int(n) for c, n in enumerate(found) if n < samples_per_class}
-        raise ValueError(
-            f"{info.name}: the training split lacks {samples_per_class} examples for "
-            f"some classes (class: count found) {short}."
-        )
+    if batch is None:  # The split ran out first.
+        raise _too_few_examples(info, kept, samples_per_class)
     # A stable sort keeps stream order within each class.
     order = np.argsort(batch["label"], kind="stable")
     return {"image": batch["image"][order], "label": batch["label"][order]}
