@@ -1,0 +1,129 @@
+"""Chunked scoring: ragged chunks, the in-memory and one-chunk-at-a-time paths,
+eager, under jit and data-parallel, against explicit per-chunk sums in float64."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from test_scoring import convbn_setup, make_batch, mlp_loss, mlp_params, prunable_vector
+
+import grasp_jax as gj
+
+# memory_budget_bytes=0 forces the one-chunk-at-a-time path; None lets the
+# small test models take the path that linearizes every chunk at once.
+PATHS = {"in_memory": None, "one_chunk_at_a_time": 0}
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def explicit_over_chunks(params, loss_fn, chunks):
+    """θ, Σ_c ∇L_c and Σ_c H_c g over an explicit list of chunks, H from jax.hessian."""
+    flags = gj.prunable_flags(params)
+    theta, rest, treedef = gj.split_prunable(params, flags)
+    flat, unravel = ravel_pytree(theta)
+
+    def loss_flat(v, chunk):
+        return loss_fn(gj.merge_prunable(unravel(v), rest, flags, treedef), chunk)
+
+    grad, hess = jax.jit(jax.grad(loss_flat)), jax.jit(jax.hessian(loss_flat))
+    g = sum(grad(flat, c) for c in chunks)
+    hg = sum(hess(flat, c) @ g for c in chunks)
+    return flat, g, hg
+
+
+@pytest.fixture(scope="module")
+def ragged():
+    """ConvBN on 10 examples in chunks of 4 + 4 + 2, with its explicit sums."""
+    with jax.enable_x64(True):
+        params, loss, batch = convbn_setup(n=10)
+        return (params, loss, batch) + explicit_over_chunks(params, loss, cut(batch, [4, 4, 2]))
+
+
+def cut(batch, sizes):
+    starts = np.cumsum([0] + list(sizes))
+    return [jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], batch)
+            for a, b in zip(starts, starts[1:])]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_ragged_chunks_sum_per_chunk_computations_eager_and_jit(path, ragged):
+    params, loss, batch, theta, g, hg = ragged
+    opts = dict(microbatch_size=4, memory_budget_bytes=PATHS[path])
+    g_tree, hg_tree = gj.gradient_and_hvp(params, loss, batch, **opts)
+    np.testing.assert_allclose(prunable_vector(g_tree), g, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(prunable_vector(hg_tree), hg, rtol=1e-9, atol=1e-12)
+    scores = prunable_vector(gj.grasp_scores(params, loss, batch, **opts))
+    np.testing.assert_allclose(scores, -theta * hg, rtol=1e-9, atol=1e-12)
+    jitted = jax.jit(lambda p, b: gj.grasp_scores(p, loss, b, **opts))(params, batch)
+    np.testing.assert_allclose(prunable_vector(jitted), scores, rtol=1e-9, atol=1e-12)
+    # The short chunk is its own BatchNorm batch: 4 + 4 + 2 is not 5 + 5.
+    five = prunable_vector(gj.grasp_scores(params, loss, batch, num_microbatches=2))
+    assert not np.allclose(scores, five, rtol=1e-3)
+
+
+def test_ragged_snip_eager_and_jit(ragged):
+    params, loss, batch, theta, g, _ = ragged
+    snip = gj.snip_scores(params, loss, batch, microbatch_size=4)
+    np.testing.assert_allclose(prunable_vector(snip), np.abs(theta * g), rtol=1e-9, atol=1e-14)
+    snip_jit = jax.jit(lambda p, b: gj.snip_scores(p, loss, b, microbatch_size=4))(params, batch)
+    np.testing.assert_allclose(prunable_vector(snip_jit), np.abs(theta * g), rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_equal_chunks_take_either_path_to_the_same_scores(path):
+    params, loss, batch = convbn_setup(n=8)
+    theta, _, hg = explicit_over_chunks(params, loss, cut(batch, [2, 2, 2, 2]))
+    s = gj.grasp_scores(params, loss, batch, num_microbatches=4, memory_budget_bytes=PATHS[path])
+    np.testing.assert_allclose(prunable_vector(s), -theta * hg, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_data_parallel_ragged_chunks_sum_over_every_device(path):
+    """Two 'devices' (a named vmap axis: psum behaves as under pmap), each with
+    7 examples in chunks of 3 (3 + 3 + 1): the sums run over all six chunks."""
+    params, loss, batch = convbn_setup(n=14)
+    per_device = jax.tree_util.tree_map(lambda x: x.reshape((2, 7) + x.shape[1:]), batch)
+    chunks = cut(jax.tree_util.tree_map(lambda x: x[:7], batch), [3, 3, 1]) + \
+        cut(jax.tree_util.tree_map(lambda x: x[7:], batch), [3, 3, 1])
+    theta, g, hg = explicit_over_chunks(params, loss, chunks)
+    opts = dict(microbatch_size=3, axis_name="d")
+    grasp = jax.vmap(lambda b: gj.grasp_scores(params, loss, b, memory_budget_bytes=PATHS[path],
+                                               **opts), axis_name="d")(per_device)
+    snip = jax.vmap(lambda b: gj.snip_scores(params, loss, b, **opts), axis_name="d")(per_device)
+    for device in range(2):
+        on_device = lambda t, d=device: prunable_vector(jax.tree_util.tree_map(lambda x: x[d], t))
+        np.testing.assert_allclose(on_device(grasp), -theta * hg, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(on_device(snip), np.abs(theta * g), rtol=1e-9, atol=1e-14)
+
+
+def test_accumulate_primitives_add_to_acc_and_pass_other_leaves_through():
+    params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float64)
+    batch = make_batch(jax.random.PRNGKey(1), n=10, dtype=jnp.float64)
+    theta, g, hg = explicit_over_chunks(params, mlp_loss, cut(batch, [4, 4, 2]))
+    acc = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
+    out = gj.accumulate_gradient(params, mlp_loss, batch, acc, microbatch_size=4)
+    np.testing.assert_allclose(prunable_vector(out), g + 0.5, rtol=1e-10)
+    np.testing.assert_array_equal(out["dense0"]["bias"], 0.5)  # not θ: passed through
+    g_tree = gj.accumulate_gradient(params, mlp_loss, batch, microbatch_size=4)
+    h_tree = gj.accumulate_hvp(params, mlp_loss, batch, g_tree, microbatch_size=4)
+    np.testing.assert_allclose(prunable_vector(h_tree), hg, rtol=1e-9, atol=1e-12)
+    chex.assert_trees_all_equal_structs(h_tree, params)
+
+
+def test_chunk_options_are_checked_with_the_values_named():
+    params = mlp_params(jax.random.PRNGKey(0))
+    batch = make_batch(jax.random.PRNGKey(1), n=8)
+    with pytest.raises(ValueError, match="num_microbatches=2, microbatch_size=4"):
+        gj.grasp_scores(params, mlp_loss, batch, num_microbatches=2, microbatch_size=4)
+    with pytest.raises(ValueError, match="microbatch_size must be a positive integer, got 0"):
+        gj.snip_scores(params, mlp_loss, batch, microbatch_size=0)
+    with pytest.raises(ValueError, match=r"microbatch_size=9 is larger than the batch \(8 "):
+        gj.gradient_and_hvp(params, mlp_loss, batch, microbatch_size=9)
+    assert gj.chunk_layout(make_batch(jax.random.PRNGKey(2), n=250), microbatch_size=20) == \
+        gj.ChunkLayout(size=20, count=12, last=10)
