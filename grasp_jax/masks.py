@@ -24,8 +24,9 @@ from grasp_jax.selection import Selection, TieBreak, check_tie_break, select_rem
 PyTree = Any
 Scope = Literal["global", "layerwise", "uniform", "erk"]
 
-__all__ = [  # check_sparsity and num_to_prune live in budgets.py, re-exported here
-    "LayerCollapseWarning", "LayerDensity", "SparsityReport", "TieWarning", "apply_masks",
+__all__ = [  # check_sparsity and num_to_prune live in budgets.py, Direction in criteria.py
+    "Direction", "LayerCollapseWarning", "LayerDensity", "Scope", "SparsityReport", "TieWarning",
+    "apply_masks",
     "check_same_structure", "check_sparsity", "masks_from_scores", "num_to_prune",
     "sparsity_report",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+import jax
+
 from grasp_jax.criteria import PRUNE_DIRECTION, Direction, resolve_direction
 from grasp_jax.masks import (
     Scope,
@@ -19,6 +21,7 @@ from grasp_jax.masks import (
     masks_from_scores,
 )
 from grasp_jax.prunable import PrunableSpec
+from grasp_jax.selection import TieBreak, check_tie_break
 
 PyTree = Any
 Schedule = Literal["exponential", "linear"]
@@ -58,6 +61,8 @@ def prune(
     schedule: Schedule = "exponential",
     scope: Scope = "global",
     prunable: PrunableSpec = None,
+    tie_break: TieBreak = "position",
+    key: jax.Array | None = None,
     callback: Callable[[int, float, PyTree], None] | None = None,
 ) -> PyTree:
     """Masks from ``rounds`` rounds of scoring the masked network and pruning.
@@ -73,20 +78,24 @@ def prune(
         required.
       rounds, schedule: see :func:`sparsity_schedule`. ``rounds=1`` is
         one-shot pruning.
-      scope, prunable: as in :func:`grasp_jax.masks.masks_from_scores`.
+      scope, prunable, tie_break, key: as in
+        :func:`grasp_jax.masks.masks_from_scores`; with ``tie_break="random"``
+        round r draws its ties from ``fold_in(key, r)``.
       callback: called as ``callback(round, sparsity_r, masks)`` after each
         round (1-based), for progress reporting.
 
     Weights pruned in a round stay pruned in later rounds.
     """
     direction = resolve_direction(prune, criterion)  # before any scoring is spent
+    check_tie_break(tie_break, key)
     targets = sparsity_schedule(sparsity, rounds, schedule)
     masks = None
     for r, s_r in enumerate(targets, start=1):
         current = params if masks is None else apply_masks(params, masks)
         scores = score_fn(current)
         masks = masks_from_scores(
-            scores, s_r, prunable=prunable, scope=scope, prune=direction, masks=masks
+            scores, s_r, prunable=prunable, scope=scope, prune=direction, masks=masks,
+            tie_break=tie_break, key=None if key is None else jax.random.fold_in(key, r),
         )
         if callback is not None:
             callback(r, s_r, masks)

@@ -41,7 +41,7 @@ def test_erk_densities_follow_the_definition(sparsity):
         assert not free[0]  # the 3-channel stem is kept dense at 50%
 
 
-@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98, 0.995])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.98, 0.995])
 def test_erk_counts_sum_exactly_and_round_the_densities(sparsity):
     counts = layer_removal_counts(SHAPES, sparsity, "erk")
     sizes = [math.prod(s) for s in SHAPES]

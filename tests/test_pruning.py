@@ -1,6 +1,7 @@
 """Iterative pruning and its schedule."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -79,6 +80,24 @@ def test_prune_needs_a_direction_before_it_scores():
     by_name = gj.prune(params, score_fn, 0.5, criterion="magnitude", rounds=2)
     by_direction = gj.prune(params, score_fn, 0.5, prune="lowest", rounds=2)
     np.testing.assert_array_equal(by_name["a"]["kernel"], by_direction["a"]["kernel"])
+
+
+def test_prune_passes_a_seeded_tie_break_to_every_round():
+    # Exact zeros everywhere but a few weights: each round's removal is mostly a tie.
+    kernel = jnp.zeros((40, 10)).at[:, 0].set(jnp.arange(1.0, 41.0))
+    params = {"a": {"kernel": kernel}}
+    run = lambda **kw: gj.prune(params, gj.magnitude_scores, 0.5, criterion="magnitude",
+                                rounds=3, **kw)["a"]["kernel"]
+    with pytest.warns(gj.TieWarning):
+        by_position = run()
+    with pytest.warns(gj.TieWarning):
+        a, again, b = (run(tie_break="random", key=jax.random.PRNGKey(s)) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a, again)
+    assert not np.array_equal(a, b) and not np.array_equal(a, by_position)
+    assert int(np.sum(a)) == int(np.sum(by_position)) == 200
+    assert bool(np.all(a[:, 0])) and bool(np.all(b[:, 0]))  # the scores decide these
+    with pytest.raises(ValueError, match="needs key="):
+        gj.prune(params, gj.magnitude_scores, 0.9, criterion="magnitude", tie_break="random")
 
 
 def test_directions_registry():
