@@ -99,3 +99,13 @@ __all__ = [
     "split_prunable",
     "synflow_scores",
 ]
+
+
+def __getattr__(name: str):
+    # gj.nnx (the API for Flax NNX modules) imports flax, which the rest of the
+    # core does not need: load it on first use.
+    if name == "nnx":
+        import importlib
+
+        return importlib.import_module("grasp_jax.nnx")
+    raise AttributeError(f"module 'grasp_jax' has no attribute {name!r}")
