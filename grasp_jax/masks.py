@@ -26,8 +26,7 @@ Scope = Literal["global", "layerwise", "uniform", "erk"]
 
 __all__ = [  # check_sparsity and num_to_prune live in budgets.py, Direction in criteria.py
     "Direction", "LayerCollapseWarning", "LayerDensity", "Scope", "SparsityReport", "TieWarning",
-    "apply_masks",
-    "check_same_structure", "check_sparsity", "masks_from_scores", "num_to_prune",
+    "apply_masks", "check_same_structure", "check_sparsity", "masks_from_scores", "num_to_prune",
     "sparsity_report",
 ]
 
@@ -113,7 +112,7 @@ def masks_from_scores(
       key: a ``jax.random`` key, required for (and only for) ``"random"``.
 
     Raises ValueError when the count round(sparsity × N) is all N prunable
-    weights (in ``"layerwise"`` scope: all of one leaf). Warns with
+    weights (in a per-layer scope: when a leaf's count is all of that leaf). Warns with
     :class:`LayerCollapseWarning`, naming them, when the masks empty whole
     prunable leaves, and with :class:`TieWarning` when the tie-break chooses
     at least 1% of the removed weights.
@@ -225,11 +224,14 @@ def _warn_ties(checks: list[_TieCheck], tie_break: str) -> None:
 def _check_not_all(n_remove: int, size: int, sparsity: float, where: str) -> None:
     # A sparsity just below 1 passes check_sparsity yet rounds to every weight:
     # refuse it as 1.0 itself is refused, rather than return an empty network.
-    if n_remove >= size:
-        raise ValueError(
-            f"sparsity {sparsity!r} removes round({sparsity!r} × {size:,}) = {n_remove:,} weights, "
-            f"all of {where}; choose a sparsity below {1 - 0.5 / size:.6g}"
-        )
+    if n_remove < size:
+        return
+    if n_remove == num_to_prune(sparsity, size):  # the count is round(s·N): say where it stops
+        how = f"round({sparsity!r} × {size:,}) = {n_remove:,}"
+        advice = f"choose a sparsity below {1 - 0.5 / size:.6g}"
+    else:  # a budget (ERK) gave this count
+        how, advice = f"{n_remove:,}", "choose a lower sparsity or another scope"
+    raise ValueError(f"sparsity {sparsity!r} removes {how} weights, all of {where}; {advice}")
 
 
 def _warn_collapsed(names: list[str], keeps: list[jax.Array]) -> None:
