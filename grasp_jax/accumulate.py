@@ -107,7 +107,8 @@ class ScoringSetup(NamedTuple):
 
 def scoring_setup(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                   num_microbatches: int | None = None, microbatch_size: int | None = None,
-                  prunable: PrunableSpec = None, batch_axis_name: str | None = None) -> ScoringSetup:
+                  prunable: PrunableSpec = None,
+                  batch_axis_name: str | None = None) -> ScoringSetup:
     """Validate the arguments shared by the scores; errors name the bad value."""
     flags = prunable_flags(params, prunable)
     layout = chunk_layout(batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size)
@@ -140,9 +141,7 @@ def _chunk_hvp(loss_of, theta, v, chunk):
 _PER_CHUNK = {"gradient": _chunk_gradient, "hvp": _chunk_hvp}
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "loss_fn", "flags", "layout", "axis_name"),
-                   donate_argnames=("acc",))
-def _accumulate_program(params, batch, v, acc, *, kind, loss_fn, flags, layout, axis_name):
+def _add_chunk_sums(params, batch, v, acc, *, kind, loss_fn, flags, layout, axis_name):
     theta, loss_of = prunable_loss(params, loss_fn, flags)
     v_theta = None if v is None else split_prunable(v, flags)[0]
     per_chunk = _PER_CHUNK[kind]
@@ -152,10 +151,21 @@ def _accumulate_program(params, batch, v, acc, *, kind, loss_fn, flags, layout, 
     return merge_prunable([a + t for a, t in zip(acc_theta, total)], acc_rest, flags, treedef)
 
 
+_STATIC = ("kind", "loss_fn", "flags", "layout", "axis_name")
+_accumulate_program = jax.jit(_add_chunk_sums, static_argnames=_STATIC)
+# The host loop's variant reuses the accumulator's buffers; it only ever sees its own.
+_accumulate_in_place = jax.jit(_add_chunk_sums, static_argnames=_STATIC, donate_argnames=("acc",))
+
+
 @functools.partial(jax.jit, static_argnames=("flags",))
 def _zeros(params, *, flags):
     theta, _, _ = split_prunable(params, flags)
     return scatter_prunable([jnp.zeros_like(t) for t in theta], params, flags)
+
+
+@jax.jit
+def _copy(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def is_traced(*trees: PyTree) -> bool:
@@ -170,15 +180,16 @@ def accumulate(kind: str, params: PyTree, batch: PyTree, v: PyTree | None, acc: 
     The one place that decides how chunks are visited: an eager call with
     several chunks loops on the host over one compiled per-chunk program (a
     short last chunk compiles one more); anything else is one program over the
-    whole batch. ``acc`` is donated on eager calls: use the returned tree.
+    whole batch. The caller's ``acc`` is never overwritten.
     """
-    if acc is None:
-        acc = _zeros(params, flags=setup.flags)
     static = {"kind": kind, "loss_fn": setup.loss_fn, "flags": setup.flags, "axis_name": axis_name}
     if setup.layout.num_chunks > 1 and axis_name is None and not is_traced(params, batch, v, acc):
+        acc = _zeros(params, flags=setup.flags) if acc is None else _copy(acc)
         for chunk, one in host_chunks(batch, setup.layout):
-            acc = _accumulate_program(params, chunk, v, acc, layout=one, **static)
+            acc = _accumulate_in_place(params, chunk, v, acc, layout=one, **static)
         return acc
+    if acc is None:
+        acc = _zeros(params, flags=setup.flags)
     return _accumulate_program(params, batch, v, acc, layout=setup.layout, **static)
 
 
@@ -213,7 +224,8 @@ def linearized_bytes(params: PyTree, batch: PyTree, setup: ScoringSetup) -> int:
 
     Traced once per shape (jit caches the trace), compiled never.
     """
-    fn = functools.partial(_residuals, loss_fn=setup.loss_fn, flags=setup.flags, layout=setup.layout)
+    fn = functools.partial(_residuals, loss_fn=setup.loss_fn, flags=setup.flags,
+                           layout=setup.layout)
     shapes = jax.tree_util.tree_leaves(jax.eval_shape(fn, params, batch))
     return int(sum(np.prod(s.shape, dtype=np.int64) * np.dtype(s.dtype).itemsize for s in shapes))
 
@@ -234,7 +246,8 @@ def _linearized_program(params, batch, *, loss_fn, flags, layout, axis_name, fin
     _, g, hvp = _linearized(params, batch, loss_fn, flags, layout)
     g = _all_reduce(g, axis_name)
     hg = _all_reduce(hvp(g), axis_name)
-    return finish(params, scatter_prunable(g, params, flags), scatter_prunable(hg, params, flags), flags)
+    g_tree, hg_tree = scatter_prunable(g, params, flags), scatter_prunable(hg, params, flags)
+    return finish(params, g_tree, hg_tree, flags)
 
 
 @functools.partial(jax.jit, static_argnames=("flags", "finish"))
@@ -282,7 +295,6 @@ def accumulate_gradient(params: PyTree, loss_fn: LossFn, batch: PyTree, acc: PyT
     ``microbatch_size`` with a shorter last one). With ``axis_name`` (inside
     ``pmap``) the increment is summed over the devices, so a replicated ``acc``
     stays replicated: streaming g over many batches is a loop of this call.
-    Eager calls donate ``acc``.
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,

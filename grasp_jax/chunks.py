@@ -50,7 +50,8 @@ def batch_size(batch: PyTree) -> int:
     sizes = {_shape(x)[0] if _shape(x) else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
-            f"every leaf of batch needs the same leading (batch) axis; got sizes {sorted(map(str, sizes))}"
+            "every leaf of batch needs the same leading (batch) axis; got sizes "
+            f"{sorted(map(str, sizes))}"
         )
     return int(sizes.pop())
 
@@ -112,7 +113,8 @@ def host_chunks(batch: PyTree, layout: ChunkLayout) -> Iterator[tuple[PyTree, Ch
     sizes = [layout.size] * layout.count + ([layout.last] if layout.last else [])
     start = 0
     for n in sizes:
-        yield jax.tree_util.tree_map(lambda x, a=start, b=start + n: x[a:b], batch), ChunkLayout(n, 1)
+        chunk = jax.tree_util.tree_map(lambda x, a=start, b=start + n: x[a:b], batch)
+        yield chunk, ChunkLayout(n, 1)
         start += n
 
 

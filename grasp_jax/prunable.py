@@ -72,7 +72,8 @@ def prunable_flags(params: PyTree, prunable: PrunableSpec = None) -> tuple[bool,
         if flag_def != treedef:
             raise ValueError(
                 "`prunable` must be None, a callable (path, leaf) -> bool, or a pytree of "
-                f"bools with the structure of params; got structure {flag_def}, params have {treedef}"
+                f"bools with the structure of params; got structure {flag_def}, "
+                f"params have {treedef}"
             )
         flags = tuple(bool(f) for f in flag_leaves)
     if not any(flags):

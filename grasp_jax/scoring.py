@@ -80,7 +80,7 @@ def _abs_product(t, g):
     return jnp.abs(t * g)
 
 
-# finish(params, g, hg, flags) functions for accumulate.gradient_and_hvp_with (static: module level).
+# finish(params, g, hg, flags) for accumulate.gradient_and_hvp_with (static: module level).
 def _grasp_finish(params, g, hg, flags):
     return _theta_map(_neg_product, params, hg, flags)
 
@@ -98,7 +98,8 @@ def grasp_from_hvp(params: PyTree, hvp: PyTree, *, prunable: PrunableSpec = None
     return _combine(params, hvp, flags=prunable_flags(params, prunable), fn=_neg_product)
 
 
-def snip_from_gradient(params: PyTree, gradient: PyTree, *, prunable: PrunableSpec = None) -> PyTree:
+def snip_from_gradient(params: PyTree, gradient: PyTree, *,
+                       prunable: PrunableSpec = None) -> PyTree:
     """|θ ⊙ g| from a summed g (e.g. of :func:`accumulate_gradient`), zeros off θ."""
     return _combine(params, gradient, flags=prunable_flags(params, prunable), fn=_abs_product)
 

@@ -1,0 +1,93 @@
+"""Scores over a stream of batches, holding one chunk on the device at a time.
+
+The reference GraSP scores ImageNet on 150 batches of 250 images: it sums g
+over every chunk of every batch, then, with that g, sums each chunk's
+Hessian-vector product. Here the batches come from ``make_batches()``, a
+factory of a fresh iterable, called once per pass: GraSP makes two passes, so
+the stream must be restartable (the same batches, with the same augmentation,
+each time). Each pass is a loop of :func:`grasp_jax.accumulate_gradient` or
+:func:`grasp_jax.accumulate_hvp`, so host memory is one batch and device
+memory one chunk, however many batches there are. For data-parallel
+streaming, ``pmap`` those two primitives with ``axis_name`` over the same
+loop (their increments are summed across devices; the accumulator stays
+replicated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from grasp_jax.accumulate import LossFn, accumulate_gradient, accumulate_hvp
+from grasp_jax.prunable import PrunableSpec
+from grasp_jax.scoring import grasp_from_hvp, snip_from_gradient
+
+PyTree = Any
+BatchStream = Callable[[], Iterable[PyTree]]
+
+
+def _sum_over_stream(step: Callable[[PyTree, PyTree | None], PyTree],
+                     make_batches: BatchStream) -> PyTree:
+    acc = None
+    for batch in make_batches():
+        acc = step(batch, acc)
+    if acc is None:
+        raise ValueError("make_batches() yielded no batch")
+    return acc
+
+
+def gradient_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
+                          num_microbatches: int | None = None, microbatch_size: int | None = None,
+                          prunable: PrunableSpec = None,
+                          batch_axis_name: str | None = None) -> PyTree:
+    """g = Σ over every chunk of every batch of ∇_θ L; one pass over ``make_batches()``.
+
+    Each batch is cut into chunks as in :func:`grasp_jax.grasp_scores`
+    (``microbatch_size=20`` on batches of 250: 12 x 20 + 10 each).
+    """
+    opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
+            "prunable": prunable, "batch_axis_name": batch_axis_name}
+    return _sum_over_stream(
+        lambda batch, acc: accumulate_gradient(params, loss_fn, batch, acc, **opts), make_batches)
+
+
+def gradient_and_hvp_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
+                                  num_microbatches: int | None = None,
+                                  microbatch_size: int | None = None,
+                                  prunable: PrunableSpec = None,
+                                  batch_axis_name: str | None = None) -> tuple[PyTree, PyTree]:
+    """g as :func:`gradient_from_batches`, then Hg = Σ_c ∇²_θθ L_c · g over a
+    second pass of ``make_batches()``, which must yield the same batches."""
+    opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
+            "prunable": prunable, "batch_axis_name": batch_axis_name}
+    g = gradient_from_batches(params, loss_fn, make_batches, **opts)
+    hg = _sum_over_stream(
+        lambda batch, acc: accumulate_hvp(params, loss_fn, batch, g, acc, **opts), make_batches)
+    return g, hg
+
+
+def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
+                              num_microbatches: int | None = None,
+                              microbatch_size: int | None = None, prunable: PrunableSpec = None,
+                              batch_axis_name: str | None = None) -> PyTree:
+    """GraSP's -θ ⊙ Hg over a restartable stream (two passes); prune the **highest**.
+
+    Equal to :func:`grasp_jax.grasp_scores` on the batches concatenated, when
+    the chunks are the same.
+    """
+    _, hg = gradient_and_hvp_from_batches(
+        params, loss_fn, make_batches, num_microbatches=num_microbatches,
+        microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name)
+    return grasp_from_hvp(params, hg, prunable=prunable)
+
+
+def snip_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
+                             num_microbatches: int | None = None,
+                             microbatch_size: int | None = None, prunable: PrunableSpec = None,
+                             batch_axis_name: str | None = None) -> PyTree:
+    """SNIP's |θ ⊙ g| over a stream (one pass); prune the **lowest**."""
+    g = gradient_from_batches(params, loss_fn, make_batches, num_microbatches=num_microbatches,
+                              microbatch_size=microbatch_size, prunable=prunable,
+                              batch_axis_name=batch_axis_name)
+    return snip_from_gradient(params, g, prunable=prunable)
+
