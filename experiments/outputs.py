@@ -54,3 +54,17 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(round(float(seconds)), 3600)
     m, s = divmod(rest, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def save_layer_bars(fig: Any, ax: Any, path: str, layers: list[str], *, ylabel: str,
+                    title: str, legend_loc: str = "best") -> None:
+    """Finish a per-layer density bar chart (layer names under the bars, densities in
+    [0, 1], a legend) and save it as a PNG at ``path``."""
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=75, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from experiments.outputs import pyplot, save_png
+from experiments.outputs import pyplot, save_layer_bars, save_png
 from experiments.sweep.aggregation import method_rank
 from experiments.sweep.grid import NO_ABLATION
 from experiments.sweep.results import DONE
@@ -122,12 +122,6 @@ def plot_layer_density(densities: Mapping[str, Mapping[str, float]], sparsity: f
                [densities[m].get(name, 0.0) for name in layers], width, label=m)
     ax.axhline(1 - sparsity, color="gray", linestyle="--", linewidth=1,
                label=f"overall {1 - sparsity:.2%}")
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, rotation=75, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("remaining density (mean over seeds)")
-    ax.set_title(f"{title}: sparsity {sparsity:.2%}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path)
+    save_layer_bars(fig, ax, path, layers, ylabel="remaining density (mean over seeds)",
+                    title=f"{title}: sparsity {sparsity:.2%}")
     return True
