@@ -15,8 +15,6 @@ yours otherwise and pass ``prunable=`` (a callable ``(path, leaf) -> bool``).
 
 from __future__ import annotations
 
-import argparse
-
 import digits
 import jax
 import jax.numpy as jnp
@@ -68,13 +66,7 @@ def score(params: dict, method: str, batch: dict):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="grasp", choices=["grasp", "snip", "synflow"])
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = digits.parse_flags(__doc__.splitlines()[0], argv, steps=300)
 
     train, test = digits.train_test(seed=args.seed)
     params = init_mlp(jax.random.PRNGKey(args.seed))

@@ -1,7 +1,8 @@
-"""scikit-learn's bundled 8x8 digits as JAX-ready arrays (no download), for the examples."""
+"""What the examples share: scikit-learn's bundled 8x8 digits (no download) and their flags."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 
 import numpy as np
@@ -40,3 +41,14 @@ def batches(data: dict, batch_size: int, seed: int = 0) -> Iterator[dict]:
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def parse_flags(description: str, argv=None, *, steps: int) -> argparse.Namespace:
+    """The flags every example takes: method, sparsity, steps, batch size, seed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--method", default="grasp", choices=["grasp", "snip", "synflow"])
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)

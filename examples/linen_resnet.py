@@ -21,7 +21,6 @@ Both matter to pruning at initialization:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -87,13 +86,7 @@ def with_batch_axis(fn: Callable) -> Callable:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="grasp", choices=["grasp", "snip", "synflow"])
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = digits.parse_flags(__doc__.splitlines()[0], argv, steps=200)
 
     train, test = digits.train_test(seed=args.seed)
     model = ResNet(stage_sizes=(2, 2), num_classes=10)
@@ -137,8 +130,8 @@ def main(argv=None) -> None:
     scores, direction = score(unit_scales)
     masks = gj.masks_from_scores(scores, args.sparsity, prune=direction)
     params = gj.apply_masks(params, masks)
-    print(f"{args.method} at {args.sparsity:.0%} sparsity, scored with BatchNorm scales at 1:")
-    print(gj.sparsity_report(masks))
+    print(f"{args.method} at {args.sparsity:.0%} sparsity, scored with BatchNorm scales at 1:\n"
+          f"{gj.sparsity_report(masks)}")
 
     tx = optax.chain(optax.sgd(0.05, momentum=0.9), gj.masked_updates(masks))
     opt_state = tx.init(params)

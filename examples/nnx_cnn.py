@@ -15,7 +15,6 @@ and ``gj.masked_updates(masks)`` last in the optax chain of
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import digits
@@ -25,7 +24,6 @@ import optax
 from flax import nnx
 
 import grasp_jax as gj
-import grasp_jax.nnx  # noqa: F401  (gj.nnx)
 
 
 class CNN(nnx.Module):
@@ -76,13 +74,7 @@ def train_step(model: CNN, optimizer: nnx.Optimizer, batch: dict) -> jax.Array:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="grasp", choices=["grasp", "snip", "synflow"])
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = digits.parse_flags(__doc__.splitlines()[0], argv, steps=300)
 
     train, test = digits.train_test(seed=args.seed)
     model = CNN(rngs=nnx.Rngs(args.seed))

@@ -132,16 +132,9 @@ def _data_scores(score_fn, model, loss_fn, batch, prunable, batch_norm, rngs, op
 # Public API.
 
 
-def grasp_scores(
-    model: nnx.Module,
-    loss_fn: ModuleLossFn,
-    batch: PyTree,
-    *,
-    prunable: PrunableSpec = None,
-    batch_norm: BatchNormMode = "train",
-    rngs: DropoutRngs = None,
-    **options: Any,
-) -> nnx.State:
+def grasp_scores(model: nnx.Module, loss_fn: ModuleLossFn, batch: PyTree, *,
+                 prunable: PrunableSpec = None, batch_norm: BatchNormMode = "train",
+                 rngs: DropoutRngs = None, **options: Any) -> nnx.State:
     """GraSP's S(-θ) = -θ ⊙ Hg for every prunable ``nnx.Param`` of ``model``.
 
     :func:`grasp_jax.grasp_scores` on ``nnx.state(model, nnx.Param)``, with
@@ -183,16 +176,9 @@ def grasp_scores(
                         options)
 
 
-def snip_scores(
-    model: nnx.Module,
-    loss_fn: ModuleLossFn,
-    batch: PyTree,
-    *,
-    prunable: PrunableSpec = None,
-    batch_norm: BatchNormMode = "train",
-    rngs: DropoutRngs = None,
-    **options: Any,
-) -> nnx.State:
+def snip_scores(model: nnx.Module, loss_fn: ModuleLossFn, batch: PyTree, *,
+                prunable: PrunableSpec = None, batch_norm: BatchNormMode = "train",
+                rngs: DropoutRngs = None, **options: Any) -> nnx.State:
     """SNIP's |θ ⊙ g| for every prunable ``nnx.Param``; SNIP prunes the **lowest**.
 
     :func:`grasp_jax.snip_scores` on the module; every argument as in

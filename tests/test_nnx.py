@@ -211,6 +211,10 @@ def test_same_loss_and_model_structure_do_not_retrace():
     assert not np.allclose(prunable_vector(first), prunable_vector(second))
 
 
+def test_reachable_as_gj_nnx():
+    assert gj.nnx is gnnx
+
+
 def test_bad_model_and_loss_raise():
     with pytest.raises(TypeError, match="model must be an nnx.Module, got dict"):
         gnnx.grasp_scores({"kernel": jnp.ones((2, 2))}, loss_fn, make_batch())
