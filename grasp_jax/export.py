@@ -8,7 +8,8 @@ whichever of two encodings is smaller for that leaf:
 - ``"bitmask"``: the mask itself, packed 8 entries a byte (``np.packbits``)
   — N/8 bytes whatever the density, smaller above 1/32 density.
 
-Non-prunable leaves (biases, BatchNorm) are stored whole. Values are stored
+Non-prunable leaves (biases, BatchNorm) are stored whole (unless their
+masks prune something). Values are stored
 as their raw bytes with the dtype's name beside them, so every dtype
 (bfloat16 included) comes back bit for bit. A JSON header (``__meta__``)
 holds each leaf's key path, shape, dtype and encoding, so that plain nested
@@ -85,8 +86,10 @@ def save_sparse(
     host_masks = jax.device_get(jax.tree_util.tree_leaves(masks))
     arrays, leaves = {}, []
     for i, ((key_path, _), value, keep, flag) in enumerate(zip(named, host, host_masks, flags)):
-        value = np.asarray(value)
-        data, header = _encode_leaf(i, value, np.asarray(keep, bool) if flag else None)
+        value, keep = np.asarray(value), np.asarray(keep, bool)
+        # Prunable leaves are sparse; so is any other whose mask prunes something,
+        # so that loading always gives exactly apply_masks(params, masks).
+        data, header = _encode_leaf(i, value, keep if flag or not keep.all() else None)
         arrays.update(data)
         leaves.append({"path": [_key_entry(k) for k in key_path], "name": path_name(key_path),
                        "shape": list(value.shape), "dtype": str(value.dtype), **header})

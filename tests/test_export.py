@@ -56,6 +56,10 @@ def test_both_encodings_are_used_where_smaller(tmp_path):
     with np.load(tmp_path / "s.npz") as data:
         assert "leaf0.indices" in data.files and "leaf1.bitmask" in data.files
     assert_bit_exact(gj.load_sparse(tmp_path / "s.npz"), gj.apply_masks(p, masks))
+    # A mask on a leaf outside the prunable set is kept too.
+    only_a = lambda path, x: gj.path_name(path) == "a/kernel"
+    gj.save_sparse(tmp_path / "p.npz", p, masks, prunable=only_a)
+    assert_bit_exact(gj.load_sparse(tmp_path / "p.npz"), gj.apply_masks(p, masks))
     size = gj.save_sparse(tmp_path / "c.npz", p, masks, compress=True)
     assert size < (tmp_path / "s.npz").stat().st_size
 
