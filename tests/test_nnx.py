@@ -16,6 +16,10 @@ from test_scoring import explicit_g_hg, prunable_vector
 import grasp_jax as gj
 import grasp_jax.nnx as gnnx
 
+# nnx.BatchNorm keeps float32 running averages whatever the param dtype; the
+# float64 tests' (thrown-away) updates of them make jax warn about the cast.
+pytestmark = pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+
 
 @pytest.fixture
 def x64():
@@ -141,6 +145,24 @@ def test_synflow_scores_agree_with_functional_api_in_eval_mode(x64):
     doubled = gnnx.synflow_scores(model, (5, 5, 2), forward=lambda m, x: 2.0 * m(x), rescale=False)
     plain = gnnx.synflow_scores(model, (5, 5, 2), rescale=False)
     np.testing.assert_allclose(prunable_vector(doubled), 2.0 * prunable_vector(plain), rtol=1e-12)
+
+
+class AxisNet(Net):
+    """Net with its BatchNorm averaging over a pmap axis, as in Flax's ImageNet example."""
+
+    def __init__(self, rngs):
+        super().__init__(rngs)
+        self.bn = nnx.BatchNorm(3, axis_name="batch", rngs=rngs)
+
+
+def test_functional_options_pass_through_batch_axis_name():
+    batch = make_batch()
+    plain, bound = Net(nnx.Rngs(12)), AxisNet(nnx.Rngs(12))
+    with pytest.raises(NameError, match="unbound axis name: batch"):
+        gnnx.grasp_scores(bound, loss_fn, batch)
+    np.testing.assert_allclose(
+        prunable_vector(gnnx.grasp_scores(bound, loss_fn, batch, batch_axis_name="batch")),
+        prunable_vector(gnnx.grasp_scores(plain, loss_fn, batch)), rtol=1e-5, atol=1e-8)
 
 
 def test_magnitude_and_random_scores_have_the_param_structure():
