@@ -21,13 +21,15 @@ non-zeros.
 
 Within a group the direction is that of :func:`grasp_jax.masks_from_scores`
 (``prune="lowest"`` keeps the N highest scores); equal scores are pruned in
-order of position, the earlier first. Weights already pruned by ``masks``
-stay pruned and count towards the group's M - N.
+order of position, the earlier first, and a :class:`~grasp_jax.TieWarning`
+says so when that choice removes at least 1% of the removed weights. Weights
+already pruned by ``masks`` stay pruned and count towards the group's M - N.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grasp_jax.criteria import Direction, resolve_direction
-from grasp_jax.masks import check_same_structure
+from grasp_jax.masks import TIE_WARN_FRACTION, TieWarning, check_same_structure
 from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 from grasp_jax.selection import removal_key
@@ -59,7 +61,14 @@ def _nm_keep(scores, forced, *, n: int, m: int, axis: int, highest: bool) -> jax
     order = jnp.argsort(~groups, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1)  # each weight's place in that order
     keep = (rank >= m - n).reshape(key.shape)[..., :length]
-    return jnp.moveaxis(keep, -1, axis) & ~forced
+    # Where the last weight removed and the first kept have equal scores,
+    # position chose among them: count the removed weights of that tie.
+    ordered = jnp.take_along_axis(groups, order, axis=-1)
+    last_removed = ordered[..., m - n - 1 : m - n]
+    tied = (ordered[..., m - n : m - n + 1] == last_removed) & (last_removed != top)
+    by_position = jnp.sum((ordered[..., : m - n] == last_removed) & tied)
+    removed = jnp.sum(~keep[..., :length])
+    return jnp.moveaxis(keep, -1, axis) & ~forced, by_position, removed
 
 
 def nm_masks(
@@ -98,7 +107,7 @@ def nm_masks(
     check_finite(scores, prunable=prunable)
     named, treedef = jax.tree_util.tree_flatten_with_path(scores)
     old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(named)
-    out = []
+    out, ties = [], []
     for (path, x), current, flag in zip(named, old, flags):
         if not flag:
             out.append(jnp.ones(np.shape(x), bool))
@@ -108,6 +117,25 @@ def nm_masks(
                 f"axis {axis} is out of range for {path_name(path)} of shape {np.shape(x)}"
             )
         forced = jnp.zeros(np.shape(x), bool) if current is None else ~jnp.asarray(current, bool)
-        out.append(_nm_keep(jnp.asarray(x), forced, n=n, m=m, axis=axis % np.ndim(x),
-                            highest=highest))
+        keep, by_position, removed = _nm_keep(jnp.asarray(x), forced, n=n, m=m,
+                                              axis=axis % np.ndim(x), highest=highest)
+        out.append(keep)
+        ties.append((path_name(path), by_position, removed))
+    _warn_ties(ties, f"{n}:{m}")
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _warn_ties(ties: list[tuple[str, jax.Array, jax.Array]], structure: str) -> None:
+    counts = jax.device_get([(t, r) for _, t, r in ties])  # one sync for all leaves
+    by_position = sum(int(t) for t, _ in counts)
+    removed = sum(int(r) for _, r in counts)
+    if removed and by_position >= TIE_WARN_FRACTION * removed:
+        where = ", ".join(f"{name} ({int(t):,})" for (name, _, _), (t, _) in zip(ties, counts) if t)
+        warnings.warn(
+            f"in the {structure} groups, position (equal scores) chose {by_position:,} of the "
+            f"{removed:,} weights removed ({by_position / removed:.1%}); layers: {where}. The "
+            "scores do not rank these weights (e.g. exact zeros behind a zero-initialized "
+            "BatchNorm scale)",
+            TieWarning,
+            stacklevel=3,
+        )

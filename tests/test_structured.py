@@ -1,5 +1,7 @@
 """N:M masks: exact group structure, the direction, short last groups, and current masks."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,9 @@ def params(seed=0):
 @pytest.mark.parametrize("prune", ["lowest", "highest"])
 def test_two_of_four_along_the_input_axis_exactly(prune):
     scores = params()
-    masks = gj.nm_masks(scores, 2, 4, prune=prune)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gj.TieWarning)  # distinct scores: no tie to report
+        masks = gj.nm_masks(scores, 2, 4, prune=prune)
     for name in ("conv", "dense"):
         m = np.asarray(masks[name]["kernel"])
         # Groups of 4 consecutive input features, for each tap and output: 2 kept in each.
@@ -64,8 +68,11 @@ def test_another_axis_and_ties_by_position():
     assert np.all(mask.reshape(5, 4, 2).sum(-1) == 1)
     np.testing.assert_array_equal(mask, reference_nm(s["w"]["kernel"], 1, 2, -1, False))
     # Equal scores: the earlier weights of each group are pruned first.
-    zeros = {"w": {"kernel": jnp.zeros((8, 2))}}
-    tied = np.asarray(gj.nm_masks(zeros, 2, 4, prune="lowest")["w"]["kernel"])
+    zeros = {"w": {"kernel": jnp.zeros((8, 2)).at[0, 1].set(1.0)}}
+    # 4 groups, 2 removed from each, all 8 chosen by position (the group holding the 1.0
+    # still ties among its three zeros).
+    with pytest.warns(gj.TieWarning, match=r"2:4 groups, position .* chose 8 of the 8 .*w/kernel"):
+        tied = np.asarray(gj.nm_masks(zeros, 2, 4, prune="lowest")["w"]["kernel"])
     np.testing.assert_array_equal(tied[:, 0], [False, False, True, True] * 2)
 
 
