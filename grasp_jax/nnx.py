@@ -74,9 +74,11 @@ def _flags_tree(tree: tuple, prunable: PrunableSpec) -> tuple:
 def _module_copy(graphdef: nnx.GraphDef, tree: tuple, *, train: bool, dropout: bool) -> nnx.Module:
     """A throwaway module from ``tree`` with BatchNorm and Dropout modes set on it.
 
-    ``tree_map`` makes new Variables at the current trace level: merging the
-    caller's would let a training-mode BatchNorm write tracers into them
-    (Flax's TraceContextError).
+    ``tree`` reaches the loss as traced data, and ``tree_map`` gives the copy
+    Variables of its own at the current trace level, so a BatchNorm in
+    training mode writes its running averages only into them. (A loss that
+    merges state captured from outside the trace fails there with Flax's
+    TraceContextError.)
     """
     params, rest, *key = jax.tree_util.tree_map(lambda x: x, tree)
     model = nnx.merge(graphdef, params, rest)
@@ -163,10 +165,11 @@ def grasp_scores(model: nnx.Module, loss_fn: ModuleLossFn, batch: PyTree, *,
       **options: any other keyword of :func:`grasp_jax.grasp_scores`
         (``num_microbatches``, ``axis_name``, ...).
 
-    Dropout is off by default although the authors score in training mode:
-    their networks (VGG, ResNet) have no Dropout, so their code never chose,
-    and GraSP's S(-θ) = -θ ⊙ Hg is a derivative of one fixed loss, which
-    random masks would make a random draw that changes with the key.
+    Dropout is off by default, although the authors' code scores with the
+    network in ``train()`` mode: their networks (VGG, ResNet) have no Dropout,
+    so that code never made the choice, and with Dropout on the scores are
+    those of one randomly thinned network, changing with the key. Pass
+    ``rngs`` to score as PyTorch's ``model.train()`` would.
 
     Returns:
       An ``nnx.State`` like ``nnx.state(model, nnx.Param)``: scores at
@@ -182,8 +185,7 @@ def snip_scores(model: nnx.Module, loss_fn: ModuleLossFn, batch: PyTree, *,
     """SNIP's |θ ⊙ g| for every prunable ``nnx.Param``; SNIP prunes the **lowest**.
 
     :func:`grasp_jax.snip_scores` on the module; every argument as in
-    :func:`grasp_scores` (SNIP's reference code, too, scores the network as it
-    is built, in training mode).
+    :func:`grasp_scores`.
     """
     return _data_scores(scoring_lib.snip_scores, model, loss_fn, batch, prunable, batch_norm, rngs,
                         options)
