@@ -103,17 +103,22 @@ def _wait_for(predicate, timeout):
     return predicate()
 
 
+def _long_sweep(out, *forwarded, **popen):
+    """A one-cell sweep (random 90%, LeNet-5 on digits) that trains far longer than a test."""
+    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", str(out), "--quiet",
+           "--methods", "random", "--sparsities", "0.9", "--seeds", "0", "--dataset", "digits",
+           "--arch", "lenet5", "--batch_size", "32", "--epochs", "1000", "--max_steps", "100000",
+           "--", *forwarded]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_sigkill_of_the_sweep_alone_takes_its_cell(tmp_path):
     out = tmp_path / "sweep"
     cell_dir = out / "random_s0.9_seed0"
-    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", str(out), "--quiet",
-           "--methods", "random", "--sparsities", "0.9", "--seeds", "0", "--dataset", "digits",
-           "--arch", "lenet5", "--batch_size", "32", "--epochs", "1000", "--max_steps", "100000"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    sweep_proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+    sweep_proc = _long_sweep(out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # The cell has started when its run wrote config.json (JAX loaded, training next).
         assert _wait_for(lambda: (cell_dir / "config.json").exists(), 240), "no cell started"
@@ -129,3 +134,28 @@ def test_sigkill_of_the_sweep_alone_takes_its_cell(tmp_path):
             sweep_proc.kill()
         for pid in _processes_naming(f"--workdir {cell_dir}"):
             os.kill(pid, signal.SIGKILL)  # only if the test failed: no orphan left behind
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_the_cell_once_and_it_saves(tmp_path):
+    # A terminal's Ctrl-C signals the whole foreground process group. The cell must get
+    # one stop signal (the sweep's SIGTERM), not that SIGINT too: a second signal makes
+    # the runner exit at once, without saving.
+    out = tmp_path / "sweep"
+    cell_dir = out / "random_s0.9_seed0"
+    sweep_proc = _long_sweep(out, "--log_every_steps", "1", stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # its own group, as a shell's job
+    try:
+        assert _wait_for(lambda: (cell_dir / "metrics.jsonl").exists(), 240), "no training"
+        os.killpg(sweep_proc.pid, signal.SIGINT)
+        stdout, _ = sweep_proc.communicate(timeout=120)
+    finally:
+        if sweep_proc.poll() is None:
+            os.killpg(sweep_proc.pid, signal.SIGKILL)
+    log = (cell_dir / "log.txt").read_text()
+    assert sweep_proc.returncode == 128 + signal.SIGINT, stdout
+    assert "stopped (exit status 143)" in stdout
+    assert "SIGTERM: saved a checkpoint" in log, log
+    assert "SIGINT" not in log and "again: exiting now" not in log, log
+    assert "=== exit status 143" in log

@@ -41,8 +41,9 @@ invocation ran it. ``--report_only`` loads no JAX.
 
 Exit status: 0 every cell finished (done or diverged); 1 some cell failed
 (the others still ran); 2 bad command line or unusable ``--sweep_dir``
-(nothing written); 128+signal when stopped by SIGINT or SIGTERM (the running
-cell is sent SIGTERM, saves a checkpoint, and resumes on the next invocation).
+(nothing written); 128+signal when stopped by SIGINT, SIGTERM or SIGHUP (the
+running cell is sent one SIGTERM, saves a checkpoint, and resumes on the next
+invocation).
 
 The parts: ``grid`` (cells, their names and runner argv), ``validate`` (the
 runner's checks of every cell, before anything is written), ``sweep_dir``,

@@ -1,9 +1,10 @@
 """Running the cells: one ``python -m experiments.run`` subprocess each, one after
 another, with their output in ``<cell>/log.txt``; stop signals; resuming.
 
-A cell dies with the sweep: SIGINT/SIGTERM are passed on (the runner saves a
-checkpoint and exits 143), and a sweep killed outright takes its cell with it
-through the kernel's parent-death signal (experiments.sweep.launch).
+A cell dies with the sweep: SIGINT, SIGTERM and SIGHUP are passed on as one
+SIGTERM (the runner saves a checkpoint and exits 143), and a sweep killed
+outright takes its cell with it through the kernel's parent-death signal
+(experiments.sweep.launch).
 """
 
 from __future__ import annotations
@@ -33,11 +34,18 @@ from experiments.sweep.tables import RESULTS_MD, write_tables
 CELL_LOG = "log.txt"
 
 
+# The runner's stop signals (experiments/signals.py): each makes it save and exit 128 + signal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class StopSignals:
-    """SIGINT/SIGTERM while a cell runs: ask the cell to save and stop, then stop the sweep.
+    """A stop signal while a cell runs: ask the cell to save and stop, then stop the sweep.
 
     The first signal sends SIGTERM to the running cell (the runner checkpoints
-    and exits 143); another one kills it.
+    and exits 143); another one kills it. The cell runs in a session of its
+    own, so a terminal's Ctrl-C or hang-up reaches the sweep alone and the cell
+    gets exactly one signal: the runner takes a second one as "exit at once,
+    without saving".
     """
 
     def __init__(self) -> None:
@@ -46,7 +54,7 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:  # noqa: PYI034 (typing.Self needs Python 3.11)
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread: signals stay as they are
@@ -88,7 +96,7 @@ def run_cell(cmd: Sequence[str], cell_dir: str, echo: bool, stop: StopSignals) -
         log.write(header)
         log.flush()
         proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=cell_env())
+                                env=cell_env(), start_new_session=True)
         stop.child = proc
         try:
             # Raw chunks, not lines: nothing waits for a newline.
@@ -123,7 +131,7 @@ def _skipped(state: str, cell_dir: str) -> str:
 
 
 def cell_outcome(cell_dir: str, status: int, took: float, num_steps: int,
-             stop: StopSignals) -> tuple[str, str]:
+                 stop: StopSignals) -> tuple[str, str]:
     """(done | diverged | stopped | failed, the progress line's end) of a cell that ran."""
     state = cell_state(cell_dir, num_steps)
     if state == DIVERGED:  # the runner exits 1, but the cell is finished: not a failure
@@ -132,8 +140,9 @@ def cell_outcome(cell_dir: str, status: int, took: float, num_steps: int,
                           f"{format_duration(took)}; reported as diverged, in no mean")
     if status == 0 and state == DONE:
         acc = read_json(os.path.join(cell_dir, RESULTS_JSON))["final_test_accuracy"]
-        return DONE, f"done in {format_duration(took)}, final test accuracy {acc:.2%}"
-    if stop.signum is not None or status == 128 + signal.SIGTERM:
+        acc_text = "none recorded" if acc is None else f"{acc:.2%}"
+        return DONE, f"done in {format_duration(took)}, final test accuracy {acc_text}"
+    if stop.signum is not None or status in {128 + s for s in STOP_SIGNALS}:
         return "stopped", (f"stopped (exit status {status}); rerun the same command to resume "
                            "from its checkpoint")
     return "failed", f"FAILED with exit status {status}; the end of its log:\n{_log_tail(cell_dir)}"
