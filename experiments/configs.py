@@ -95,6 +95,19 @@ def setting(default: Any, help: str, *, group: str, check: Optional[Callable] = 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def nm_pattern(value: Any) -> Optional[str]:
+    """``"N:M"`` with 0 < N < M."""
+    parts = value.split(":") if isinstance(value, str) else []
+    ok = len(parts) == 2 and all(p.isdigit() for p in parts) and 0 < int(parts[0]) < int(parts[1])
+    return None if ok else "N:M with integers 0 < N < M, e.g. 2:4"
+
+
+def _scopes() -> tuple[str, ...]:
+    from grasp_jax import budgets
+
+    return budgets.SCOPES
+
+
 def _datasets() -> tuple[str, ...]:
     from grasp_jax import data
 
@@ -127,6 +140,9 @@ class Config:
                               "(0 for dense)", group=WHAT, check=fraction)
     seed: int = setting(0, "seeds init, scoring data, data order, augmentation and dropout",
                         group=WHAT, check=seed_value)
+    image_size: Optional[int] = setting(None, "train and evaluate at this image size instead "
+                                        "of the dataset's own (imagenet2012: 224; smaller for "
+                                        "smoke runs)", group=WHAT, check=positive_int)
 
     # PyTorch-style SGD: weight decay is added to the gradient before momentum.
     epochs: int = setting(160, "length of the schedule", group=OPTIM, check=positive_int)
@@ -145,11 +161,24 @@ class Config:
                                      check=positive_float)
     steps_per_epoch: int = 0  # derived from the dataset and batch_size; not a flag
 
-    scope: str = setting("global", "rank all layers together (the paper) or prune each layer "
-                         "by --sparsity", group=PRUNE, choices=lambda: ("global", "layerwise"))
+    scope: str = setting("global", "global: rank all layers together (the paper); layerwise "
+                         "(= uniform): prune each layer by --sparsity; erk: per-layer budgets "
+                         "Erdős–Rényi-kernel (Evci et al., 2020)", group=PRUNE,
+                         choices=_scopes)
+    nm: Optional[str] = setting(None, "structured N:M masks instead of --sparsity, e.g. 2:4 "
+                                "(keep 2 of every 4 consecutive weights along each kernel's "
+                                "input axis, as sparse tensor cores need); one-shot",
+                                group=PRUNE, check=nm_pattern, metavar="N:M")
+    tie_break: str = setting("position", "how equal scores at the threshold are ordered: by "
+                             "position (earlier first) or seeded random; both deterministic",
+                             group=PRUNE, choices=lambda: ("position", "random"))
     rounds: int = setting(1, "iterative pruning rounds", group=PRUNE, check=positive_int)
     prune_schedule: str = setting("exponential", "sparsity schedule across --rounds",
                                   group=PRUNE, choices=lambda: ("exponential", "linear"))
+    score_bn_mode: str = setting(
+        "train", "BatchNorm while scoring on data: train (batch statistics; the GraSP "
+        "authors' net.train()) or eval (running statistics; Synaptic-Flow's default "
+        "model.eval())", group=PRUNE, choices=lambda: ("train", "eval"))
     temperature: float = setting(1.0, "divide logits by this while scoring", group=PRUNE,
                                  check=positive_float)
     score_reinit_dense: bool = setting(
@@ -278,9 +307,9 @@ PRESETS: tuple[Preset, ...] = (
     Preset(dict(batch_size=128, lr=0.1, momentum=0.9, lr_decay_at=(0.5, 0.75),
                 lr_decay_factor=0.1, score_samples_per_class=10, score_draws=1, score_batches=0,
                 score_batch_size=128, score_chunk_size=0, score_reinit_layers="all"),
-           "paper §5 and configs/cifar10/*.json: SGD momentum 0.9, lr 0.1 decayed x0.1 at "
-           "int(0.5 epochs) and int(0.75 epochs), batch 128; main_prune_non_imagenet.py: "
-           "samples_per_class 10, num_iters 1"),
+           "configs/*/*/GraSP_*.json: lr 0.1 decayed x0.1 at int(0.5 epochs) and "
+           "int(0.75 epochs), batch 128, samples_per_class 10, num_iters 1; "
+           "main_prune_non_imagenet.py:169: momentum 0.9 (docs/PROTOCOLS.md has the lines)"),
     Preset(dict(weight_decay=5e-4), "configs/*/vgg19/*.json: weight_decay 5e-4", family="vgg"),
     Preset(dict(weight_decay=1e-4), "configs/*/resnet32/*.json: weight_decay 1e-4",
            family="resnet"),
@@ -345,6 +374,9 @@ def resolve(*, dataset: str, arch: Optional[str] = None, method: str = "grasp",
         given["lr_decay_epochs"] = tuple(_whole_if_integral(round(f * epochs, 6)) for f in decay_at)
     if not methods.get(method).prunes:
         given["sparsity"] = 0.0
+    if given.get("nm") and nm_pattern(given["nm"]) is None:
+        n, m = (int(v) for v in given["nm"].split(":"))
+        given["sparsity"] = 1 - n / m  # what N:M masks remove, for reports and sweeps
     p.update(given)
     return Config(dataset=dataset, arch=arch, method=method, steps_per_epoch=steps_per_epoch, **p)
 
@@ -372,12 +404,10 @@ def validate(config: Config) -> None:
         if meta["choices"] is not None and value not in meta["choices"]():
             raise UsageError(f"--{f.name} {value!r}: not one of {', '.join(meta['choices']())}")
     method = methods.get(config.method)
-    if not method.prunes and config.sparsity:
-        raise UsageError(f"--method {config.method} prunes nothing; got --sparsity "
-                         f"{config.sparsity}")
-    if not method.prunes and config.ablation != "none":
-        raise UsageError(f"--method {config.method} prunes nothing to ablate; got --ablation "
-                         f"{config.ablation}")
+    check_method_settings(config.method, config.to_dict())
+    if config.nm and (config.rounds != 1 or config.scope != "global"):
+        raise UsageError(f"--nm {config.nm} is one-shot and sets each group's density itself; "
+                         f"got --rounds {config.rounds} --scope {config.scope}")
     if config.score_batches and config.score_chunk_size > config.score_batch_size:
         raise UsageError(f"--score_chunk_size {config.score_chunk_size} is larger than its batch "
                          f"(--score_batch_size {config.score_batch_size})")
@@ -385,6 +415,32 @@ def validate(config: Config) -> None:
             config.score_draws and config.score_samples_per_class):
         raise UsageError(f"--method {config.method} scores on data, but there is none: give "
                          "--score_batches, or --score_draws and --score_samples_per_class")
+
+
+def check_method_settings(method: str, settings: Mapping[str, Any]) -> None:
+    """UsageError when ``settings`` (given flags, or a whole config) ask a method that
+    prunes nothing to prune or to ablate. Checked before :func:`resolve`, which sets a
+    dense run's sparsity to 0."""
+    if method not in methods.names():
+        raise UsageError(f"unknown method {method!r}; valid: {', '.join(methods.names())}")
+    if methods.get(method).prunes:
+        return
+    if settings.get("sparsity"):
+        raise UsageError(f"--method {method} prunes nothing; got --sparsity "
+                         f"{settings['sparsity']}")
+    if settings.get("ablation", "none") != "none":
+        raise UsageError(f"--method {method} prunes nothing to ablate; got --ablation "
+                         f"{settings['ablation']}")
+
+
+def dataset_info(config: Config) -> Any:
+    """The data package's DatasetInfo of ``config`` (its image size, if set)."""
+    from grasp_jax import data
+
+    try:
+        return data.get_info(config.dataset, image_size=config.image_size)
+    except ValueError as e:
+        raise UsageError(f"--image_size {config.image_size}: {e}") from None
 
 
 def lr_boundaries(config: Config) -> dict[int, float]:

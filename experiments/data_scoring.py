@@ -22,7 +22,7 @@ from grasp_jax import data, models
 from grasp_jax.prunable import named_leaves
 
 from experiments import distributed
-from experiments.configs import Config
+from experiments.configs import Config, dataset_info
 from experiments.methods import Context
 
 PyTree = Any
@@ -36,36 +36,36 @@ def scoring_batch(config: Config) -> dict[str, np.ndarray]:
 
     Class-balanced draws (CIFAR, Tiny-ImageNet, digits) are concatenated draw
     after draw, so that feeding the batch in ``2 * draws`` equal chunks gives
-    the reference's two halves of every draw. With ``score_batches`` (ImageNet)
-    it is the first training batches of a single-process run instead. Every
-    process computes the same batch, hence the same masks.
+    the reference's two halves of every draw. Every process computes the same
+    batch, hence the same masks. (With ``score_batches``, ImageNet, the
+    batches are streamed instead: ``experiments.streamed_scoring``.)
     """
-    if config.score_batches:
-        parts = data.first_batches(
-            config.dataset, config.score_batches, config.score_batch_size,
-            seed=config.seed, data_dir=config.data_dir,
+    parts = [
+        data.scoring_batch(
+            dataset_info(config), samples_per_class=config.score_samples_per_class,
+            seed=config.seed, draw=d, data_dir=config.data_dir,
         )
-    else:
-        parts = [
-            data.scoring_batch(
-                config.dataset, samples_per_class=config.score_samples_per_class,
-                seed=config.seed, draw=d, data_dir=config.data_dir,
-            )
-            for d in range(config.score_draws)
-        ]
+        for d in range(config.score_draws)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
 
 
 def make_loss_fn(model: nn.Module, batch_stats: PyTree, temperature: float,
-                 dropout_key: jax.Array) -> Callable[[PyTree, PyTree], jax.Array]:
-    """``loss(params, batch)`` for scoring: BatchNorm in training mode, the
-    running averages thrown away, logits divided by ``temperature``. A batch
-    with a ``weight`` entry (data-parallel scoring: 1 in real chunks, 0 in a
-    device's padding chunks) has its loss multiplied by the chunk's weight."""
+                 dropout_key: jax.Array, bn_mode: str = "train"
+                 ) -> Callable[[PyTree, PyTree], jax.Array]:
+    """``loss(params, batch)`` for scoring, logits divided by ``temperature``.
+
+    ``bn_mode="train"`` (the GraSP authors'): BatchNorm normalizes each chunk
+    by its own statistics and the running averages are thrown away; dropout
+    is active. ``"eval"`` (Synaptic-Flow's default): running statistics, no
+    dropout. A batch with a ``weight`` entry (data-parallel scoring: 1 in real
+    chunks, 0 in a device's padding chunks) has its loss multiplied by the
+    chunk's weight."""
+    train = bn_mode == "train"
 
     def loss_fn(params, batch):
         logits, _ = model.apply(
-            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+            {"params": params, "batch_stats": batch_stats}, batch["image"], train=train,
             mutable=["batch_stats"], rngs={"dropout": dropout_key},
         )
         loss = gj.cross_entropy_with_temperature(logits, batch["label"], temperature)
@@ -179,13 +179,36 @@ def data_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree
     """``params -> scores`` of a data-dependent core scorer (grasp_scores,
     snip_scores) on the config's scoring data, chunks and devices."""
     config = ctx.config
+    if config.score_batches:
+        from experiments import streamed_scoring
+
+        scores_of = streamed_scoring.streamed_scorer(ctx, scorer)
+    else:
+        scores_of = _in_memory_scorer(ctx, scorer)
+    if not config.score_reinit_dense:
+        return scores_of
+    reinit_key = jax.random.fold_in(ctx.key, 1)
+    order = models.layer_order(ctx.model, ctx.image_shape)
+    return lambda p: scores_of(reinit_dense_kernels(p, reinit_key, config.score_reinit_layers,
+                                                    order))
+
+
+def reinit_note(config: Config) -> str:
+    if not config.score_reinit_dense:
+        return ""
+    return f", {config.score_reinit_layers} dense layer(s) re-drawn Xavier-normal"
+
+
+def _in_memory_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree], PyTree]:
+    """Class-balanced draws, all in host memory, scored in ``2 * draws`` equal chunks."""
+    config = ctx.config
     batch = scoring_batch(config)
     k = config.num_score_microbatches
-    reinit = (f", {config.score_reinit_layers} dense layer(s) re-drawn Xavier-normal"
-              if config.score_reinit_dense else "")
     ctx.log(f"scoring with {config.method} on {len(batch['label'])} training images in {k} "
-            f"chunks (temperature {config.temperature:g}{reinit})")
-    loss_fn = make_loss_fn(ctx.model, ctx.batch_stats, config.temperature, ctx.key)
+            f"chunks (temperature {config.temperature:g}, BatchNorm {config.score_bn_mode} "
+            f"mode{reinit_note(config)})")
+    loss_fn = make_loss_fn(ctx.model, ctx.batch_stats, config.temperature, ctx.key,
+                           config.score_bn_mode)
     if jax.device_count() > 1:
         ctx.log(f"  data-parallel: {chunks_per_device(k, jax.device_count())} chunk(s) per "
                 f"device on {jax.device_count()} devices")
@@ -196,12 +219,7 @@ def data_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree
         def scores_of(p):
             return scorer(p, loss_fn, batch, num_microbatches=k)
 
-    if not config.score_reinit_dense:
-        return scores_of
-    reinit_key = jax.random.fold_in(ctx.key, 1)
-    order = models.layer_order(ctx.model, ctx.image_shape)
-    return lambda p: scores_of(reinit_dense_kernels(p, reinit_key, config.score_reinit_layers,
-                                                    order))
+    return scores_of
 
 
 # --------------------------------------------------------------------------
@@ -211,7 +229,7 @@ def data_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree
 def diagnostics_batch(config: Config) -> dict[str, np.ndarray]:
     """One training batch that is not the scoring batch: another seed's first batch."""
     (batch,) = data.first_batches(
-        config.dataset, 1, config.batch_size, seed=config.seed + 7919, data_dir=config.data_dir)
+        dataset_info(config), 1, config.batch_size, seed=config.seed + 7919, data_dir=config.data_dir)
     return batch
 
 

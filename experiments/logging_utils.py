@@ -8,11 +8,12 @@ readable.
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Mapping, Optional
 
 import jax
+
+from experiments.outputs import format_duration
 
 
 def is_main_process() -> bool:
@@ -27,15 +28,6 @@ def log(message: str) -> None:
         _Progress.active.write(message)
     else:
         print(message, flush=True)
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h:d}:{m:02d}:{s:02d}"
 
 
 class _Progress:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import grasp_jax as gj
@@ -177,8 +178,20 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
     direction = method.direction
     if config.ablation == "invert":
         direction = gj.inverted_direction(direction)
-    masks = gj.prune(params, score_fn, config.sparsity, prune=direction, rounds=config.rounds,
-                     schedule=config.prune_schedule, scope=config.scope, callback=progress)
+    tie_key = jax.random.fold_in(key, 4) if config.tie_break == "random" else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if config.nm:
+            n, m = (int(v) for v in config.nm.split(":"))
+            masks = gj.nm_masks(score_fn(params), n, m, prune=direction)
+        else:
+            masks = gj.prune(params, score_fn, config.sparsity, prune=direction,
+                             rounds=config.rounds, schedule=config.prune_schedule,
+                             scope=config.scope, tie_break=config.tie_break, key=tie_key,
+                             callback=progress)
+    for w in caught:  # into the run's log; a collapse is the runner's own check
+        if not issubclass(w.category, gj.LayerCollapseWarning):
+            log(f"warning: {w.message}")
     if config.ablation == "shuffle":
         masks = gj.shuffle_masks(masks, jax.random.fold_in(key, 2))
     masks = jax.block_until_ready(masks)

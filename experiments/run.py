@@ -124,6 +124,7 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
     dataset = overrides.pop("dataset", "cifar10")
     method = overrides.pop("method", "grasp")
     arch = overrides.pop("arch", None) or configs.DEFAULT_ARCH[dataset]
+    configs.check_method_settings(method, overrides)
     config = configs.resolve(dataset=dataset, arch=arch, method=method, steps_per_epoch=1,
                              **overrides)
     configs.validate(config)
@@ -133,7 +134,8 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
         raise UsageError(f"--batch_size {config.batch_size}: {e}") from None
     check_environment(config)
     try:
-        steps = data.steps_per_epoch(dataset, config.batch_size, data_dir=config.data_dir)
+        steps = data.steps_per_epoch(configs.dataset_info(config), config.batch_size,
+                                     data_dir=config.data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--dataset {dataset}: {e}") from None
     return dataclasses.replace(config, steps_per_epoch=steps)
@@ -147,34 +149,35 @@ def parse_config(argv: Sequence[str]) -> configs.Config:
 def check_environment(config: configs.Config) -> None:
     """UsageError unless the network takes the dataset's images and the sparsity
     leaves some weight. Shapes only (``jax.eval_shape``): nothing is computed."""
-    problem = arch_input_problem(config.arch, config.dataset)
+    info = configs.dataset_info(config)
+    problem = arch_input_problem(config.arch, info)
     if problem:
         raise UsageError(f"--arch {config.arch} does not fit --dataset {config.dataset}: "
                          f"{problem}")
     if config.sparsity:
         import grasp_jax as gj
 
-        total = prunable_weight_count(config.arch, config.dataset)
+        total = prunable_weight_count(config.arch, info)
         removed = gj.masks.num_to_prune(config.sparsity, total)
         if removed >= total:
             raise UsageError(f"--sparsity {config.sparsity!r} removes all {total:,} prunable "
                              f"weights of {config.arch} (round(s·N) = {removed:,})")
 
 
-def _abstract_init(arch: str, dataset: str, capture: bool = False):
+def _abstract_init(arch: str, dataset: Any, capture: bool = False):
     import jax
     import jax.numpy as jnp
 
     from grasp_jax import data, models
 
-    info = data.get_info(dataset)
+    info = data.get_info(dataset) if isinstance(dataset, str) else dataset
     model = models.get_model(arch, info.num_classes)
     x = jnp.zeros((1,) + info.image_shape, jnp.float32)
     return info, jax.eval_shape(lambda: model.init_with_output(
         jax.random.PRNGKey(0), x, train=False, capture_intermediates=capture))
 
 
-def prunable_weight_count(arch: str, dataset: str) -> int:
+def prunable_weight_count(arch: str, dataset: Any) -> int:
     """How many weights the default prunable rule sees in ``arch`` (shapes only)."""
     import math
 
@@ -188,7 +191,7 @@ def prunable_weight_count(arch: str, dataset: str) -> int:
     return sum(math.prod(x.shape) for x, f in zip(leaves, gj.prunable_flags(params)) if f)
 
 
-def arch_input_problem(arch: str, dataset: str) -> Optional[str]:
+def arch_input_problem(arch: str, dataset: Any) -> Optional[str]:
     """Why ``arch`` cannot take ``dataset``'s images, or None.
 
     A network can "accept" too small an input by pooling it down to an empty
@@ -285,10 +288,23 @@ def join_processes(invocation: Invocation) -> int:
     return 0
 
 
+PLUGINS_ENV = "GRASP_JAX_PLUGINS"
+
+
+def import_plugins() -> None:
+    """Import the modules named in $GRASP_JAX_PLUGINS (comma-separated), before the
+    parser is built: a criterion they register is then a ``--method`` choice."""
+    import importlib
+
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        importlib.import_module(name)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from experiments import jax_cache
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    import_plugins()
     parser = build_parser()
     if not argv:
         jax_cache.enable(None)

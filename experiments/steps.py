@@ -161,6 +161,14 @@ def evaluate(p_eval: Callable, rstate: TrainState, batches) -> dict[str, float]:
             "test/accuracy": float(totals["correct"]) / count}
 
 
+def prunable_zero_fraction(params: PyTree) -> float:
+    """Fraction of conv/dense kernel entries that are exactly zero."""
+    flags = gj.prunable_flags(params)
+    leaves = [x for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
+    zeros = sum(int(jnp.sum(x == 0)) for x in leaves)
+    return zeros / sum(x.size for x in leaves)
+
+
 @jax.jit
 def _pruned_nonzero(params: PyTree, masks: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda p, m: jnp.sum(jnp.logical_and(~m, p != 0)), params, masks)

@@ -33,11 +33,21 @@ from flax import jax_utils
 import grasp_jax as gj
 from grasp_jax import data, models
 
-from experiments import checkpointing, data_scoring, devices, distributed, methods, report, steps
+from experiments import (
+    checkpointing,
+    configs,
+    data_scoring,
+    devices,
+    distributed,
+    methods,
+    report,
+    steps,
+)
 from experiments.clock import Chrono
 from experiments.configs import Config
-from experiments.logging_utils import Progress, format_duration, is_main_process, log
+from experiments.logging_utils import Progress, is_main_process, log
 from experiments.metrics import MetricsWindow, MetricWriter
+from experiments.outputs import format_duration
 from experiments.signals import StopSignals
 from experiments.steps import AXIS, TrainState
 
@@ -150,6 +160,7 @@ class Outcome:
     diverged_at_step: Optional[int] = None
     diverged_in: str = ""  # "training" or "evaluation"
     last_eval: dict = dataclasses.field(default_factory=dict)
+    zero_fraction: Optional[float] = None  # of the prunable weights, at the end
 
 
 def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool = False,
@@ -161,7 +172,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     (a pruned weight moved), NoUsableCheckpoint (none restores).
     """
     started = time.time()
-    info = data.get_info(config.dataset)
+    info = configs.dataset_info(config)
     model = models.get_model(config.arch, info.num_classes)
     ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
     writer = MetricWriter(workdir)
@@ -193,10 +204,11 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
     # match it spare a second compilation of the train step at step 2.
     rstate = jax_utils.replicate(state, axis_name=AXIS)
     del state
-    eval_ds = data.eval_dataset(config.dataset, global_batch_size=config.batch_size,
+    info = configs.dataset_info(config)
+    eval_ds = data.eval_dataset(info, global_batch_size=config.batch_size,
                                           data_dir=config.data_dir)
     batches = devices.prefetch_to_device(data.train_dataset(
-        config.dataset, global_batch_size=config.batch_size, seed=config.seed,
+        info, global_batch_size=config.batch_size, seed=config.seed,
         data_dir=config.data_dir, start_step=step).as_numpy_iterator(), axis_name=AXIS)
     lr = steps.learning_rate_schedule(config)
     cadence, window, outcome = Cadence(config), MetricsWindow(), Outcome()
@@ -243,7 +255,9 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
                 return dataclasses.replace(outcome, status="stopped", step=step)
     if not outcome.last_eval:  # resumed a finished run: evaluate the restored state
         outcome.last_eval = evaluate()
-    return dataclasses.replace(outcome, step=step)
+    params = distributed.first_replica(rstate.params)
+    return dataclasses.replace(outcome, step=step,
+                               zero_fraction=steps.prunable_zero_fraction(params))
 
 
 def save(ckpt: checkpointing.Checkpointer, step: int, rstate: TrainState, meta: dict,
@@ -303,6 +317,7 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
             + (f"step {good} in {ckpt.directory}" if good is not None else "none (step 0)"))
     else:
         results.update(
+            prunable_zero_fraction=outcome.zero_fraction,
             final_test_accuracy=outcome.last_eval.get("test/accuracy"),
             final_test_loss=outcome.last_eval.get("test/loss"),
             best_test_accuracy=meta["best_test_accuracy"], best_step=meta["best_step"])

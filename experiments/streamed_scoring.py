@@ -1,0 +1,146 @@
+"""Scoring on many training batches (ImageNet), streamed: a few chunks in memory, not the set.
+
+The reference prunes ImageNet on 150 batches of 250 images from the shuffled,
+augmented training loader, each fed in chunks of 20 (12 x 20 + 10): g summed
+over every chunk of every batch, then each chunk's Hg with that g. Here the
+batches come from ``grasp_jax.data.scoring_stream``, which regenerates the
+same batches for each pass, so host memory holds one batch and the devices a
+few chunks, however many batches there are.
+
+With several devices (on any number of hosts) every process regenerates each
+batch and keeps its own devices' chunks: the full chunks of a batch are dealt
+to the devices as for in-memory scoring (``data_scoring.deal_chunks``, padding
+slots weighted 0), and the short last chunks of successive batches are
+collected and dealt one per device. The core's ``accumulate_gradient`` and
+``accumulate_hvp``, pmapped with ``axis_name``, sum every increment over all
+devices, so each device ends with the sums over every chunk and every
+process with the same scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import jax_utils
+
+import grasp_jax as gj
+from grasp_jax import data
+
+from experiments import distributed
+from experiments.configs import Config, dataset_info
+from experiments.data_scoring import SCORE_AXIS, deal_chunks, make_loss_fn, reinit_note
+from experiments.methods import Context
+
+PyTree = Any
+Batch = dict[str, np.ndarray]
+
+
+def chunk_sizes(batch_size: int, chunk_size: int) -> list[int]:
+    """The chunks a batch is fed in: as many ``chunk_size`` as fit, then the rest (250, 20: 12 x 20 + 10)."""
+    chunk = chunk_size or batch_size
+    full, rest = divmod(batch_size, chunk)
+    return [chunk] * full + ([rest] if rest else [])
+
+
+def describe_chunks(sizes: list[int]) -> str:
+    counts: dict[int, int] = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    return " + ".join(f"{n} x {size}" for size, n in counts.items())
+
+
+def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree], PyTree]:
+    """``params -> scores`` of ``scorer`` (grasp_scores or snip_scores) over the
+    config's ``score_batches`` training batches, in chunks of ``score_chunk_size``."""
+    config = ctx.config
+    stream = data.scoring_stream(dataset_info(config), config.score_batches,
+                                 config.score_batch_size, seed=config.seed,
+                                 data_dir=config.data_dir)
+    sizes = chunk_sizes(config.score_batch_size, config.score_chunk_size)
+    passes = "two passes" if scorer is gj.grasp_scores else "one pass"
+    ctx.log(f"scoring with {config.method} on {config.score_batches} batches of "
+            f"{config.score_batch_size} training images, each in chunks of "
+            f"{describe_chunks(sizes)}, streamed in {passes} (temperature "
+            f"{config.temperature:g}, BatchNorm {config.score_bn_mode} mode{reinit_note(config)})")
+    loss_fn = make_loss_fn(ctx.model, ctx.batch_stats, config.temperature, ctx.key,
+                           config.score_bn_mode)
+    chunk = config.score_chunk_size or config.score_batch_size
+    if jax.device_count() == 1:
+        if scorer is gj.grasp_scores:
+            return lambda p: gj.grasp_scores_from_batches(p, loss_fn, stream,
+                                                          microbatch_size=chunk)
+        return lambda p: gj.snip_scores_from_batches(p, loss_fn, stream, microbatch_size=chunk)
+    ctx.log(f"  data-parallel over {jax.device_count()} devices: each batch's full chunks "
+            "dealt to the devices, the short ones collected and dealt one per device")
+    return _data_parallel_streamed(config, scorer, loss_fn, stream, chunk)
+
+
+def _device_groups(stream: Callable[[], Iterator[Batch]], chunk: int,
+                   num_devices: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every chunk of every batch, as ``[num_devices, ...]`` groups for one pmapped call.
+
+    Full chunks: each batch's, dealt (``deal_chunks``). Short last chunks:
+    gathered over batches, ``num_devices`` at a time (the last group padded
+    with weight-0 copies).
+    """
+    short: list[Batch] = []
+    for batch in stream():
+        n = len(batch["label"])
+        full = n // chunk
+        if full:
+            yield deal_chunks({k: v[:full * chunk] for k, v in batch.items()}, full, num_devices)
+        if n % chunk:
+            short.append({k: v[full * chunk:] for k, v in batch.items()})
+            if len(short) == num_devices:
+                yield _stack(short, num_devices)
+                short = []
+    if short:
+        yield _stack(short, num_devices)
+
+
+def _stack(chunks: list[Batch], num_devices: int) -> dict[str, np.ndarray]:
+    padded = chunks + [chunks[0]] * (num_devices - len(chunks))
+    out = {k: np.stack([c[k] for c in padded]) for k in chunks[0]}
+    size = len(chunks[0]["label"])
+    out["weight"] = np.repeat((np.arange(num_devices) < len(chunks)).astype(np.float32),
+                              size).reshape(num_devices, size)
+    return out
+
+
+def _data_parallel_streamed(config: Config, scorer: Callable[..., PyTree], loss_fn: Callable,
+                            stream: Callable[[], Iterator[Batch]], chunk: int
+                            ) -> Callable[[PyTree], PyTree]:
+    devices = jax.devices()
+    rows = [devices.index(d) for d in jax.local_devices()]
+    programs: dict[tuple[str, bool], Callable] = {}
+
+    def program(kind: str, short: bool) -> Callable:
+        """The pmapped accumulation of one kind, for dealt full chunks or one short chunk each."""
+        if (kind, short) not in programs:
+            size = {"num_microbatches": 1} if short else {"microbatch_size": chunk}
+            if kind == "gradient":
+                fn = lambda p, c, v, acc: gj.accumulate_gradient(
+                    p, loss_fn, c, acc, axis_name=SCORE_AXIS, **size)
+            else:
+                fn = lambda p, c, v, acc: gj.accumulate_hvp(
+                    p, loss_fn, c, v, acc, axis_name=SCORE_AXIS, **size)
+            programs[kind, short] = jax.pmap(fn, axis_name=SCORE_AXIS, in_axes=(None, 0, None, 0))
+        return programs[kind, short]
+
+    def one_pass(kind: str, params: PyTree, v: PyTree) -> PyTree:
+        acc = jax_utils.replicate(jax.tree_util.tree_map(jnp.zeros_like, params))
+        for group in _device_groups(stream, chunk, len(devices)):
+            short = group["label"].shape[1] < chunk
+            acc = program(kind, short)(params, {k: x[rows] for k, x in group.items()}, v, acc)
+        return distributed.first_replica(acc)
+
+    def score_fn(params: PyTree) -> PyTree:
+        g = one_pass("gradient", params, None)
+        if scorer is not gj.grasp_scores:
+            return gj.snip_from_gradient(params, g)
+        return gj.grasp_from_hvp(params, one_pass("hvp", params, g))
+
+    return score_fn

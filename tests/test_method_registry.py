@@ -1,0 +1,70 @@
+"""A criterion added through the method registry alone runs end to end (issue 12)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import configs, methods
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOY = textwrap.dedent('''
+    """A toy criterion: one registry entry and one score function."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import methods
+
+
+    def squared_scores(params):
+        return jax.tree_util.tree_map(lambda x: jnp.square(x), params)
+
+
+    methods.register(methods.Method(
+        name="toy_squared", direction="lowest", summary="θ²",
+        build=lambda ctx: squared_scores, preset={"rounds": 2}))
+''')
+
+
+@pytest.mark.slow
+def test_a_registered_toy_criterion_runs_end_to_end(tmp_path):
+    (tmp_path / "toy_method.py").write_text(TOY)
+    workdir = tmp_path / "w"
+    env = dict(os.environ, GRASP_JAX_PLUGINS="toy_method", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    r = subprocess.run([sys.executable, "-m", "experiments.run", "--dataset", "digits",
+                        "--arch", "lenet5", "--method", "toy_squared", "--sparsity", "0.5",
+                        "--scope", "layerwise",
+                        "--batch_size", "32", "--max_steps", "3", "--workdir", str(workdir)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "round 2/2" in r.stdout  # the entry's own preset (2 rounds) was applied
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["method"] == "toy_squared" and results["status"] == "done"
+    masks = np.load(workdir / "masks.npz")
+    total = sum(m.size for m in masks.values())
+    assert total - sum(int(m.sum()) for m in masks.values()) == int(np.floor(0.5 * total + 0.5))
+
+
+def test_the_cli_choices_and_presets_come_from_the_registry():
+    from experiments import run
+
+    method_action = next(a for a in run.build_parser()._actions if a.dest == "method")
+    assert tuple(method_action.choices) == methods.names()
+    for m in methods.REGISTRY.values():
+        p = configs.preset("cifar10", "vgg19", m.name)
+        assert all(p[k] == v for k, v in m.preset.items())
+    assert "| `grasp` |" in methods.markdown_table()
+
+
+def test_a_taken_name_or_a_bad_direction_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(methods.Method("grasp", "highest", "again", build=lambda ctx: None))
+    with pytest.raises(ValueError, match="direction"):
+        methods.register(methods.Method("sideways", "middle", "?", build=lambda ctx: None))
