@@ -22,6 +22,7 @@ linearizes the gradient of Σ_c L_c once and applies that linear map to g:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -231,14 +232,24 @@ def linearized_bytes(params: PyTree, batch: PyTree, setup: ScoringSetup) -> int:
 
 
 def default_memory_budget() -> int:
-    """Half the free memory of the first local device where it reports it; 2 GiB otherwise (CPU)."""
+    """Bytes the residuals of all chunks may take by default.
+
+    Half the free memory of the first local device where it reports it (GPU,
+    TPU); on CPU, whose device memory is the host's, a quarter of physical
+    memory (2 GiB where that is unknown). The residual estimate is taken from
+    the jaxpr, before XLA fuses and frees buffers, so it is on the high side
+    (ResNet-20 on 100 CIFAR images: estimate 2.6 GiB, XLA's peak 1.2 GiB).
+    """
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 -- backends without memory statistics raise various errors
         stats = None
     if stats and "bytes_limit" in stats:
         return int(0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    return 2 * 2**30
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 4
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 2 * 2**30
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "flags", "layout", "axis_name", "finish"))

@@ -164,7 +164,7 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
         all chunks together. A device with fewer real chunks than the others
         pads with chunks whose loss is multiplied by 0.
       memory_budget_bytes: several chunks whose linearization residuals fit in
-        this many bytes (default: half the device's free memory, 2 GiB on CPU)
+        this many bytes (default: half the free device memory; on CPU a quarter of RAM)
         are linearized at once, in one program at ~3 gradients of FLOPs;
         larger sets are visited one chunk at a time, twice (g, then Hg): a host
         loop over compiled per-chunk programs when called eagerly, a loop in

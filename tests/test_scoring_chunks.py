@@ -127,3 +127,71 @@ def test_chunk_options_are_checked_with_the_values_named():
         gj.gradient_and_hvp(params, mlp_loss, batch, microbatch_size=9)
     assert gj.chunk_layout(make_batch(jax.random.PRNGKey(2), n=250), microbatch_size=20) == \
         gj.ChunkLayout(size=20, count=12, last=10)
+
+
+def lowered_programs(fn):
+    """``fn()`` and the names of the programs it lowered (compiled, or read from a cache)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, names
+
+
+def test_eager_chunked_grasp_is_one_program_and_later_rounds_do_not_retrace(ragged):
+    params, loss, batch, *_ = ragged
+    traces = []
+
+    def counted(p, b):
+        traces.append(1)  # runs only while tracing
+        return loss(p, b)
+
+    for microbatch_size in (5, 4):  # equal chunks (5 + 5); ragged (4 + 4 + 2)
+        scores, programs = lowered_programs(
+            lambda m=microbatch_size: gj.grasp_scores(params, counted, batch, microbatch_size=m))
+        assert len(programs) == 1, programs
+        n_traces = len(traces)
+        rescaled = jax.tree_util.tree_map(lambda x: 1.1 * x, params)
+        again, programs = lowered_programs(
+            lambda m=microbatch_size, p=rescaled: gj.grasp_scores(p, counted, batch,
+                                                                  microbatch_size=m))
+        assert programs == [] and len(traces) == n_traces, "a later round retraced"
+        assert not np.allclose(prunable_vector(again), prunable_vector(scores))
+    # One chunk at a time: a gradient and an HVP program per chunk shape, then no retrace.
+    _, programs = lowered_programs(
+        lambda: gj.grasp_scores(params, counted, batch, microbatch_size=5, memory_budget_bytes=0))
+    n_traces = len(traces)
+    assert sum(name == "jit(_add_chunk_sums)" for name in programs) == 2, programs
+    _, programs = lowered_programs(
+        lambda: gj.grasp_scores(params, counted, batch, microbatch_size=5, memory_budget_bytes=0))
+    assert programs == [] and len(traces) == n_traces
+
+
+def test_the_memory_budget_chooses_the_path_by_the_residual_estimate(ragged):
+    from grasp_jax.accumulate import linearized_bytes, scoring_setup
+
+    params, cached_loss, batch, *_ = ragged
+
+    def loss(p, b):  # a new function: no program of the tests above is reused
+        return cached_loss(p, b)
+
+    def estimate(b):
+        return linearized_bytes(params, b, scoring_setup(params, loss, b, num_microbatches=2))
+
+    small = estimate(batch)
+    large = estimate({k: jnp.concatenate([v, v]) for k, v in batch.items()})
+    assert 0 < small < large  # residuals grow with the set
+    _, programs = lowered_programs(lambda: gj.grasp_scores(params, loss, batch, num_microbatches=2,
+                                                           memory_budget_bytes=small))
+    assert programs == ["jit(_linearized_program)"], programs
+    _, programs = lowered_programs(lambda: gj.grasp_scores(params, loss, batch, num_microbatches=2,
+                                                           memory_budget_bytes=small - 1))
+    assert "jit(_linearized_program)" not in programs, programs
+    assert "jit(_add_chunk_sums)" in programs, programs
