@@ -20,31 +20,42 @@ import time
 import jax
 
 import grasp_jax as gj
-from grasp_jax import input_pipeline, models
-from experiments import configs, methods, train
+from grasp_jax import data, models
+
+from experiments import configs, data_scoring, steps
 
 
 def _scores(config, model, variables, key, image_shape):
     """The scores ``experiments.methods.compute_masks`` ranks for a one-shot method."""
     params = variables["params"]
     if config.method in ("grasp", "snip"):
-        batch = methods.scoring_batch(config)
-        loss_fn = methods.make_loss_fn(model, variables["batch_stats"], config.temperature, key)
+        batch = data_scoring.scoring_batch(config)
+        loss_fn = data_scoring.make_loss_fn(
+            model, variables["batch_stats"], config.temperature, key
+        )
         if config.score_reinit_dense:
-            params_for_scoring = methods.reinit_dense_kernels(params, jax.random.fold_in(key, 1))
+            params_for_scoring = data_scoring.reinit_dense_kernels(
+                params, jax.random.fold_in(key, 1)
+            )
         else:
             params_for_scoring = params
         scorer = gj.grasp_scores if config.method == "grasp" else gj.snip_scores
-        return scorer(params_for_scoring, loss_fn, batch, num_microbatches=config.num_score_microbatches)
+        return scorer(
+            params_for_scoring, loss_fn, batch, num_microbatches=config.num_score_microbatches
+        )
     if config.method == "magnitude":
         return gj.magnitude_scores(params)
     if config.method == "random":
         return gj.random_scores(params, key)
-    raise ValueError(f"{config.method!r}: only one-shot grasp, snip, magnitude and random are supported here")
+    raise ValueError(
+        f"{config.method!r}: only one-shot grasp, snip, magnitude and random are supported here"
+    )
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="vgg19")
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--data_dir", default=None)
@@ -54,29 +65,49 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    info = input_pipeline.get_info(args.dataset)
+    info = data.get_info(args.dataset)
     model = models.get_model(args.arch, info.num_classes)
     init_key, score_key, _ = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    variables = train.init_variables(model, init_key, info.image_shape)
+    variables = steps.init_variables(model, init_key, info.image_shape)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows = []
-    print(f"{args.arch} on {args.dataset}, seed {args.seed}, diagnostics batch {args.batch_size}, "
-          f"{jax.default_backend()}", flush=True)
+    print(
+        f"{args.arch} on {args.dataset}, seed {args.seed}, diagnostics batch {args.batch_size}, "
+        f"{jax.default_backend()}",
+        flush=True,
+    )
     for method in args.methods.split(","):
         t = time.time()
-        config = configs.resolve(dataset=args.dataset, arch=args.arch, method=method, steps_per_epoch=1,
-                                 seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size)
+        config = configs.resolve(
+            dataset=args.dataset,
+            arch=args.arch,
+            method=method,
+            steps_per_epoch=1,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+        )
         # One-shot criteria score once; the masks at every sparsity come from
         # the same scores (what experiments.run would compute at each one).
         scores = _scores(config, model, variables, score_key, info.image_shape)
         for sparsity in sparsities:
             masks = gj.masks_from_scores(scores, sparsity, prune=gj.PRUNE_DIRECTION[method])
-            flow = methods.gradient_flow_report(config, model, variables, variables, masks,
-                                                jax.random.fold_in(score_key, 3), log=lambda _: None)
+            flow = data_scoring.gradient_flow_report(
+                config,
+                model,
+                variables,
+                variables,
+                masks,
+                jax.random.fold_in(score_key, 3),
+                log=lambda _: None,
+            )
             rows.append({"method": method, "sparsity": sparsity, **flow})
-            print(f"  {method:9s} {sparsity:.0%}: ||g||^2 {flow['after']['grad_norm_sq']:.3e} "
-                  f"(dense {flow['before']['grad_norm_sq']:.3e}), gHg {flow['after']['gHg']:.3e}, "
-                  f"loss {flow['after']['loss']:.4f}  [{time.time() - t:.0f}s]", flush=True)
+            print(
+                f"  {method:9s} {sparsity:.0%}: ||g||^2 {flow['after']['grad_norm_sq']:.3e} "
+                f"(dense {flow['before']['grad_norm_sq']:.3e}), gHg {flow['after']['gHg']:.3e}, "
+                f"loss {flow['after']['loss']:.4f}  [{time.time() - t:.0f}s]",
+                flush=True,
+            )
     print()
     print("| method | " + " | ".join(f"‖g‖² at {s:.0%}" for s in sparsities) + " |")
     print("|---|" + "---:|" * len(sparsities))

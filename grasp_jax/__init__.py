@@ -2,7 +2,7 @@
 
 The core (this namespace) works on any params pytree and any loss; it knows
 nothing of models, data or training, which live in ``grasp_jax.models``,
-``grasp_jax.input_pipeline`` and ``experiments``.
+``grasp_jax.data`` and ``experiments``.
 """
 
 from grasp_jax.ablations import (
