@@ -13,7 +13,14 @@ import pytest
 from jax import lax
 
 from grasp_jax.models import conv as conv_lib
-from grasp_jax.models.conv import FAST_CONV_ENV, conv_general_dilated, fast_path_wins, resolve_mode, uses_fast_path
+from grasp_jax.models.barrier import fusion_barrier
+from grasp_jax.models.conv import (
+    FAST_CONV_ENV,
+    conv_general_dilated,
+    fast_path_wins,
+    resolve_mode,
+    uses_fast_path,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -101,12 +108,22 @@ CASES = [
     (
         "input_dilation",
         ("NHWC", "HWIO", 2, 3, (4, 3), (3, 3), 2),
-        dict(window_strides=(1, 1), padding=[(1, 2), (2, 1)], lhs_dilation=(2, 3), dimension_numbers=NHWC),
+        dict(
+            window_strides=(1, 1),
+            padding=[(1, 2), (2, 1)],
+            lhs_dilation=(2, 3),
+            dimension_numbers=NHWC,
+        ),
     ),
     (
         "feature_groups_same_lower",
         ("NHWC", "HWIO", 2, 6, (5, 4), (3, 3), 4),
-        dict(window_strides=(2, 1), padding="SAME_LOWER", feature_group_count=2, dimension_numbers=NHWC),
+        dict(
+            window_strides=(2, 1),
+            padding="SAME_LOWER",
+            feature_group_count=2,
+            dimension_numbers=NHWC,
+        ),
     ),
     (
         "default_nchw_layout",
@@ -153,7 +170,9 @@ def test_fast_path_is_taken(name):
     assert uses_fast_path(x, k, mode="fast", **kwargs)
     fast = functools.partial(conv_general_dilated, mode="fast", **kwargs)
     # Neither the function nor its derivatives may call the native conv.
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), argnums=(0, 1)))(x, k))
+    jaxpr = str(
+        jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), argnums=(0, 1)))(x, k)
+    )
     assert "conv_general_dilated" not in jaxpr
 
 
@@ -174,7 +193,9 @@ def _assert_matches_native(conv, native, x, k, rng):
     y_shape = jax.eval_shape(native, x, k).shape
     w, vx, vk = (jnp.asarray(rng.normal(size=s)) for s in (y_shape, x.shape, k.shape))
     # One compiled program for both, as compiling dominates these tests' time.
-    got, want = jax.jit(lambda *a: (_value_grad_hvp(conv, *a), _value_grad_hvp(native, *a)))(x, k, w, vx, vk)
+    got, want = jax.jit(lambda *a: (_value_grad_hvp(conv, *a), _value_grad_hvp(native, *a)))(
+        x, k, w, vx, vk
+    )
     for what, a, b in zip(["value", "grad x", "grad k", "hvp x", "hvp k"], got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, what
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=what)
@@ -196,7 +217,12 @@ def test_vmap_matches_native():
     native = functools.partial(lax.conv_general_dilated, **kwargs)
 
     def both(conv):
-        return jax.jit(lambda xs, ks: (jax.vmap(conv, (0, None))(xs, ks[0]), jax.vmap(conv, (None, 0))(xs[0], ks)))
+        return jax.jit(
+            lambda xs, ks: (
+                jax.vmap(conv, (0, None))(xs, ks[0]),
+                jax.vmap(conv, (None, 0))(xs[0], ks),
+            )
+        )
 
     for a, b in zip(both(fast)(xs, ks), both(native)(xs, ks)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -208,9 +234,15 @@ def test_low_precision_accumulates_like_native():
     fast = jax.jit(functools.partial(conv_general_dilated, mode="fast", **kwargs))(xb, kb)
     native = jax.jit(functools.partial(lax.conv_general_dilated, **kwargs))(xb, kb)
     assert fast.dtype == native.dtype == jnp.bfloat16
-    np.testing.assert_allclose(fast.astype(jnp.float32), native.astype(jnp.float32), rtol=2e-2, atol=5e-2)
+    np.testing.assert_allclose(
+        fast.astype(jnp.float32), native.astype(jnp.float32), rtol=2e-2, atol=5e-2
+    )
     wide = jax.eval_shape(
-        functools.partial(conv_general_dilated, mode="fast", preferred_element_type=jnp.float32, **kwargs), xb, kb
+        functools.partial(
+            conv_general_dilated, mode="fast", preferred_element_type=jnp.float32, **kwargs
+        ),
+        xb,
+        kb,
     )
     assert wide.dtype == jnp.float32
 
@@ -220,7 +252,9 @@ def test_low_precision_accumulates_like_native():
     [
         # Batch groups only arise in native gradients of grouped convs.
         (
-            dict(window_strides=(1, 1), padding="SAME", batch_group_count=2, dimension_numbers=NHWC),
+            dict(
+                window_strides=(1, 1), padding="SAME", batch_group_count=2, dimension_numbers=NHWC
+            ),
             lambda: _operands("NHWC", "HWIO", 4, 3, (3, 3), (3, 3), 4),
         ),
         # Integer convolutions keep XLA's exact integer arithmetic.
@@ -242,7 +276,9 @@ def test_invalid_calls_raise_lax_errors():
     x, k = _operands("NHWC", "HWIO", 2, 3, (4, 4), (3, 3), 2)
     # lax refuses string padding with input dilation; so must we.
     with pytest.raises(ValueError, match="String padding"):
-        conv_general_dilated(x, k, (1, 1), "SAME", lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="fast")
+        conv_general_dilated(
+            x, k, (1, 1), "SAME", lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="fast"
+        )
     with pytest.raises(ValueError, match="feature"):  # channel mismatch
         conv_general_dilated(x, k[:, :, :2], (1, 1), "SAME", dimension_numbers=NHWC, mode="fast")
 
@@ -258,7 +294,9 @@ def test_fast_path_wins_rule():
     assert not fast_path_wins((32, 32), (1, 1), 3)
 
 
-def _decides_fast(size: int, ksize: int, mode: str | None = None, channels: int = 16, **kwargs: Any) -> bool:
+def _decides_fast(
+    size: int, ksize: int, mode: str | None = None, channels: int = 16, **kwargs: Any
+) -> bool:
     x = jax.ShapeDtypeStruct((8, size, size, channels), jnp.float32)
     k = jax.ShapeDtypeStruct((ksize, ksize, channels, 4), jnp.float32)
     return uses_fast_path(x, k, (1, 1), "SAME", dimension_numbers=NHWC, mode=mode, **kwargs)
@@ -273,7 +311,9 @@ def test_auto_mode_follows_backend_and_rule(monkeypatch):
     # Input dilation widens the input the window slides over.
     x = jax.ShapeDtypeStruct((8, 2, 2, 16), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 16, 4), jnp.float32)
-    assert not uses_fast_path(x, k, (1, 1), [(1, 1), (1, 1)], lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="auto")
+    assert not uses_fast_path(
+        x, k, (1, 1), [(1, 1), (1, 1)], lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="auto"
+    )
     # Accelerators keep their native convolutions.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not _decides_fast(2, 3, "auto")
@@ -282,7 +322,14 @@ def test_auto_mode_follows_backend_and_rule(monkeypatch):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("0", "native"), ("native", "native"), ("1", "fast"), ("FAST", "fast"), ("auto", "auto"), ("", "auto")],
+    [
+        ("0", "native"),
+        ("native", "native"),
+        ("1", "fast"),
+        ("FAST", "fast"),
+        ("auto", "auto"),
+        ("", "auto"),
+    ],
 )
 def test_environment_variable_sets_mode(monkeypatch, value, expected):
     monkeypatch.setenv(FAST_CONV_ENV, value)
@@ -316,10 +363,15 @@ def test_flax_conv_gives_same_output(padding):
     # Random parameters without compiling an initializer (slow in float64).
     rng = np.random.default_rng(1)
     params = jax.tree.map(
-        lambda s: jnp.asarray(rng.normal(size=s.shape)), jax.eval_shape(layer.init, jax.random.key(0), x)
+        lambda s: jnp.asarray(rng.normal(size=s.shape)),
+        jax.eval_shape(layer.init, jax.random.key(0), x),
     )
-    ours = nn.Conv(conv_general_dilated=functools.partial(conv_general_dilated, mode="fast"), **kwargs)
-    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(layer.apply)(params, x), rtol=1e-12, atol=1e-12)
+    ours = nn.Conv(
+        conv_general_dilated=functools.partial(conv_general_dilated, mode="fast"), **kwargs
+    )
+    np.testing.assert_allclose(
+        jax.jit(ours.apply)(params, x), jax.jit(layer.apply)(params, x), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_flax_conv_auto_takes_fast_path_on_cpu(monkeypatch):
@@ -333,7 +385,12 @@ def test_flax_conv_auto_takes_fast_path_on_cpu(monkeypatch):
 
 
 def test_module_exports():
-    assert set(conv_lib.__all__) >= {"conv_general_dilated", "uses_fast_path", "fast_path_wins", "FAST_CONV_ENV"}
+    assert set(conv_lib.__all__) >= {
+        "conv_general_dilated",
+        "uses_fast_path",
+        "fast_path_wins",
+        "FAST_CONV_ENV",
+    }
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
@@ -351,10 +408,64 @@ def test_auto_mode_computes_1x1_values_natively_and_derivatives_as_matmuls(monke
     assert str(jax.make_jaxpr(auto)(x, k)).count("conv_general_dilated") == 1
     grads = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(auto(x, k) ** 2), argnums=(0, 1)))(x, k)
     assert str(grads).count("conv_general_dilated") == 1  # the value; the backward pass is matmuls
-    native_grads = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1)))(x, k)
+    native_grads = jax.make_jaxpr(
+        jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1))
+    )(x, k)
     assert str(native_grads).count("conv_general_dilated") == 3
 
     _assert_matches_native(auto, native, x, k, rng)
     # A frozen input (no tangent) costs no matmul for it: only the kernel's tangent is formed.
     only_k = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(auto(x, k) ** 2)))(k)
     assert str(only_k).count("dot_general") < str(grads).count("dot_general")
+
+
+def test_fusion_barrier_is_the_identity_for_values_and_derivatives():
+    rng = np.random.default_rng(0)
+    x, v = (jnp.asarray(rng.normal(size=(3, 4))) for _ in range(2))
+
+    def loss(x, barrier):
+        y = jnp.sin(2.0 * x)
+        return jnp.sum(jnp.cos(barrier(y)) * y)
+
+    with_barrier = functools.partial(loss, barrier=fusion_barrier)
+    without = functools.partial(loss, barrier=lambda y: y)
+    np.testing.assert_array_equal(fusion_barrier(x), x)
+    np.testing.assert_array_equal(jax.grad(with_barrier)(x), jax.grad(without)(x))
+    hvp = lambda f: jax.jvp(jax.grad(f), (x,), (v,))[1]  # forward-over-reverse, as grasp_scores
+    np.testing.assert_allclose(hvp(with_barrier), hvp(without), rtol=1e-13)
+    # The other branch (a NaN first element) is the identity too.
+    nan_first = x.at[0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(fusion_barrier(nan_first), nan_first)
+    with pytest.raises(ValueError, match="int32"):
+        fusion_barrier(jnp.ones(3, jnp.int32))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks what XLA:CPU compiles")
+def test_fusion_barrier_survives_xla_cpu():
+    # XLA:CPU drops lax.optimization_barrier before fusion; the barrier's cond must stay, or the
+    # kernel-gradient copies of a ResNet recompute its residual chain again.
+    x = jnp.ones((4, 8))
+    compiled = jax.jit(lambda x: fusion_barrier(jnp.exp(x)) + 1.0).lower(x).compile()
+    assert "conditional" in compiled.as_text()
+    compiled = jax.jit(lambda x: lax.optimization_barrier(jnp.exp(x)) + 1.0).lower(x).compile()
+    assert "conditional" not in compiled.as_text()
+
+
+def test_auto_mode_reads_its_input_through_a_barrier_on_cpu(monkeypatch):
+    x = jnp.zeros((2, 8, 8, 16))
+    k = jnp.zeros((3, 3, 16, 4))
+
+    def has_cond(mode):
+        conv = functools.partial(
+            conv_general_dilated,
+            window_strides=(1, 1),
+            padding="SAME",
+            dimension_numbers=NHWC,
+            mode=mode,
+        )
+        return "cond[" in str(jax.make_jaxpr(conv)(x, k))
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert has_cond("auto") and not has_cond("native") and not has_cond("fast")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not has_cond("auto")

@@ -55,7 +55,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Builds the network registered as ``arch``; ``kwargs`` set other fields (``dtype``, ``conv``)."""
+    """Builds the network registered as ``arch``; ``kwargs`` set other fields (dtype, conv)."""
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch {arch!r}; valid names: {', '.join(ARCHS)}")
     return ARCHS[arch](num_classes=num_classes, **kwargs)

@@ -1,0 +1,44 @@
+"""An identity that XLA cannot fuse through: it stops XLA:CPU recomputing residual chains.
+
+Why.  In a ResNet stage every block's output is an elementwise function of the previous one,
+
+    x_{k+1} = relu(a_k * conv_k(x_k) + b_k + x_k)        (BatchNorm folded into a_k, b_k),
+
+so x_k is an elementwise function of the conv outputs of all earlier blocks of the stage. XLA
+duplicates cheap elementwise producers into each consumer that can fuse them, and the kernel
+gradient of every convolution reads its input x_k through a layout copy (NHWC -> CHWN) that
+can. Each copy then recomputes the whole chain instead of reading x_k: measured in ResNet-32's
+training gradient at batch 128 (``python -m benchmarks.conv_profile``), those copies took ~55%
+of the step, 3-5x the kernel gradients they feed. ``lax.optimization_barrier`` does not help:
+XLA:CPU removes it before fusion.
+
+How.  A ``lax.cond`` is never fused, so its result is a buffer that every consumer reads:
+
+    fusion_barrier(x) = cond(x[0] == x[0], x ↦ x, x ↦ x * 1)
+
+Both branches are the identity (``x * 1`` is exact for every float, and keeps XLA from seeing
+two equal branches and removing the cond), so values and every derivative are those of the
+identity; the predicate is read from ``x`` so that XLA cannot fold it. The cost is one copy of
+``x``. Under ``vmap`` with a batched ``x`` the cond becomes a select and the barrier is lost
+(results stay exact).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def fusion_barrier(x: jax.Array) -> jax.Array:
+    """``x``, as a value XLA must materialize (see the module docstring); floats only.
+
+    Raises:
+      ValueError: naming the dtype, if ``x`` is not a floating-point array.
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise ValueError(f"fusion_barrier takes floating-point arrays, got dtype {x.dtype}")
+    first = x[(0,) * x.ndim] if x.size else jnp.zeros((), x.dtype)
+    one = jnp.ones((), x.dtype)
+    return lax.cond(first == first, lambda v: v, lambda v: v * one, x)
