@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Launch:
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
     num_cpu_devices: Optional[int] = None
+    join_cluster: bool = False  # let JAX's own cluster detection join (TPU VM pods)
     init_timeout_s: int = INIT_TIMEOUT_S
     heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S
     shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S
@@ -77,25 +79,33 @@ def check_launch(launch: Launch) -> Optional[str]:
     return None
 
 
-def detected_cluster() -> Optional[str]:
-    """The name of the cluster JAX detects with more than one process, or None.
-
-    Uses JAX's own detectors (``jax._src.clusters``: Cloud TPU, SLURM, Open
-    MPI, Kubernetes; mpi4py is opt-in there and here). A single-task SLURM job
-    or a single-host TPU VM counts as one process: nothing to join.
-    """
+def _count(env: str) -> int:
     try:
-        from jax._src import clusters
-    except ImportError:  # private module moved: fall back to single-process
-        return None
-    for env in clusters.ClusterEnv._cluster_types:
-        if getattr(env, "opt_in_only_method", False):
-            continue
-        try:
-            if env.is_env_present() and int(env.get_process_count()) > 1:
-                return env.__name__
-        except Exception:  # noqa: BLE001 - a half-configured environment is not a cluster
-            continue
+        return int(os.environ.get(env, "1").split("(")[0])
+    except ValueError:
+        return 1
+
+
+def detected_cluster() -> Optional[str]:
+    """The kind of multi-process job this process's environment describes, or None.
+
+    Read from the variables each launcher documents (no JAX internals):
+    a SLURM job step with several tasks (``SLURM_STEP_NUM_TASKS`` or
+    ``SLURM_NTASKS``), an Open MPI job of several ranks
+    (``OMPI_COMM_WORLD_SIZE``), a TPU slice of several hosts
+    (``TPU_WORKER_HOSTNAMES``). A single-task job counts as one process:
+    nothing to join. Where the layout lives elsewhere (a TPU VM pod slice
+    reads it from the metadata server), ``--join_cluster`` lets JAX's own
+    detection join.
+    """
+    if "SLURM_JOB_ID" in os.environ and max(_count("SLURM_STEP_NUM_TASKS"),
+                                            _count("SLURM_NTASKS")) > 1:
+        return "SlurmCluster"
+    if _count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "OmpiCluster"
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return "TpuCluster"
     return None
 
 
@@ -115,7 +125,7 @@ def initialize(launch: Launch) -> bool:
                       num_processes=launch.num_processes, process_id=launch.process_id)
         where = launch.coordinator_address
     else:
-        cluster = detected_cluster()
+        cluster = "JAX's own detection" if launch.join_cluster else detected_cluster()
         if cluster is None:
             return False
         kwargs = {}

@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 import grasp_jax as gj
 from grasp_jax.prunable import named_leaves
-from experiments.outputs import pyplot, save_png, write_bytes_with, write_text
+
 from experiments.configs import Config
+from experiments.outputs import pyplot, save_png, write_bytes_with, write_text
 
 PyTree = Any
 
@@ -66,6 +68,18 @@ def save_masks(path: str, masks: PyTree, names: Sequence[str] = ()) -> None:
     named = dict((n, np.asarray(m, bool)) for (n, m), f in zip(named_leaves(masks), flags) if f)
     ordered = [n for n in names if n in named] + [n for n in named if n not in names]
     write_bytes_with(path, lambda f: np.savez_compressed(f, **{n: named[n] for n in ordered}))
+
+
+SPARSE_PARAMS = "sparse_params.npz"
+
+
+def save_sparse_params(path: str, params: PyTree, masks: PyTree) -> int:
+    """``gj.save_sparse`` of the trained network, atomically; its size in bytes.
+    ``gj.load_sparse(path)`` rebuilds the dense params."""
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    size = gj.save_sparse(tmp, params, masks)
+    os.replace(tmp, path)
+    return size
 
 
 def _finite_or_none(v: Any) -> Any:

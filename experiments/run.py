@@ -58,6 +58,11 @@ class Invocation:
         "JAX's distributed runtime is joined only when the environment is a multi-process "
         "cluster JAX detects (Cloud TPU pod, SLURM, Open MPI)", group=MULTIHOST,
         metavar="HOST:PORT", check=configs.nonempty_path)
+    join_cluster: bool = setting(
+        False, "join through JAX's own cluster detection (jax.distributed.initialize() "
+        "without arguments): needed on a Cloud TPU VM pod slice, whose layout comes from the "
+        "metadata server; SLURM, Open MPI and TPU_WORKER_HOSTNAMES jobs of several processes "
+        "are joined without it", group=MULTIHOST)
     num_processes: Optional[int] = setting(None, "number of processes in the run",
                                            group=MULTIHOST, check=configs.positive_int)
     process_id: Optional[int] = setting(None, "this process's index, in [0, --num_processes)",
@@ -271,7 +276,7 @@ def join_processes(invocation: Invocation) -> int:
     launch = distributed.Launch(
         coordinator_address=invocation.coordinator_address,
         num_processes=invocation.num_processes, process_id=invocation.process_id,
-        num_cpu_devices=invocation.num_cpu_devices,
+        num_cpu_devices=invocation.num_cpu_devices, join_cluster=bool(invocation.join_cluster),
         # Shutdown waits for the slowest process to finish (process 0 writes the
         # reports); a dead one is caught by the heartbeat long before.
         init_timeout_s=timeout, heartbeat_timeout_s=min(max(timeout // 5, 10), 100),

@@ -161,6 +161,7 @@ class Outcome:
     diverged_in: str = ""  # "training" or "evaluation"
     last_eval: dict = dataclasses.field(default_factory=dict)
     zero_fraction: Optional[float] = None  # of the prunable weights, at the end
+    final: Optional[dict] = None  # host copies of the trained params and the masks
 
 
 def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool = False,
@@ -255,9 +256,9 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
                 return dataclasses.replace(outcome, status="stopped", step=step)
     if not outcome.last_eval:  # resumed a finished run: evaluate the restored state
         outcome.last_eval = evaluate()
-    params = distributed.first_replica(rstate.params)
-    return dataclasses.replace(outcome, step=step,
-                               zero_fraction=steps.prunable_zero_fraction(params))
+    final = distributed.first_replica({"params": rstate.params, "masks": rstate.masks})
+    return dataclasses.replace(outcome, step=step, final=final,
+                               zero_fraction=steps.prunable_zero_fraction(final["params"]))
 
 
 def save(ckpt: checkpointing.Checkpointer, step: int, rstate: TrainState, meta: dict,
@@ -321,6 +322,10 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
             final_test_accuracy=outcome.last_eval.get("test/accuracy"),
             final_test_loss=outcome.last_eval.get("test/loss"),
             best_test_accuracy=meta["best_test_accuracy"], best_step=meta["best_step"])
+    if is_main_process() and outcome.final is not None:
+        # The pruned network as a sparse artifact: kept weights and their positions.
+        results["sparse_params_bytes"] = report.save_sparse_params(
+            os.path.join(workdir, report.SPARSE_PARAMS), **outcome.final)
     if is_main_process() and outcome.status != "stopped":
         report.write_json(os.path.join(workdir, "results.json"), results)
     if outcome.status == "done":

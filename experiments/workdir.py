@@ -25,7 +25,8 @@ from experiments.outputs import write_text
 
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
 RUN_FILES = ("checkpoints", "checkpoints.damaged", "tensorboard", "config.json", "metrics.jsonl",
-             "results.json", "sparsity.md", "density.png", "masks.npz", "gradient_flow.json")
+             "results.json", "sparsity.md", "density.png", "masks.npz", "gradient_flow.json",
+             "sparse_params.npz")
 LOCK_FILE = "run.lock"
 
 

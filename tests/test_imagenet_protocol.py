@@ -19,7 +19,8 @@ from grasp_jax import models
 from test_run import _cli
 
 OUTPUTS = {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "sparsity.md",
-           "density.png", "masks.npz", "results.json", "gradient_flow.json"}
+           "density.png", "masks.npz", "results.json", "gradient_flow.json",
+           "sparse_params.npz"}
 
 
 @pytest.fixture(scope="module")

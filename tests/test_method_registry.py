@@ -50,6 +50,16 @@ def test_a_registered_toy_criterion_runs_end_to_end(tmp_path):
     masks = np.load(workdir / "masks.npz")
     total = sum(m.size for m in masks.values())
     assert total - sum(int(m.sum()) for m in masks.values()) == int(np.floor(0.5 * total + 0.5))
+    # The trained network as a sparse artifact, equal to the final checkpoint's params.
+    import grasp_jax as gj
+    from experiments import checkpointing
+
+    _, state = checkpointing.load_state(str(workdir))
+    sparse = gj.load_sparse(workdir / "sparse_params.npz")
+    for name in state["params"]:
+        for leaf in state["params"][name]:
+            np.testing.assert_array_equal(sparse[name][leaf], state["params"][name][leaf])
+    assert results["sparse_params_bytes"] == (workdir / "sparse_params.npz").stat().st_size
 
 
 def test_the_cli_choices_and_presets_come_from_the_registry():

@@ -273,3 +273,21 @@ def test_collapsing_masks_are_refused_naming_the_layer(capsys, tmp_path):
     assert "fc3/kernel" in err and "0.9" in err and "--allow_layer_collapse" in err
     assert not workdir.exists()
     assert time.time() - start < 120
+
+
+def test_a_second_stop_signal_exits_at_once():
+    script = ("import os, signal, time\n"
+              "from experiments.signals import StopSignals\n"
+              "with StopSignals() as s:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.2)\n"
+              "    assert s.signum == signal.SIGINT\n"
+              "    print('first handled', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n")
+    start = time.time()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 128 + signal.SIGINT and time.time() - start < 20
+    assert "first handled" in r.stdout
+    assert "SIGINT again: exiting now" in r.stderr
