@@ -42,6 +42,7 @@ from grasp_jax.pruning import PRUNE_DIRECTION, prune, sparsity_schedule
 from grasp_jax.scoring import (
     cross_entropy_with_temperature,
     gradient_and_hvp,
+    grasp_abs_scores,
     grasp_from_hvp,
     grasp_scores,
     magnitude_scores,
@@ -80,6 +81,7 @@ __all__ = [
     "gradient_and_hvp_from_batches",
     "gradient_flow",
     "gradient_from_batches",
+    "grasp_abs_scores",
     "grasp_from_hvp",
     "grasp_scores",
     "grasp_scores_from_batches",

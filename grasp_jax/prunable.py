@@ -39,15 +39,20 @@ def path_name(path: KeyPath) -> str:
     return "/".join(names) if names else "<root>"
 
 
-def default_is_prunable(path: KeyPath, leaf: Any) -> bool:
-    """A Conv/Dense kernel: a leaf named ``kernel`` with at least two axes.
+# What Conv/Dense weights are called: Flax ``kernel``, Equinox (and PyTorch) ``weight``,
+# Haiku ``w``.
+WEIGHT_NAMES = ("kernel", "weight", "w")
 
-    Biases, BatchNorm scales/offsets and embeddings are left dense, as in the
-    paper (whose reference code prunes only ``nn.Conv2d``/``nn.Linear``
-    weights).
+
+def default_is_prunable(path: KeyPath, leaf: Any) -> bool:
+    """A Conv/Dense weight: a leaf named ``kernel``, ``weight`` or ``w`` with at least two axes.
+
+    Biases, BatchNorm scales/offsets and embeddings (Flax ``embedding``,
+    Haiku ``embeddings``) are left dense, as in the paper (whose reference code
+    prunes only ``nn.Conv2d``/``nn.Linear`` weights).
     """
     names = [n for n in (_key_name(k) for k in path) if n is not None]
-    return bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
+    return bool(names) and names[-1] in WEIGHT_NAMES and np.ndim(leaf) >= 2
 
 
 def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
@@ -79,7 +84,8 @@ def prunable_flags(params: PyTree, prunable: PrunableSpec = None) -> tuple[bool,
     if not any(flags):
         names = [path_name(p) for p, _ in leaves_with_path]
         raise ValueError(
-            "no prunable leaf in params: by default only leaves named 'kernel' with ndim >= 2 "
+            "no prunable leaf in params: by default only leaves named 'kernel', 'weight' or 'w' "
+            "with ndim >= 2 "
             f"are pruned (leaves seen: {names[:20]}{' ...' if len(names) > 20 else ''}); "
             "pass `prunable=` to choose others"
         )

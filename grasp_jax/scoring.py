@@ -184,6 +184,30 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                                  memory_budget_bytes=memory_budget_bytes)
 
 
+def grasp_abs_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
+                     num_microbatches: int | None = None, microbatch_size: int | None = None,
+                     prunable: PrunableSpec = None, axis_name: str | None = None,
+                     memory_budget_bytes: int | None = None,
+                     batch_axis_name: str | None = None) -> PyTree:
+    """Gradient-norm preservation: |θ ⊙ Hg| (Lubana & Dick, ICLR 2021); prune the **lowest**.
+
+    GraSP's -θ ⊙ Hg is the first-order change of gᵀg when a weight is removed,
+    with its sign: pruning the highest may *increase* the gradient norm.
+    Lubana & Dick argue for preserving it instead, removing the weights whose
+    removal changes it least in either direction. Their code
+    (EkdeepSLubana/flowandprune, ``imp_estimator.cal_importance_grad_preserve``)
+    sums θ·Hg over each filter, takes the absolute value and prunes the filters
+    of **lowest** importance (``pruner.*_order_and_ratios``: ascending
+    ``argsort``, the first ``int(ratio · n)``); here it is per weight.
+    Arguments and chunking: as in :func:`grasp_scores`.
+    """
+    setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
+                          microbatch_size=microbatch_size, prunable=prunable,
+                          batch_axis_name=batch_axis_name)
+    return gradient_and_hvp_with(_grasp_abs_finish, params, batch, setup, axis_name=axis_name,
+                                 memory_budget_bytes=memory_budget_bytes)
+
+
 def snip_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                 num_microbatches: int | None = None, microbatch_size: int | None = None,
                 prunable: PrunableSpec = None, axis_name: str | None = None,

@@ -1,5 +1,7 @@
 """split_prunable / merge_prunable / scatter_prunable and the default prunable rule."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +40,23 @@ def test_scatter_puts_zeros_off_theta_and_split_checks_the_flag_count():
     assert float(jnp.abs(out["bn"]["scale"]).max()) == 0.0
     with pytest.raises(ValueError, match="4 leaves but flags has 2"):
         gj.split_prunable(params, (True, False))
+
+
+def test_default_rule_knows_flax_equinox_and_haiku_weight_names():
+    linear = collections.namedtuple("Linear", ["weight", "bias"])  # attribute paths, as Equinox
+    equinox_like = {"layers": [linear(jnp.ones((4, 3)), jnp.zeros(4)),
+                               linear(jnp.ones((2, 4, 3, 3)), jnp.zeros(2))]}
+    haiku_like = {"linear": {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)},
+                  "conv2_d": {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.zeros(4)},
+                  "embed": {"embeddings": jnp.ones((10, 4))},
+                  "batch_norm": {"scale": jnp.ones((1, 1, 1, 4)), "offset": jnp.zeros((1, 1, 1, 4))}}
+    flax_like = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+                 "Embed_0": {"embedding": jnp.ones((10, 4))}, "w": jnp.ones(4)}
+
+    def prunable_names(tree):
+        named = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return sorted(gj.path_name(p) for (p, _), f in zip(named, gj.prunable_flags(tree)) if f)
+
+    assert prunable_names(equinox_like) == ["layers/0/weight", "layers/1/weight"]
+    assert prunable_names(haiku_like) == ["conv2_d/w", "linear/w"]
+    assert prunable_names(flax_like) == ["Dense_0/kernel"]  # embeddings and 1-D leaves stay dense

@@ -251,7 +251,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="scalar"):
         gj.grasp_scores(params, lambda p, b: jnp.ones(3) * mlp_loss(p, b), batch)
     with pytest.raises(ValueError, match="no prunable leaf"):
-        gj.grasp_scores({"w": jnp.ones((3, 3))}, lambda p, b: jnp.sum(p["w"]) * b["x"].sum(), batch)
+        # ("w", Haiku's name for a weight, would be prunable.)
+        gj.grasp_scores({"gamma": jnp.ones((3, 3))},
+                        lambda p, b: jnp.sum(p["gamma"]) * b["x"].sum(), batch)
     with pytest.raises(ValueError, match="num_microbatches"):
         gj.snip_scores(params, mlp_loss, batch, num_microbatches=0)
     with pytest.raises(ValueError, match="structure"):
