@@ -27,7 +27,8 @@ from flax import jax_utils
 
 import grasp_jax as gj
 from grasp_jax import models
-from experiments import configs, train
+
+from experiments import configs, steps
 
 
 def _timed(fn, *args):
@@ -49,14 +50,14 @@ def bench(arch: str, batch_size: int, pairs: int, sparsity: float, *,
     config = configs.resolve(dataset=dataset, arch=arch, steps_per_epoch=391,
                              batch_size=batch_size)
     if variables is None:
-        variables = train.init_variables(model, jax.random.PRNGKey(0), image_shape)
+        variables = steps.init_variables(model, jax.random.PRNGKey(0), image_shape)
     masks = gj.masks_from_scores(gj.random_scores(variables["params"], jax.random.PRNGKey(1)),
                                  sparsity, prune="lowest")
     plain_tx = optax.chain(  # the runner's chain without the masks
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(train.learning_rate_schedule(config), momentum=config.momentum),
+        optax.sgd(steps.learning_rate_schedule(config), momentum=config.momentum),
     )
-    txs = {"masked": train.make_optimizer(config, masks), "plain": plain_tx}
+    txs = {"masked": steps.make_optimizer(config, masks), "plain": plain_tx}
     rng = np.random.default_rng(0)
     per_dev = batch_size // n_dev
     batch = jax.device_put({
@@ -64,18 +65,18 @@ def bench(arch: str, batch_size: int, pairs: int, sparsity: float, *,
         "label": rng.integers(0, num_classes, size=(n_dev, per_dev)).astype(np.int32),
     })
 
-    steps, states, compile_s = {}, {}, {}
+    step_fns, states, compile_s = {}, {}, {}
     for name, tx in txs.items():
-        state = train.create_state(variables, masks, tx, jax.random.PRNGKey(2))
-        states[name] = jax_utils.replicate(state, axis_name=train.AXIS)
-        steps[name] = train.make_train_step(model, tx)
-        (states[name], _), compile_s[name] = _timed(steps[name], states[name], batch)
-        (states[name], _), _ = _timed(steps[name], states[name], batch)  # one warm step
+        state = steps.create_state(variables, masks, tx, jax.random.PRNGKey(2))
+        states[name] = jax_utils.replicate(state, axis_name=steps.AXIS)
+        step_fns[name] = steps.make_train_step(model, tx)
+        (states[name], _), compile_s[name] = _timed(step_fns[name], states[name], batch)
+        (states[name], _), _ = _timed(step_fns[name], states[name], batch)  # one warm step
 
     times = {"masked": [], "plain": []}
     for _ in range(pairs):
         for name in ("masked", "plain"):
-            (states[name], _), t = _timed(steps[name], states[name], batch)
+            (states[name], _), t = _timed(step_fns[name], states[name], batch)
             times[name].append(t)
     ratios = np.asarray(times["masked"]) / np.asarray(times["plain"])
 
