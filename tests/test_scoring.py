@@ -44,7 +44,8 @@ def mlp_loss(params, batch, temperature=1.0):
 
 def make_batch(key, n=8, d=6, classes=4, dtype=jnp.float32):
     kx, ky = jax.random.split(key)
-    return {"x": jax.random.normal(kx, (n, d), dtype), "y": jax.random.randint(ky, (n,), 0, classes)}
+    return {"x": jax.random.normal(kx, (n, d), dtype),
+            "y": jax.random.randint(ky, (n,), 0, classes)}
 
 
 class ConvBN(nn.Module):
@@ -91,7 +92,7 @@ def explicit_g_hg(params, loss_fn, batch, num_microbatches=1):
         return loss_fn(jax.tree_util.tree_unflatten(treedef, full), chunk)
 
     k = num_microbatches
-    chunks = [jax.tree_util.tree_map(lambda a: a[i * len(a) // k:(i + 1) * len(a) // k], batch)
+    chunks = [jax.tree_util.tree_map(lambda a, i=i: a[i * len(a) // k:(i + 1) * len(a) // k], batch)
               for i in range(k)]
     grad, hess = jax.jit(jax.grad(loss_flat)), jax.jit(jax.hessian(loss_flat))
     g = sum(grad(flat, c) for c in chunks)
@@ -159,7 +160,8 @@ def test_score_predicts_change_in_gradient_norm(x64):
 
     def gnorm2(v):
         it = iter(unravel(v))
-        full = jax.tree_util.tree_unflatten(treedef, [next(it) if f else x for x, f in zip(leaves, flags)])
+        full = jax.tree_util.tree_unflatten(
+            treedef, [next(it) if f else x for x, f in zip(leaves, flags)])
         g, _ = gj.gradient_and_hvp(full, mlp_loss, batch)
         return float(jnp.sum(prunable_vector(g) ** 2))
 
@@ -185,7 +187,8 @@ def test_microbatches_sum_per_chunk_computations(x64):
     # Inside a user's jit the chunks are looped in the trace instead of on the host.
     traced = jax.jit(lambda p, b: gj.grasp_scores(p, loss, b, num_microbatches=2))(params, batch)
     np.testing.assert_allclose(prunable_vector(traced), s2, rtol=1e-9, atol=1e-12)
-    g_jit, _ = jax.jit(lambda p, b: gj.gradient_and_hvp(p, loss, b, num_microbatches=2))(params, batch)
+    g_jit, _ = jax.jit(lambda p, b: gj.gradient_and_hvp(p, loss, b, num_microbatches=2))(
+        params, batch)
     np.testing.assert_allclose(prunable_vector(g_jit), g2, rtol=1e-9, atol=1e-12)
 
 
@@ -283,7 +286,9 @@ def test_linen_nnx_and_plain_dict_agree():
     batch = make_batch(jax.random.PRNGKey(1))
     linen = LinenMLP()
     lp = linen.init(jax.random.PRNGKey(0), batch["x"])["params"]
-    linen_loss = lambda p, b: gj.cross_entropy_with_temperature(linen.apply({"params": p}, b["x"]), b["y"])
+    def linen_loss(p, b):
+        return gj.cross_entropy_with_temperature(linen.apply({"params": p}, b["x"]), b["y"])
+
     s_linen = gj.grasp_scores(lp, linen_loss, batch)
 
     plain = jax.tree_util.tree_map(lambda x: x, dict(lp))
@@ -302,8 +307,10 @@ def test_linen_nnx_and_plain_dict_agree():
     s_nnx = gj.grasp_scores(state, nnx_loss, batch)
     assert jax.tree_util.tree_structure(s_nnx) == jax.tree_util.tree_structure(state)
     for layer in ("dense0", "dense1"):
-        np.testing.assert_allclose(s_linen[layer]["kernel"], s_plain[layer]["kernel"], rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(s_nnx[layer]["kernel"][...], s_linen[layer]["kernel"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(s_linen[layer]["kernel"], s_plain[layer]["kernel"],
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(s_nnx[layer]["kernel"][...], s_linen[layer]["kernel"],
+                                   rtol=1e-5, atol=1e-7)
     masks = gj.masks_from_scores(s_nnx, 0.5, prune="highest")
     assert gj.sparsity_report(masks).kept == (6 * 5 + 5 * 4) // 2
 
@@ -379,7 +386,8 @@ def test_synflow_matches_definition_and_rescaling_keeps_ranking(x64):
 
 def test_synflow_rescaling_prevents_overflow_in_deep_nets():
     keys = jax.random.split(jax.random.PRNGKey(0), 25)
-    params = {f"l{i:02d}": {"kernel": 0.5 + jax.random.uniform(k, (64, 64))} for i, k in enumerate(keys)}
+    params = {f"l{i:02d}": {"kernel": 0.5 + jax.random.uniform(k, (64, 64))}
+              for i, k in enumerate(keys)}
     plain = prunable_vector(gj.synflow_scores(params, relu_net, (64,), rescale=False))
     assert not np.all(np.isfinite(plain))  # 25 layers of gain ~64 overflow float32
     scaled = prunable_vector(gj.synflow_scores(params, relu_net, (64,)))
@@ -402,4 +410,5 @@ def test_temperature_divides_logits():
     logits = jnp.array([[2.0, -1.0, 0.5]])
     labels = jnp.array([0])
     direct = -jax.nn.log_softmax(logits / 200.0)[0, 0]
-    np.testing.assert_allclose(gj.cross_entropy_with_temperature(logits, labels, 200.0), direct, rtol=1e-6)
+    np.testing.assert_allclose(gj.cross_entropy_with_temperature(logits, labels, 200.0), direct,
+                               rtol=1e-6)
