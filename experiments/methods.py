@@ -99,7 +99,8 @@ def markdown_table() -> str:
     rows = ["| `--method` | scores | prunes | preset |", "|---|---|---|---|"]
     for m in REGISTRY.values():
         preset = ", ".join(f"{k}={v}" for k, v in m.preset.items()) or "–"
-        rows.append(f"| `{m.name}` | {m.summary} | {m.direction or 'nothing'} | {preset} |")
+        summary = m.summary.replace("|", "\\|")  # |θ| would end the cell
+        rows.append(f"| `{m.name}` | {summary} | {m.direction or 'nothing'} | {preset} |")
     return "\n".join(rows)
 
 
@@ -111,6 +112,12 @@ def _grasp(ctx: Context) -> ScoreFn:
     from experiments import data_scoring
 
     return data_scoring.data_scorer(ctx, gj.grasp_scores)
+
+
+def _grasp_abs(ctx: Context) -> ScoreFn:
+    from experiments import data_scoring
+
+    return data_scoring.data_scorer(ctx, gj.grasp_abs_scores)
 
 
 def _snip(ctx: Context) -> ScoreFn:
@@ -133,6 +140,12 @@ register(Method("grasp", gj.PRUNE_DIRECTION["grasp"], "S(-θ) = -θ ⊙ Hg (Wang
                 _grasp, needs_data=True,
                 # pruner/GraSP.py: logits / T with T = 200, scored on a copy with
                 # Xavier-redrawn dense layers (reinit=True).
+                preset=dict(temperature=200.0, score_reinit_dense=True)))
+register(Method("grasp_abs", gj.PRUNE_DIRECTION["grasp_abs"],
+                "|θ ⊙ Hg|, gradient-norm preservation (Lubana & Dick, 2021)", _grasp_abs,
+                needs_data=True,
+                # Scored exactly as GraSP (T = 200, the re-drawn copy), so that only
+                # the criterion differs in a comparison.
                 preset=dict(temperature=200.0, score_reinit_dense=True)))
 register(Method("snip", gj.PRUNE_DIRECTION["snip"], "|θ ⊙ g| (Lee et al., 2019)", _snip,
                 needs_data=True))

@@ -30,7 +30,7 @@ import grasp_jax as gj
 from grasp_jax import data
 
 from experiments import distributed
-from experiments.configs import Config, dataset_info
+from experiments.configs import dataset_info
 from experiments.data_scoring import SCORE_AXIS, deal_chunks, make_loss_fn, reinit_note
 from experiments.methods import Context
 
@@ -60,7 +60,8 @@ def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[Py
                                  config.score_batch_size, seed=config.seed,
                                  data_dir=config.data_dir)
     sizes = chunk_sizes(config.score_batch_size, config.score_chunk_size)
-    passes = "two passes" if scorer is gj.grasp_scores else "one pass"
+    finish = FINISH[scorer]
+    passes = "one pass" if finish is gj.snip_from_gradient else "two passes"
     ctx.log(f"scoring with {config.method} on {config.score_batches} batches of "
             f"{config.score_batch_size} training images, each in chunks of "
             f"{describe_chunks(sizes)}, streamed in {passes} (temperature "
@@ -69,13 +70,27 @@ def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[Py
                            config.score_bn_mode)
     chunk = config.score_chunk_size or config.score_batch_size
     if jax.device_count() == 1:
-        if scorer is gj.grasp_scores:
-            return lambda p: gj.grasp_scores_from_batches(p, loss_fn, stream,
-                                                          microbatch_size=chunk)
-        return lambda p: gj.snip_scores_from_batches(p, loss_fn, stream, microbatch_size=chunk)
+        if finish is gj.snip_from_gradient:
+            return lambda p: finish(p, gj.gradient_from_batches(p, loss_fn, stream,
+                                                                microbatch_size=chunk))
+        return lambda p: finish(p, gj.gradient_and_hvp_from_batches(
+            p, loss_fn, stream, microbatch_size=chunk)[1])
     ctx.log(f"  data-parallel over {jax.device_count()} devices: each batch's full chunks "
             "dealt to the devices, the short ones collected and dealt one per device")
-    return _data_parallel_streamed(config, scorer, loss_fn, stream, chunk)
+    return _data_parallel_streamed(finish, loss_fn, stream, chunk)
+
+
+def _grasp_abs_from_hvp(params: PyTree, hvp: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.abs, gj.grasp_from_hvp(params, hvp))
+
+
+# How each data-dependent core scorer's scores come from the streamed sums:
+# g for SNIP, Hg for the GraSP criteria.
+FINISH: dict[Callable, Callable[[PyTree, PyTree], PyTree]] = {
+    gj.grasp_scores: gj.grasp_from_hvp,
+    gj.grasp_abs_scores: _grasp_abs_from_hvp,
+    gj.snip_scores: gj.snip_from_gradient,
+}
 
 
 def _device_groups(stream: Callable[[], Iterator[Batch]], chunk: int,
@@ -110,7 +125,7 @@ def _stack(chunks: list[Batch], num_devices: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _data_parallel_streamed(config: Config, scorer: Callable[..., PyTree], loss_fn: Callable,
+def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn: Callable,
                             stream: Callable[[], Iterator[Batch]], chunk: int
                             ) -> Callable[[PyTree], PyTree]:
     devices = jax.devices()
@@ -139,8 +154,8 @@ def _data_parallel_streamed(config: Config, scorer: Callable[..., PyTree], loss_
 
     def score_fn(params: PyTree) -> PyTree:
         g = one_pass("gradient", params, None)
-        if scorer is not gj.grasp_scores:
-            return gj.snip_from_gradient(params, g)
-        return gj.grasp_from_hvp(params, one_pass("hvp", params, g))
+        if finish is gj.snip_from_gradient:
+            return finish(params, g)
+        return finish(params, one_pass("hvp", params, g))
 
     return score_fn

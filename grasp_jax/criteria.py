@@ -15,6 +15,7 @@ Direction = Literal["highest", "lowest"]
 # Which end of each criterion's ranking is removed.
 PRUNE_DIRECTION: dict[str, Direction] = {
     "grasp": "highest",  # S(-θ) = -θ⊙Hg: removing these reduces gradient flow least
+    "grasp_abs": "lowest",  # |θ⊙Hg| (Lubana & Dick, 2021): removing these changes it least
     "snip": "lowest",
     "synflow": "lowest",
     "magnitude": "lowest",
