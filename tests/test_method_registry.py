@@ -78,3 +78,10 @@ def test_a_taken_name_or_a_bad_direction_is_refused():
         methods.register(methods.Method("grasp", "highest", "again", build=lambda ctx: None))
     with pytest.raises(ValueError, match="direction"):
         methods.register(methods.Method("sideways", "middle", "?", build=lambda ctx: None))
+
+
+def test_the_readme_method_table_is_the_registrys():
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- methods-table")
+    table = readme[readme.index("\n", start) + 1:readme.index("<!-- end methods-table")]
+    assert table.strip() == methods.markdown_table()
