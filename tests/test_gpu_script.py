@@ -1,0 +1,77 @@
+"""benchmarks.gpu, the script for a lent GPU, run on this CPU at --tiny sizes in a subprocess:
+it exits 0 and writes both marked sections of its page (a temporary one, never docs/GPU.md),
+and a spent time budget skips work instead of running past it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *flags):
+    out = tmp_path / "GPU.md"
+    out.write_text("# hand-written title\n\nprose kept across reruns\n")
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--tiny", "--out", str(out),
+           "--sweep_dir", str(tmp_path / "sweep"), *flags]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return p, out.read_text()
+
+
+def _section(page: str, name: str) -> str:
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    assert page.count(begin) == 1 and page.count(end) == 1, page
+    return page.split(begin, 1)[1].split(end, 1)[0]
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_both_tables(tmp_path):
+    repo_page = REPO / "docs" / "GPU.md"
+    before = repo_page.read_bytes() if repo_page.exists() else None
+    # One method keeps it to one sweep cell (each cell is a fresh process: ~15 s here).
+    p, page = _run(tmp_path, "--methods", "grasp")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert page.startswith("# hand-written title\n\nprose kept across reruns\n")
+
+    bench = _section(page, gpu.BENCH_SECTION)
+    assert "Device: **cpu**" in bench
+    grasp_rows = [ln for ln in bench.splitlines() if ln.startswith("| lenet5 |")]
+    assert len(grasp_rows) == 2, bench  # one in the scoring table, one in the train-step table
+    assert all("skipped" not in ln and "n/a" not in ln for ln in grasp_rows), bench
+    assert gpu.GRASP_HEADER.splitlines()[0] in bench and gpu.TRAIN_HEADER.splitlines()[0] in bench
+
+    sweep = _section(page, gpu.SWEEP_SECTION)
+    assert "Device: **cpu**" in sweep and "(exit 0)" in sweep
+    assert "| digits | lenet5 | grasp | none | 98.00% | 1 | 1 |" in sweep, sweep
+    assert "![" not in sweep  # the sweep's plots are linked from its own directory only
+    assert (tmp_path / "sweep" / "grasp_s0.98_seed0" / "results.json").exists()
+    after = repo_page.read_bytes() if repo_page.exists() else None
+    assert after == before
+
+
+def test_spent_budget_skips_every_model_and_the_sweep(tmp_path):
+    p, page = _run(tmp_path, "--bench_budget_s", "0", "--budget_s", "0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    bench = _section(page, gpu.BENCH_SECTION)
+    assert bench.count("| lenet5 | skipped: time budget spent |") == 2, bench
+    assert "Not run: the time budget was spent" in _section(page, gpu.SWEEP_SECTION)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_results_drop_the_title_and_the_plots(tmp_path):
+    (tmp_path / "results.md").write_text("# Sweep results\n\nnote\n\n| a |\n|---|\n| 1 |\n\n"
+                                         "![accuracy](accuracy_vs_sparsity.png)\n")
+    assert gpu.sweep_results(str(tmp_path)) == "note\n\n| a |\n|---|\n| 1 |"
+    assert "No cell finished" in gpu.sweep_results(str(tmp_path / "absent"))
+
+
+def test_skipped_rows_have_as_many_cells_as_their_header():
+    for header, columns in ((gpu.GRASP_HEADER, 8), (gpu.TRAIN_HEADER, 6)):
+        assert header.splitlines()[0].count("|") == columns + 1
+        assert gpu.skipped_row("vgg19", columns).count("|") == columns + 1
