@@ -123,6 +123,7 @@ def write_imagenet2012(
     train_per_class: int = 4,
     image_shape: tuple[int, int] = (40, 52),
     prepare: bool = True,
+    num_shards: int | None = None,
 ) -> FakeImagenet:
     """Writes a tiny ``imagenet2012`` as the real manual download, and prepares it.
 
@@ -136,7 +137,9 @@ def write_imagenet2012(
     that file, and the synsets with training images are those same synsets
     (each image colored by its class). With ``prepare``, TFDS's own
     ``download_and_prepare`` turns the tars into the TFDS layout that
-    ``grasp_jax.data`` reads, exactly as ``tfds build imagenet2012`` would.
+    ``grasp_jax.data`` reads, exactly as ``tfds build imagenet2012`` would;
+    ``num_shards`` makes it write each split in that many files (the real
+    train split has 1,024; TFDS writes a tiny split as one file otherwise).
     """
     synsets = _tfds_imagenet_file("labels.txt")
     val_wnids = _tfds_imagenet_file("validation_labels.txt")[:num_validation]
@@ -157,7 +160,7 @@ def write_imagenet2012(
             pixels = _class_image(rng, synsets.index(wnid), image_shape)
             _add_to_tar(val_tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg_bytes(pixels))
     if prepare:
-        prepare_imagenet2012(data_dir)
+        prepare_imagenet2012(data_dir, num_shards=num_shards)
     return FakeImagenet(
         data_dir=data_dir,
         wnids=wnids,
@@ -167,13 +170,18 @@ def write_imagenet2012(
     )
 
 
-def prepare_imagenet2012(data_dir: Path) -> None:
-    """``tfds build imagenet2012 --data_dir=data_dir`` from its ``downloads/manual`` tars."""
+def prepare_imagenet2012(data_dir: Path, num_shards: int | None = None) -> None:
+    """``tfds build imagenet2012 --data_dir=data_dir`` from its ``downloads/manual`` tars.
+
+    ``num_shards`` files per split (TFDS's ``DownloadConfig.num_shards``); None
+    lets TFDS choose by size.
+    """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder("imagenet2012", data_dir=str(data_dir))
     config = tfds.download.DownloadConfig(
         manual_dir=str(data_dir / "downloads" / "manual"),
         compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        num_shards=num_shards,
     )
     builder.download_and_prepare(download_config=config)

@@ -8,6 +8,7 @@ these tests read what ``tfds build imagenet2012`` would have written.
 
 from __future__ import annotations
 
+import dataclasses
 import tarfile
 
 import numpy as np
@@ -16,6 +17,7 @@ from data_helpers import ONE_DEVICE, assert_batches_equal, eval_batches, take, t
 from fake_datasets import write_imagenet2012
 
 from grasp_jax import data
+from grasp_jax.data import seeds, sources, streams
 
 SMALL = data.get_info("imagenet2012", image_size=32)
 
@@ -87,3 +89,95 @@ def test_scoring_stream_is_regenerable(fake):
     assert set(labels.tolist()) <= set(fake.labels)
     images = np.concatenate([b["image"] for b in first])
     np.testing.assert_array_equal(class_of_color(images, fake.labels), labels)
+
+
+# --------------------------------------------------------------------------
+# File order: a split in several files, shuffle buffer smaller than the split.
+
+SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    # 24 training images in 4 files of 6 (the real train split: 1,024 files).
+    return write_imagenet2012(tmp_path_factory.mktemp("imagenet_sharded"), num_shards=SHARDS)
+
+
+def file_order(source, seed, epoch, stream=0):
+    key = seeds.file_order_key(seeds.stream_key(seed, stream), epoch)
+    return [ex["image"] for ex in source.in_file_order(key).as_numpy_iterator()]
+
+
+def stored_images(source):
+    return [ex["image"] for ex in source.dataset.as_numpy_iterator()]
+
+
+def test_the_file_order_depends_on_seed_and_epoch_and_reads_each_record_once(sharded):
+    source = sources.load_source(SMALL, "train", str(sharded.data_dir), 0, 1, drop_remainder=True)
+    assert source.num_examples == sharded.num_train
+    stored = stored_images(source)
+    orders = {(s, e): file_order(source, s, e) for s, e in [(0, 0), (0, 1), (1, 0)]}
+    for order in orders.values():
+        assert sorted(order) == sorted(stored)
+    assert orders[0, 0] == file_order(source, 0, 0)  # a pure function of (seed, epoch)
+    assert orders[0, 0] != stored
+    assert orders[0, 0] != orders[1, 0] and orders[0, 0] != orders[0, 1]
+
+
+def test_the_files_are_permuted_whole(sharded):
+    # One record from each of the (<= 16) files in turn: record k of the order
+    # is record k // SHARDS of file k % SHARDS of the permutation.
+    source = sources.load_source(SMALL, "train", str(sharded.data_dir), 0, 1, drop_remainder=True)
+    stored, per_file = stored_images(source), sharded.num_train // SHARDS
+    files = [stored[f * per_file : (f + 1) * per_file] for f in range(SHARDS)]
+    key = seeds.file_order_key(seeds.stream_key(0, 0), 0)
+    perm = seeds.permutation(key, SHARDS).numpy()
+    assert sorted(perm.tolist()) == list(range(SHARDS))
+    expected = [files[perm[k % SHARDS]][k // SHARDS] for k in range(sharded.num_train)]
+    assert file_order(source, 0, 0) == expected
+
+
+def test_process_slices_in_file_order_are_disjoint_and_complete(sharded):
+    # 3 processes of 8 images: the slices cut the 6-image files mid-file.
+    source = sources.load_source(SMALL, "train", str(sharded.data_dir), 0, 1, drop_remainder=True)
+    slices = []
+    for index in range(3):
+        part = sources.load_source(SMALL, "train", str(sharded.data_dir), index, 3, True)
+        order = file_order(part, 0, 0, stream=index)
+        assert sorted(order) == sorted(stored_images(part))
+        slices += order
+    assert sorted(slices) == sorted(stored_images(source))
+
+
+def test_a_small_buffer_reads_the_files_in_a_seeded_order(sharded):
+    # With a buffer of 1 an epoch is the file order alone: it must vary with
+    # the seed and the epoch (a fixed file order gave every seed the same).
+    common = dict(global_batch_size=8, data_dir=str(sharded.data_dir), shuffle_buffer_size=1)
+    steps = data.steps_per_epoch(SMALL, 8, data_dir=str(sharded.data_dir), process_count=1)
+
+    def epoch_labels(seed):
+        batches = take(train_batches(SMALL, seed=seed, **common, **ONE_DEVICE), 2 * steps)
+        epochs = (batches[:steps], batches[steps:])
+        return [np.concatenate([b["label"].ravel() for b in epoch]) for epoch in epochs]
+
+    (seed0_e0, seed0_e1), (seed1_e0, _) = epoch_labels(0), epoch_labels(1)
+    for labels in (seed0_e0, seed0_e1, seed1_e0):
+        assert sorted(labels.tolist()) == sorted(list(sharded.labels) * sharded.train_per_class)
+    assert seed0_e0.tolist() != seed1_e0.tolist() and seed0_e0.tolist() != seed0_e1.tolist()
+
+
+def test_resuming_in_file_order_matches_the_uninterrupted_stream(sharded):
+    common = dict(global_batch_size=8, seed=0, data_dir=str(sharded.data_dir))
+    info = dataclasses.replace(SMALL, shuffle_buffer_size=8)  # < 24: file order is on
+    full = take(train_batches(info, **common, **ONE_DEVICE), 7)
+    resumed = take(train_batches(info, start_step=4, **common, **ONE_DEVICE), 3)
+    assert_batches_equal(full[4:], resumed)
+    labels = np.concatenate([b["label"].ravel() for b in full[:3]])
+    assert sorted(labels.tolist()) == sorted(list(sharded.labels) * sharded.train_per_class)
+
+
+def test_the_file_order_is_used_only_when_the_buffer_is_smaller_than_the_slice(sharded):
+    source = sources.load_source(SMALL, "train", str(sharded.data_dir), 0, 1, drop_remainder=True)
+    key = seeds.stream_key(0, 0)
+    assert streams.epoch_reader(source, source.dataset, source.num_examples)(key) is source.dataset
+    assert streams.epoch_reader(source, source.dataset, 8) is source.in_file_order

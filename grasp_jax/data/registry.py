@@ -40,7 +40,9 @@ class DatasetInfo:
       cache_decoded: keep the decoded training images in memory after the first
         epoch (small datasets only).
       shuffle_buffer_size: tf.data shuffle buffer; None means the whole split
-        (an exact uniform permutation per epoch).
+        (an exact uniform permutation per epoch). A smaller one over a split
+        stored in several files also reads the files in a per-epoch seeded
+        order (see ``streams``, "File order").
       manual_download: TFDS cannot fetch it; the user places archives by hand.
     """
 

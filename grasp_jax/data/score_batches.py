@@ -25,6 +25,7 @@ from grasp_jax.data.sources import load_source
 from grasp_jax.data.streams import (
     deterministic,
     epoch_examples,
+    epoch_reader,
     training_batches,
     training_steps,
 )
@@ -81,9 +82,9 @@ def scoring_batch(
     source = load_source(info, info.train_split, data_dir, 0, 1, drop_remainder=True)
     # Negative stream ids never collide with training streams (process ids).
     key = stream_key(seed, -1 - draw)
-    stream = epoch_examples(
-        source.dataset, key, 0, info.shuffle_buffer_size or source.num_examples, source.num_examples
-    )
+    buffer_size = info.shuffle_buffer_size or source.num_examples
+    read = epoch_reader(source, source.dataset, buffer_size)
+    stream = epoch_examples(read, key, 0, buffer_size, source.num_examples)
     wanted = info.num_classes * samples_per_class
 
     def count_and_flag(counts, element):

@@ -16,6 +16,7 @@ import tensorflow as tf
 # augmentation seeds of one epoch are independent random streams.
 SHUFFLE_SALT = 0
 AUGMENT_SALT = 1
+FILE_ORDER_SALT = 2
 _MAX_SHUFFLE_SEED = 2**62
 
 
@@ -38,6 +39,26 @@ def shuffle_seed(key: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
         maxval=_MAX_SHUFFLE_SEED,
         dtype=tf.int64,
     )
+
+
+def file_order_key(key: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
+    """The stateless key (int64 [2]) of epoch ``epoch``'s file order.
+
+    A third salt, so the file order is independent of the example shuffle and
+    the augmentation, and adding it left those (hence every stream that reads
+    no files in shuffled order) unchanged.
+    """
+    return fold_in(fold_in(key, epoch), FILE_ORDER_SALT)
+
+
+def permutation(key: tf.Tensor, n: int) -> tf.Tensor:
+    """A uniformly random permutation of ``range(n)`` (int32 [n]), a pure function of ``key``.
+
+    The argsort of n stateless uniform int64 draws (ties, with probability
+    about n^2 / 2^65, are broken by position, so the order stays deterministic).
+    """
+    draws = tf.random.stateless_uniform([n], seed=key, minval=None, maxval=None, dtype=tf.int64)
+    return tf.argsort(draws, stable=True)
 
 
 def augment_seed(key: tf.Tensor, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:

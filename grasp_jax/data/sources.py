@@ -10,6 +10,8 @@ names the folder looked in and says how to fill it.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from grasp_jax.data.layout import Shard
+from grasp_jax.data.seeds import permutation
 
 if TYPE_CHECKING:
     from grasp_jax.data.registry import DatasetInfo
@@ -32,6 +35,10 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _TINY_IMAGENET_ORDER_SEED = 0
 _DIGITS_TEST_SIZE = 360
 _DIGITS_SPLIT_SEED = 0
+# Files read at once when reading in shuffled file order (TFDS's default
+# interleave cycle); one record from each in turn, so the shuffle buffer
+# mixes this many random files from its first fill on.
+INTERLEAVED_FILES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +46,17 @@ class Source:
     """One process's slice of a split, in a fixed order.
 
     ``dataset`` yields {'image', 'label' int32}; ``image_format`` says what
-    ``image`` holds (``PIXELS``, ``ENCODED`` or ``FILE``).
+    ``image`` holds (``PIXELS``, ``ENCODED`` or ``FILE``). ``in_file_order``,
+    where the slice is stored in several files, maps a stateless key (int64
+    [2]) to the same examples with the files read in an order drawn from the
+    key (each file's records in their stored order); None where there is no
+    such choice.
     """
 
     dataset: tf.data.Dataset
     num_examples: int
     image_format: str
+    in_file_order: Callable[[tf.Tensor], tf.data.Dataset] | None = None
 
 
 SourceLoader = Callable[["DatasetInfo", str, "str | None", Shard], Source]
@@ -106,12 +118,66 @@ def tfds_source(info: DatasetInfo, split: str, data_dir: str | None, shard: Shar
     num_examples = int(ds.cardinality())
     if num_examples < 0:
         num_examples = builder.info.splits[subsplit].num_examples
-    ds = ds.map(
-        lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return Source(ds, num_examples, image_format=ENCODED)
+    ds = ds.map(_image_and_label, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    in_file_order = tfds_file_order_reader(builder, subsplit)
+    return Source(ds, num_examples, image_format=ENCODED, in_file_order=in_file_order)
+
+
+def _image_and_label(example: dict) -> dict:
+    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+
+
+def tfds_file_order_reader(
+    builder: Any, split: str
+) -> Callable[[tf.Tensor], tf.data.Dataset] | None:
+    """``key -> dataset``: ``split`` of a prepared TFDS dataset, its files in a drawn order.
+
+    The split's file instructions (file, records skipped, records taken; a
+    process's sub-split cuts the files at its ends) are permuted by
+    ``seeds.permutation(key, n)`` and read ``INTERLEAVED_FILES`` at a time, one
+    record from each in turn, deterministically. The examples are exactly
+    those of the fixed-order dataset, each once, images still encoded. None
+    if the split is one file (nothing to choose) or not in TFRecord files.
+    """
+    try:
+        instructions = builder.info.splits[split].file_instructions
+    except KeyError:  # No split files recorded (tfds.testing.mock_data): nothing to order.
+        return None
+    if len(instructions) < 2:
+        return None
+    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+        warnings.warn(
+            f"{builder.info.name}: files are {builder.info.file_format}, not TFRecord; "
+            "they are read in a fixed order.",
+            stacklevel=2,
+        )
+        return None
+    paths = tf.constant([os.fspath(f.filename) for f in instructions])
+    skips = tf.constant([f.skip for f in instructions], tf.int64)
+    takes = tf.constant([f.take for f in instructions], tf.int64)
+    features = builder.info.features
+
+    def records(i: tf.Tensor) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(paths[i]).skip(skips[i]).take(takes[i])
+
+    def parse(record: tf.Tensor) -> dict:
+        example = features.deserialize_example(
+            record, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        return _image_and_label(example)
+
+    def read(key: tf.Tensor) -> tf.data.Dataset:
+        order = tf.data.Dataset.from_tensor_slices(permutation(key, len(instructions)))
+        ds = order.interleave(
+            records,
+            cycle_length=min(INTERLEAVED_FILES, len(instructions)),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    return read
 
 
 def _missing_tfds_message(info: DatasetInfo, builder: Any, data_dir: str | None) -> str:

@@ -12,6 +12,18 @@ Determinism and resuming
     ``tf.random.set_seed`` changes tf.data's shuffle seeds, so keep it fixed
     between a run and its resumption.)
 
+File order
+    A shuffle buffer holding the whole slice (CIFAR, Tiny-ImageNet, digits)
+    draws a uniform permutation of it each epoch, so the slice is read in its
+    fixed order. A smaller buffer (ImageNet: 16,384 of ~1.28M) only mixes
+    nearby records: read in a fixed order, every epoch would start with the
+    same first files, whatever the seed. So a source stored in several files
+    with a buffer smaller than it is read with its files in an order drawn
+    from (seed, process, epoch) (``epoch_reader``), as TFDS's own
+    ``shuffle_files`` does but seeded per epoch, so that resuming stays exact.
+    (The authors' PyTorch loader permutes all images every epoch; file order +
+    buffer is the usual approximation for sharded record files.)
+
 Sharding
     Each process reads its own contiguous slice of the split
     (``tfds.split_for_jax_process``) and builds batches of
@@ -22,6 +34,7 @@ Sharding
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,21 +43,39 @@ import tensorflow as tf
 from grasp_jax.data import augment
 from grasp_jax.data.layout import device_batch_layout, reshape_for_devices, resolve_process
 from grasp_jax.data.registry import DatasetInfo, resolve
-from grasp_jax.data.seeds import shuffle_seed, stream_key
+from grasp_jax.data.seeds import file_order_key, shuffle_seed, stream_key
 from grasp_jax.data.sources import PIXELS, Source, load_source
+
+EpochReader = Callable[[tf.Tensor], tf.data.Dataset]
+
+
+def epoch_reader(source: Source, examples: tf.data.Dataset, buffer_size: int) -> EpochReader:
+    """``file_order_key -> dataset``: how an epoch reads the slice before its shuffle.
+
+    Rule (see the module doc): ``source.in_file_order`` when the source has a
+    file order to choose and ``buffer_size`` is smaller than the slice;
+    otherwise ``examples`` (the source, perhaps decoded and cached) in its
+    fixed order, whatever the key.
+    """
+    if source.in_file_order is None or buffer_size >= source.num_examples:
+        return lambda _key: examples
+    return source.in_file_order
 
 
 def epoch_examples(
-    source: tf.data.Dataset, key: tf.Tensor, epoch: Any, buffer_size: int, take: int
+    read: EpochReader, key: tf.Tensor, epoch: Any, buffer_size: int, take: int
 ) -> tf.data.Dataset:
     """Epoch ``epoch`` of a stream: elements ``(epoch, (index, example))``.
 
-    The order is shuffled with a seed from (key, epoch) and truncated to
-    ``take``; augmentation is seeded from (key, epoch, index).
-    Neither depends on what came before, which makes resuming at any step exact.
+    ``read`` gets the epoch's file-order key from (key, epoch); its examples
+    are shuffled with a seed from (key, epoch) and truncated to ``take``;
+    augmentation is seeded from (key, epoch, index). None depends on what came
+    before, which makes resuming at any step exact.
     """
     epoch = tf.cast(epoch, tf.int64)
-    ds = source.shuffle(buffer_size, seed=shuffle_seed(key, epoch), reshuffle_each_iteration=False)
+    ds = read(file_order_key(key, epoch)).shuffle(
+        buffer_size, seed=shuffle_seed(key, epoch), reshuffle_each_iteration=False
+    )
     # No per-element function here: it would run serially and cap throughput.
     return tf.data.Dataset.zip(
         (tf.data.Dataset.from_tensors(epoch).repeat(), ds.take(take).enumerate())
@@ -102,10 +133,9 @@ def training_batches(
             deterministic=True,
         ).cache()
         image_format = PIXELS
+    read = epoch_reader(source, examples, buffer_size)
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
-    ds = epochs.flat_map(
-        lambda e: epoch_examples(examples, key, e, buffer_size, steps * local_batch)
-    )
+    ds = epochs.flat_map(lambda e: epoch_examples(read, key, e, buffer_size, steps * local_batch))
     # Only the first epoch is partial; skipping happens before any decoding.
     ds = ds.skip(step_in_epoch * local_batch)
     ds = augment.augmented_batches(info, ds, image_format, key, local_batch)
