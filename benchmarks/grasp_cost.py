@@ -7,10 +7,12 @@ shared machine:
 * XLA's FLOP count (``cost_analysis``) of ``grasp_scores``, in gradients of
   the same 100 images. An exact forward-over-reverse Hg doubles every bilinear
   op of the gradient (the tangent of a·b is ta·b + a·tb), so the floor is ~3.
-  With every chunk linearized at once (the residuals fit in the memory
-  budget) the two chunks cost that floor; visited one at a time by an eager
-  call (``memory_budget_bytes=0``, the path for large scoring sets) g must be
-  summed before any Hg, so each chunk's forward and backward run twice (~3.65).
+  Three ways to the same scores: every chunk linearized at once (one program;
+  taken when the residuals fit the memory budget); one chunk at a time in an
+  eager call (``memory_budget_bytes=0``: a gradient program, then an HVP
+  program, per chunk); and one chunk at a time inside one traced program
+  (under ``jit``/``pmap`` with ``memory_budget_bytes=0``), where g must be
+  summed before any Hg, so each chunk's forward and backward run twice.
 * compile time (trace + lower + compile, cold) of ``grasp_scores`` against
   one jitted ``value_and_grad`` on the same batch (target: <= ~1.5x);
 * the residual estimate that chooses the path, and XLA's peak memory;
@@ -73,9 +75,12 @@ def measure(arch: str, batch_size: int, chunks: int, time_calls: bool) -> dict:
     chunk = jax.tree_util.tree_map(lambda a: a[:batch_size // chunks], batch)
     add_g, _ = _compiled(lambda p, c: gj.accumulate_gradient(p, loss_fn, c), params, chunk)
     add_hg, _ = _compiled(lambda p, c: gj.accumulate_hvp(p, loss_fn, c, p), params, chunk)
+    traced, _ = _compiled(lambda p, b: gj.grasp_scores(p, loss_fn, b, num_microbatches=chunks,
+                                                       memory_budget_bytes=0), params, batch)
     g = flops(grad_c)
     r["grasp_flop_gradients"] = flops(grasp_c) / g
-    r["one_at_a_time_flop_gradients"] = chunks * (flops(add_g) + flops(add_hg)) / g
+    r["eager_one_at_a_time_flop_gradients"] = chunks * (flops(add_g) + flops(add_hg)) / g
+    r["traced_one_at_a_time_flop_gradients"] = flops(traced) / g
     if time_calls:
         # A fresh loss_fn object: nothing of the above is reused.
         def fresh(p, b):
@@ -92,9 +97,10 @@ def measure(arch: str, batch_size: int, chunks: int, time_calls: bool) -> dict:
 def report(r: dict) -> str:
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.0f} MiB"  # noqa: E731
     lines = [
-        f"{r['arch']}: grasp_scores {r['grasp_flop_gradients']:.2f} gradients of FLOPs "
-        f"(one chunk at a time: {r['one_at_a_time_flop_gradients']:.2f}); compile "
-        f"{r['compile_grasp_s']:.1f} s vs gradient {r['compile_grad_s']:.1f} s = "
+        f"{r['arch']}: grasp_scores {r['grasp_flop_gradients']:.2f} gradients of FLOPs (one "
+        f"chunk at a time: eager {r['eager_one_at_a_time_flop_gradients']:.2f}, traced "
+        f"{r['traced_one_at_a_time_flop_gradients']:.2f}); compile {r['compile_grasp_s']:.1f} s "
+        f"vs gradient {r['compile_grad_s']:.1f} s = "
         f"{r['compile_grasp_s'] / r['compile_grad_s']:.2f}x",
         f"    residuals {mib(r['residual_bytes'])} (budget {mib(r['budget_bytes'])}); XLA peak "
         f"grasp {mib(r['peak_grasp_bytes'])}, gradient {mib(r['peak_grad_bytes'])}",

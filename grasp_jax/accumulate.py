@@ -15,8 +15,10 @@ summed across devices (``lax.psum``), so a replicated ``acc`` stays replicated.
 
 GraSP needs g summed over every chunk before any Hg can be formed. When the
 residuals of every chunk fit in memory, :func:`gradient_and_hvp_with` instead
-linearizes the gradient of Σ_c L_c once and applies that linear map to g:
-~3 gradients of FLOPs instead of ~3.65 for two chunks, in one program.
+linearizes the gradient of Σ_c L_c once and applies that linear map to g, in
+one program at the floor of ~3 gradients of FLOPs (XLA's count for two chunks
+visited one after another in one traced program is ~3.65: each chunk's
+forward and backward run again for Hg).
 """
 
 from __future__ import annotations
