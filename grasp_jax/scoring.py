@@ -171,7 +171,8 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
         the trace under ``jit``.
       batch_axis_name: the axis a model's BatchNorm reduces over
         (``nn.BatchNorm(axis_name='batch')``); bound with size 1 so the model
-        can be scored outside ``pmap``.
+        can be scored outside ``pmap``, each chunk its own BatchNorm batch.
+        Leave it unset inside a ``pmap`` that binds that axis itself.
 
     Returns:
       A pytree like ``params``: S(-θ) at prunable leaves, zeros elsewhere.
