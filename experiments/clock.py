@@ -83,7 +83,7 @@ class Chrono:
     @property
     def images_per_sec(self) -> float:
         t = self.train_time_s
-        return self.train_images / t if t > 0 else float("nan")
+        return self.train_images / t if t > 0 and self.train_images else float("nan")
 
     def as_meta(self) -> dict[str, float]:
         return {"wall_time_s": self.wall_time_s, "train_time_s": self.train_time_s,
