@@ -230,15 +230,10 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
                 chrono.start()
             stopping = cadence.stop(step, signals)
             if cadence.log(step) or stopping or cadence.checkpoint(step):
-                means, bad = window.flush()
+                bad = report_window(config, step, window, chrono, lr, writer, progress)
                 if bad is not None:
                     return dataclasses.replace(outcome, status="diverged", step=step,
                                                diverged_at_step=bad, diverged_in="training")
-                if means is not None:
-                    ips, sps = chrono.window()
-                    means.update({"train/lr": float(lr(step - 1)), "train/images_per_sec": ips})
-                    writer.write(step, means)
-                    progress.report(step, means, (config.num_steps - step) / sps)
             if cadence.evaluate(step):
                 with chrono.paused():
                     outcome.last_eval = evaluate()
@@ -259,6 +254,18 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
     final = distributed.first_replica({"params": rstate.params, "masks": rstate.masks})
     return dataclasses.replace(outcome, step=step, final=final,
                                zero_fraction=steps.prunable_zero_fraction(final["params"]))
+
+
+def report_window(config: Config, step: int, window: MetricsWindow, chrono: Chrono, lr,
+                  writer: MetricWriter, progress: Progress) -> Optional[int]:
+    """Write the window's means; the first step that was not finite, or None."""
+    means, bad = window.flush()
+    if bad is None and means is not None:
+        ips, sps = chrono.window()
+        means.update({"train/lr": float(lr(step - 1)), "train/images_per_sec": ips})
+        writer.write(step, means)
+        progress.report(step, means, (config.num_steps - step) / sps)
+    return bad
 
 
 def save(ckpt: checkpointing.Checkpointer, step: int, rstate: TrainState, meta: dict,

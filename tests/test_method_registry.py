@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import configs, methods
+from experiments import methods, presets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,7 @@ def test_a_registered_toy_criterion_runs_end_to_end(tmp_path):
     assert total - sum(int(m.sum()) for m in masks.values()) == int(np.floor(0.5 * total + 0.5))
     # The trained network as a sparse artifact, equal to the final checkpoint's params.
     import grasp_jax as gj
+
     from experiments import checkpointing
 
     _, state = checkpointing.load_state(str(workdir))
@@ -68,7 +69,7 @@ def test_the_cli_choices_and_presets_come_from_the_registry():
     method_action = next(a for a in run.build_parser()._actions if a.dest == "method")
     assert tuple(method_action.choices) == methods.names()
     for m in methods.REGISTRY.values():
-        p = configs.preset("cifar10", "vgg19", m.name)
+        p = presets.preset("cifar10", "vgg19", m.name)
         assert all(p[k] == v for k, v in m.preset.items())
     assert "| `grasp` |" in methods.markdown_table()
 
