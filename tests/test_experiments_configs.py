@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import jax_utils
 
 import grasp_jax as gj
-from flax import jax_utils
+
 from experiments import configs, steps
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import grasp_jax as gj
-from experiments import configs, data_scoring, methods, steps
 from grasp_jax import models
+
+from experiments import configs, data_scoring, methods, steps
 
 
 @pytest.fixture(scope="module")
