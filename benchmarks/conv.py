@@ -71,7 +71,11 @@ def _min_time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
 
 def _programs(mode: str, hvp: bool, stride: int = 1) -> dict[str, Callable[..., Any]]:
     conv = functools.partial(
-        conv_general_dilated, window_strides=(stride, stride), padding="SAME", dimension_numbers=_DN, mode=mode
+        conv_general_dilated,
+        window_strides=(stride, stride),
+        padding="SAME",
+        dimension_numbers=_DN,
+        mode=mode,
     )
 
     def loss(x: jax.Array, k: jax.Array) -> jax.Array:
@@ -83,12 +87,22 @@ def _programs(mode: str, hvp: bool, stride: int = 1) -> dict[str, Callable[..., 
     }
     if hvp:
         # Forward-over-reverse, as grasp_scores computes H·v.
-        progs["hvp"] = jax.jit(lambda x, k: jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (x, k))[1])
+        progs["hvp"] = jax.jit(
+            lambda x, k: jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (x, k))[1]
+        )
     return progs
 
 
 def time_shape(
-    batch: int, size: int, cin: int, cout: int, ksize: int, stride: int = 1, *, repeats: int, hvp: bool = False
+    batch: int,
+    size: int,
+    cin: int,
+    cout: int,
+    ksize: int,
+    stride: int = 1,
+    *,
+    repeats: int,
+    hvp: bool = False,
 ) -> dict[str, float]:
     """Seconds for native vs fast, keys like 'fwd_native', 'vg_fast'.
 
@@ -124,7 +138,7 @@ def table(shapes: Sequence[tuple[int, ...]], *, repeats: int, hvp: bool, max_gfl
     cols = ["fwd", "vg"] + (["hvp"] if hvp else [])
     head = (
         f"{'batch':>5} {'shape':>22} {'GFLOP':>6} "
-        + " ".join(f'{c + " nat":>9} {c + " fast":>9} {"x":>5}' for c in cols)
+        + " ".join(f"{c + ' nat':>9} {c + ' fast':>9} {'x':>5}" for c in cols)
         + f" {'rel err':>7} {'winner':>6} {'auto':>6}"
     )
     print(f"backend: {jax.default_backend()}, times in ms (min of {repeats})")
@@ -159,7 +173,28 @@ def network(batch: int, repeats: int, hvp: bool = False) -> None:
     import flax.linen as nn
     import optax
 
-    cfg = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
+    cfg = (
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+    )
 
     class VGG19(nn.Module):
         mode: str
@@ -178,7 +213,7 @@ def network(batch: int, repeats: int, hvp: bool = False) -> None:
     x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
     y = jnp.arange(batch) % 10
     params = VGG19("native").init(jax.random.key(1), x)
-    print(f"VGG19, batch {batch}, backend {jax.default_backend()}, " f"seconds (min of {repeats}):")
+    print(f"VGG19, batch {batch}, backend {jax.default_backend()}, seconds (min of {repeats}):")
     fns = {}
     for mode in ("native", "auto"):
         model = VGG19(mode)
@@ -205,13 +240,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hvp", action="store_true", help="also time forward-over-reverse HVPs")
-    parser.add_argument("--sweep", action="store_true", help="sizes 1..32 x channels 3..512 x kernels 1, 3")
+    parser.add_argument(
+        "--sweep", action="store_true", help="sizes 1..32 x channels 3..512 x kernels 1, 3"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
     parser.add_argument("--channels", type=int, nargs="+", default=[3, 16, 64, 128, 256, 512])
     parser.add_argument("--kernels", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--max-gflop", type=float, default=25.0, help="skip shapes whose forward needs more GFLOP")
-    parser.add_argument("--resnet", action="store_true", help="ResNet shapes: 1x1 (strided) and strided 3x3")
-    parser.add_argument("--network", action="store_true", help="time a whole VGG19 value_and_grad instead")
+    parser.add_argument(
+        "--max-gflop", type=float, default=25.0, help="skip shapes whose forward needs more GFLOP"
+    )
+    parser.add_argument(
+        "--resnet", action="store_true", help="ResNet shapes: 1x1 (strided) and strided 3x3"
+    )
+    parser.add_argument(
+        "--network", action="store_true", help="time a whole VGG19 value_and_grad instead"
+    )
     args = parser.parse_args(argv)
     if args.network:
         for b in args.batch:
@@ -220,7 +263,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.resnet:
         shapes = [(b, *s) for b in args.batch for s in RESNET_SHAPES]
     elif args.sweep:
-        shapes = [(b, s, c, c, k) for b in args.batch for k in args.kernels for s in args.sizes for c in args.channels]
+        shapes = [
+            (b, s, c, c, k)
+            for b in args.batch
+            for k in args.kernels
+            for s in args.sizes
+            for c in args.channels
+        ]
     else:
         shapes = [(b, s, ci, co, k) for b in args.batch for s, ci, co, k in VGG19_SHAPES]
     table(shapes, repeats=args.repeats, hvp=args.hvp, max_gflop=args.max_gflop)

@@ -10,7 +10,7 @@ load of a shared machine:
   runs of the two alternate, and the speed-up is the median of the per-round ratios;
 * ``grasp_scores`` (one batch, default convolution) as a multiple of one gradient, alternating
   with gradient runs the same way;
-* the pmap'ed train step of ``experiments.train`` with and without ``masked_updates`` in the
+* the pmap'ed train step of ``experiments.steps`` with and without ``masked_updates`` in the
   optax chain (alternating single steps; overhead = median of the paired ratios);
 * compile times, and XLA's peak memory of each compiled program (``memory_analysis``: arguments
   + outputs + temporaries - aliased);
@@ -42,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import grasp_jax as gj
+from grasp_jax import models
+from grasp_jax.models import conv as conv_lib
+
 from benchmarks import train_step as train_step_bench
 from benchmarks.compiled import flops, peak_bytes
 from benchmarks.input_pipeline import DEFAULT_DATA_DIR, pipeline_images_per_second
-from experiments import train
-from grasp_jax import models
-from grasp_jax.models import conv as conv_lib
+from experiments import steps
 
 # model -> (input HWC, classes, default batch, dataset whose optimizer preset the train step uses)
 MODELS: dict[str, tuple[tuple[int, int, int], int, int, str]] = {
@@ -117,8 +118,9 @@ def _count_fast_convs(arch: str, num_classes: int, variables: Any, x: jax.Array)
 
     def recording(*args, precision=None, preferred_element_type=None, **kwargs):
         decisions.append(conv_lib.uses_fast_path(*args, **kwargs))
-        return conv_lib.conv_general_dilated(*args, precision=precision,
-                                             preferred_element_type=preferred_element_type, **kwargs)
+        return conv_lib.conv_general_dilated(
+            *args, precision=precision, preferred_element_type=preferred_element_type, **kwargs
+        )
 
     conv = functools.partial(models.Conv, conv_general_dilated=recording)
     model = models.get_model(arch, num_classes, conv=conv)
@@ -126,8 +128,14 @@ def _count_fast_convs(arch: str, num_classes: int, variables: Any, x: jax.Array)
     return sum(decisions), len(decisions)
 
 
-def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
-                log: Callable[[str], None] = print) -> dict:
+def bench_model(
+    arch: str,
+    batch: int,
+    rounds: int,
+    pairs: int,
+    sparsity: float,
+    log: Callable[[str], None] = print,
+) -> dict:
     shape, num_classes, _, dataset = MODELS[arch]
     r: dict[str, Any] = {"arch": arch, "batch": batch, "input": "x".join(map(str, shape))}
     key = jax.random.PRNGKey(0)
@@ -140,7 +148,7 @@ def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
         "native": models.get_model(arch, num_classes, conv=models.NativeConv),
     }
     t = time.perf_counter()
-    variables = jax.block_until_ready(train.init_variables(convs["native"], key, shape))
+    variables = jax.block_until_ready(steps.init_variables(convs["native"], key, shape))
     r["init_s"] = time.perf_counter() - t  # includes compiling the initializers
     params, batch_stats = variables["params"], variables["batch_stats"]
     r["params"] = models.count_params(params)
@@ -149,58 +157,93 @@ def bench_model(arch: str, batch: int, rounds: int, pairs: int, sparsity: float,
 
     fwd, grad, loss_fns = {}, {}, {}
     for name, model in convs.items():
+
         def loss_fn(p, b, model=model):
-            logits, _ = model.apply({"params": p, "batch_stats": batch_stats}, b["image"],
-                                    train=True, mutable=["batch_stats"])
+            logits, _ = model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                b["image"],
+                train=True,
+                mutable=["batch_stats"],
+            )
             return gj.cross_entropy_with_temperature(logits, b["label"], 200.0)
 
         loss_fns[name] = loss_fn
         apply = jax.jit(lambda v, im, model=model: model.apply(v, im, train=False))
         fwd[name], r[f"compile_fwd_{name}_s"] = _compile(apply, variables, x)
-        grad[name], r[f"compile_grad_{name}_s"] = _compile(jax.jit(jax.value_and_grad(loss_fn)),
-                                                          params, data)
+        grad[name], r[f"compile_grad_{name}_s"] = _compile(
+            jax.jit(jax.value_and_grad(loss_fn)), params, data
+        )
         r[f"peak_fwd_{name}_bytes"] = peak_bytes(fwd[name])
         r[f"peak_grad_{name}_bytes"] = peak_bytes(grad[name])
     log(f"  {arch}: compiled forward and gradient")
 
-    times = _alternate({
-        "fwd_auto": lambda: fwd["auto"](variables, x),
-        "fwd_native": lambda: fwd["native"](variables, x),
-        "grad_auto": lambda: grad["auto"](params, data),
-        "grad_native": lambda: grad["native"](params, data),
-    }, rounds)
+    times = _alternate(
+        {
+            "fwd_auto": lambda: fwd["auto"](variables, x),
+            "fwd_native": lambda: fwd["native"](variables, x),
+            "grad_auto": lambda: grad["auto"](params, data),
+            "grad_native": lambda: grad["native"](params, data),
+        },
+        rounds,
+    )
     for k, v in times.items():
         r[f"{k}_s"] = float(np.median(v))
     r["fwd_speedup"] = _paired_ratio(times["fwd_native"], times["fwd_auto"])
     r["grad_speedup"] = _paired_ratio(times["grad_native"], times["grad_auto"])
-    log(f"  {arch}: gradient {r['grad_auto_s'] * 1e3:.0f} ms (native {r['grad_native_s'] * 1e3:.0f} ms)")
+    log(
+        f"  {arch}: gradient {r['grad_auto_s'] * 1e3:.0f} ms "
+        f"(native {r['grad_native_s'] * 1e3:.0f} ms)"
+    )
 
     # grasp_scores with the default convolution: the jitted program grasp_scores runs for one
     # chunk, compiled here so its compile time and memory can be read.
     grasp, r["compile_grasp_s"] = _compile(
-        jax.jit(lambda p, d: gj.grasp_scores(p, loss_fns["auto"], d)), params, data)
+        jax.jit(lambda p, d: gj.grasp_scores(p, loss_fns["auto"], d)), params, data
+    )
     r["peak_grasp_bytes"] = peak_bytes(grasp)
     # What the work itself costs: an exact forward-over-reverse Hg doubles every bilinear op of
     # the gradient (the tangent of a·b is ta·b + a·tb), so FLOP-bound models sit near 3.
     r["grasp_flop_gradients"] = _ratio(flops(grasp), flops(grad["auto"]))
     # Check that the public call reuses that program (same loss_fn object): no compile here.
     jax.block_until_ready(gj.grasp_scores(params, loss_fns["auto"], data))
-    times = _alternate({
-        "grasp": lambda: gj.grasp_scores(params, loss_fns["auto"], data),
-        "grad": lambda: grad["auto"](params, data),
-    }, max(rounds // 2, 2))
+    times = _alternate(
+        {
+            "grasp": lambda: gj.grasp_scores(params, loss_fns["auto"], data),
+            "grad": lambda: grad["auto"](params, data),
+        },
+        max(rounds // 2, 2),
+    )
     r["grasp_s"] = float(np.median(times["grasp"]))
     r["grasp_gradients"] = _paired_ratio(times["grasp"], times["grad"])
-    log(f"  {arch}: grasp_scores {r['grasp_s'] * 1e3:.0f} ms = {r['grasp_gradients']:.2f} gradients")
+    log(
+        f"  {arch}: grasp_scores {r['grasp_s'] * 1e3:.0f} ms = {r['grasp_gradients']:.2f} gradients"
+    )
 
-    ts = train_step_bench.bench(arch, batch, pairs, sparsity, image_shape=shape,
-                                num_classes=num_classes, dataset=dataset, model=convs["auto"],
-                                variables=variables)
-    r.update({"step_masked_s": ts["masked_step_s"], "step_plain_s": ts["plain_step_s"],
-              "mask_overhead": ts["overhead"], "mask_select_fraction": ts["select_fraction"],
-              "train_images_per_s": ts["images_per_s"], "compile_step_s": ts["compile_s"]})
-    log(f"  {arch}: train step {ts['masked_step_s'] * 1e3:.0f} ms masked, "
-        f"{ts['plain_step_s'] * 1e3:.0f} ms plain ({ts['overhead']:+.1%})")
+    ts = train_step_bench.bench(
+        arch,
+        batch,
+        pairs,
+        sparsity,
+        image_shape=shape,
+        num_classes=num_classes,
+        dataset=dataset,
+        model=convs["auto"],
+        variables=variables,
+    )
+    r.update(
+        {
+            "step_masked_s": ts["masked_step_s"],
+            "step_plain_s": ts["plain_step_s"],
+            "mask_overhead": ts["overhead"],
+            "mask_select_fraction": ts["select_fraction"],
+            "train_images_per_s": ts["images_per_s"],
+            "compile_step_s": ts["compile_s"],
+        }
+    )
+    log(
+        f"  {arch}: train step {ts['masked_step_s'] * 1e3:.0f} ms masked, "
+        f"{ts['plain_step_s'] * 1e3:.0f} ms plain ({ts['overhead']:+.1%})"
+    )
     return r
 
 
@@ -231,33 +274,52 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
     out = [
         "# Performance",
         "",
-        ("Written by `python -m benchmarks.run` (" + " ".join(meta["argv"]) + "); do not edit the "
-         "tables by hand, rerun it."),
+        (
+            "Written by `python -m benchmarks.run` ("
+            + " ".join(meta["argv"])
+            + "); do not edit the "
+            "tables by hand, rerun it."
+        ),
         "",
-        (f"- backend: **{meta['backend']}**, device: {meta['device']} x {meta['device_count']}, "
-        f"host: {meta['cpus']} CPU cores ({meta['machine']})"),
-        f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}, flax {meta['flax']}, Python {meta['python']}",
+        (
+            f"- backend: **{meta['backend']}**, device: {meta['device']} x {meta['device_count']}, "
+            f"host: {meta['cpus']} CPU cores ({meta['machine']})"
+        ),
+        (
+            f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}, flax {meta['flax']}, "
+            f"Python {meta['python']}"
+        ),
         f"- date: {meta['date']}; float32; total run {meta['total_s'] / 60:.1f} min",
-        f"- {meta['rounds']} alternating rounds per timing (medians), {meta['pairs']} train-step pairs",
+        (
+            f"- {meta['rounds']} alternating rounds per timing (medians), "
+            f"{meta['pairs']} train-step pairs"
+        ),
         "",
-        ("Times are medians in ms. *auto* is the models' default convolution "
-         "(`grasp_jax.models.Conv`: `grasp_jax.models.conv.conv_general_dilated`, "
-         "`GRASP_JAX_FAST_CONV=auto`: the patches "
-         "fast path where XLA:CPU is slow, native elsewhere and on every GPU/TPU); *native* is "
-         "`grasp_jax.models.NativeConv`, `lax.conv_general_dilated` in every conv. Speed-ups are "
-         "medians of per-round ratios "
-         "(native / auto), measured alternately in one process on a shared machine. *fast convs*: "
-         "how many of the network's convolutions the default runs as matmuls (where it is 0 the "
-         "two programs are the same and their ratio shows only the noise; 1x1 convs count as "
-         "fast: auto mode computes their values natively and their derivatives as matmuls)."),
+        (
+            "Times are medians in ms. *auto* is the models' default convolution "
+            "(`grasp_jax.models.Conv`: `grasp_jax.models.conv.conv_general_dilated`, "
+            "`GRASP_JAX_FAST_CONV=auto`: the patches "
+            "fast path where XLA:CPU is slow, native elsewhere and on every GPU/TPU); *native* is "
+            "`grasp_jax.models.NativeConv`, `lax.conv_general_dilated` in every conv. "
+            "Speed-ups are "
+            "medians of per-round ratios "
+            "(native / auto), measured alternately in one process on a shared machine. "
+            "*fast convs*: "
+            "how many of the network's convolutions the default runs as matmuls (where it is 0 the "
+            "two programs are the same and their ratio shows only the noise; 1x1 convs count as "
+            "fast: auto mode computes their values natively and their derivatives as matmuls)."
+        ),
         "",
         "## Speed",
         "",
-        ("| model | input | batch | fast convs | forward auto | forward native | speed-up "
-         "| value_and_grad auto "
-         "| value_and_grad native | speed-up | grasp_scores | = gradients | XLA FLOPs = gradients "
-         "| train step masked "
-         "| train step plain | mask overhead | train images/s |"),
+        (
+            "| model | input | batch | fast convs | forward auto | forward native | speed-up "
+            "| value_and_grad auto "
+            "| value_and_grad native | speed-up | grasp_scores | = gradients "
+            "| XLA FLOPs = gradients "
+            "| train step masked "
+            "| train step plain | mask overhead | train images/s |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -268,19 +330,24 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
             f"{_ms(r['grad_native_s'])} | {r['grad_speedup']:.2f}x | {_ms(r['grasp_s'])} | "
             f"{r['grasp_gradients']:.2f} | {_fmt_ratio(r.get('grasp_flop_gradients'))} | "
             f"{_ms(r['step_masked_s'])} | {_ms(r['step_plain_s'])} | "
-            f"{r['mask_overhead']:+.1%} | {r['train_images_per_s']:,.1f} |")
+            f"{r['mask_overhead']:+.1%} | {r['train_images_per_s']:,.1f} |"
+        )
     out += [
         "",
         "## Compile time and memory",
         "",
-        ("Compile times in seconds (the initializers' in *init*); peak memory in MiB is XLA's "
-         "`memory_analysis()` of the compiled program: arguments + outputs + temporaries - "
-         "aliased."),
+        (
+            "Compile times in seconds (the initializers' in *init*); peak memory in MiB is XLA's "
+            "`memory_analysis()` of the compiled program: arguments + outputs + temporaries - "
+            "aliased."
+        ),
         "",
-        ("| model | params | init | compile forward auto / native "
-         "| compile gradient auto / native "
-         "| compile grasp_scores | compile train step | peak forward auto / native "
-         "| peak gradient auto / native | peak grasp_scores |"),
+        (
+            "| model | params | init | compile forward auto / native "
+            "| compile gradient auto / native "
+            "| compile grasp_scores | compile train step | peak forward auto / native "
+            "| peak gradient auto / native | peak grasp_scores |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -291,41 +358,56 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
             f"{r['compile_grasp_s']:.1f} | {r['compile_step_s']:.1f} | "
             f"{_mib(r['peak_fwd_auto_bytes'])} / {_mib(r['peak_fwd_native_bytes'])} | "
             f"{_mib(r['peak_grad_auto_bytes'])} / {_mib(r['peak_grad_native_bytes'])} | "
-            f"{_mib(r['peak_grasp_bytes'])} |")
+            f"{_mib(r['peak_grasp_bytes'])} |"
+        )
     if pipeline is not None:
         out += [
             "",
             "## Input pipeline",
             "",
-            (f"`{pipeline['dataset']}` training stream (decode, augment, batch on the host), "
-             f"batch {pipeline['batch']}, {pipeline['steps']} "
-             f"batches after 5 start-up batches: **{pipeline['images_per_s']:,.0f} images/s**."),
+            (
+                f"`{pipeline['dataset']}` training stream (decode, augment, batch on the host), "
+                f"batch {pipeline['batch']}, {pipeline['steps']} "
+                f"batches after 5 start-up batches: **{pipeline['images_per_s']:,.0f} images/s**."
+            ),
         ]
     out += ["", "## Targets", ""]
     by = {r["arch"]: r for r in results}
     if "vgg19" in by:
         r = by["vgg19"]
         note = "" if r["batch"] == 64 else f" (measured at batch {r['batch']}, the target is at 64)"
-        out.append(f"- VGG19 (CIFAR) gradient >= {TARGETS['vgg19_speedup']}x faster than plain XLA "
-                   f"conv: {r['grad_speedup']:.2f}x, {_mark(r['grad_speedup'] >= TARGETS['vgg19_speedup'])}{note}.")
+        out.append(
+            f"- VGG19 (CIFAR) gradient >= {TARGETS['vgg19_speedup']}x faster than plain XLA "
+            f"conv: {r['grad_speedup']:.2f}x, "
+            f"{_mark(r['grad_speedup'] >= TARGETS['vgg19_speedup'])}{note}."
+        )
     paper = [r for r in results if r["arch"] in PAPER_MODELS]
     if paper:
         worst = max(paper, key=lambda r: r["grasp_gradients"])
-        out.append(f"- grasp_scores <= {TARGETS['grasp_gradients']} gradients for every paper model: "
-                   "worst " + f"{worst['arch']} {worst['grasp_gradients']:.2f}, "
-                   + _mark(worst["grasp_gradients"] <= TARGETS["grasp_gradients"]) + " ("
-                   + ", ".join(f"{r['arch']} {r['grasp_gradients']:.2f}" for r in paper) + "); "
-                   "XLA counts " + ", ".join(f"{r['arch']} {_fmt_ratio(r.get('grasp_flop_gradients'))}"
-                                             for r in paper)
-                   + " gradients of FLOPs in the same programs.")
+        out.append(
+            f"- grasp_scores <= {TARGETS['grasp_gradients']} gradients for every paper model: "
+            "worst "
+            + f"{worst['arch']} {worst['grasp_gradients']:.2f}, "
+            + _mark(worst["grasp_gradients"] <= TARGETS["grasp_gradients"])
+            + " ("
+            + ", ".join(f"{r['arch']} {r['grasp_gradients']:.2f}" for r in paper)
+            + "); "
+            "XLA counts "
+            + ", ".join(f"{r['arch']} {_fmt_ratio(r.get('grasp_flop_gradients'))}" for r in paper)
+            + " gradients of FLOPs in the same programs."
+        )
     if results:
         worst = max(results, key=lambda r: r["mask_overhead"])
-        out.append(f"- masked train step within {TARGETS['mask_overhead']:.0%} of unmasked: worst "
-                   f"{worst['arch']} {worst['mask_overhead']:+.1%}, "
-                   + _mark(worst["mask_overhead"] <= TARGETS["mask_overhead"]) + " ("
-                   + ", ".join(f"{r['arch']} {r['mask_overhead']:+.1%}" for r in results)
-                   + "; the masking alone is " + ", ".join(
-                       f"{r['mask_select_fraction']:.1%}" for r in results) + " of a plain step).")
+        out.append(
+            f"- masked train step within {TARGETS['mask_overhead']:.0%} of unmasked: worst "
+            f"{worst['arch']} {worst['mask_overhead']:+.1%}, "
+            + _mark(worst["mask_overhead"] <= TARGETS["mask_overhead"])
+            + " ("
+            + ", ".join(f"{r['arch']} {r['mask_overhead']:+.1%}" for r in results)
+            + "; the masking alone is "
+            + ", ".join(f"{r['mask_select_fraction']:.1%}" for r in results)
+            + " of a plain step)."
+        )
         changed = [r for r in results if r["fast_convs"]]
         same = [r["arch"] for r in results if not r["fast_convs"]]
         if changed:
@@ -333,9 +415,16 @@ def render(results: list[dict], pipeline: dict | None, meta: dict) -> str:
             out.append(
                 f"- no model's gradient slower with the default convolution: lowest speed-up "
                 f"{slowest['arch']} {slowest['grad_speedup']:.2f}x, "
-                + _mark(slowest["grad_speedup"] >= 0.95) + " (within 5% counts as equal"
-                + (f"; {', '.join(same)} run no conv on the fast path, so both programs are the "
-                   "same" if same else "") + ").")
+                + _mark(slowest["grad_speedup"] >= 0.95)
+                + " (within 5% counts as equal"
+                + (
+                    f"; {', '.join(same)} run no conv on the fast path, so both programs are the "
+                    "same"
+                    if same
+                    else ""
+                )
+                + ")."
+            )
     return "\n".join(out) + "\n"
 
 
@@ -355,18 +444,31 @@ def _write(text: str, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=tuple(MODELS))
-    p.add_argument("--batch", type=int, default=None,
-                   help="batch for the CIFAR models (default 64; resnet50 uses --resnet50_batch)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch for the CIFAR models (default 64; resnet50 uses --resnet50_batch)",
+    )
     p.add_argument("--resnet50_batch", type=int, default=None, help="default 8")
     p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds (default 3)")
     p.add_argument("--pairs", type=int, default=None, help="train-step pairs (default 6)")
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--pipeline_steps", type=int, default=None,
-                   help="input-pipeline batches timed (default 100; 0 skips)")
-    p.add_argument("--quick", action="store_true",
-                   help="2 rounds, 3 pairs, batch 32 (resnet50: 4), 30 pipeline batches")
+    p.add_argument(
+        "--pipeline_steps",
+        type=int,
+        default=None,
+        help="input-pipeline batches timed (default 100; 0 skips)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 rounds, 3 pairs, batch 32 (resnet50: 4), 30 pipeline batches",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="Markdown report path ('' to skip)")
     p.add_argument("--json", default="", help="also write the raw figures here")
     p.add_argument("--from_json", default="", help="only re-render a --json file's figures")
@@ -384,9 +486,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     start = time.perf_counter()
     dev = jax.devices()[0]
-    print(f"{jax.default_backend()} ({dev.device_kind} x {jax.local_device_count()}), jax "
-          f"{jax.__version__}, {conv_lib.FAST_CONV_ENV}={os.environ.get(conv_lib.FAST_CONV_ENV, 'auto')}",
-          flush=True)
+    print(
+        f"{jax.default_backend()} ({dev.device_kind} x {jax.local_device_count()}), jax "
+        f"{jax.__version__}, "
+        f"{conv_lib.FAST_CONV_ENV}={os.environ.get(conv_lib.FAST_CONV_ENV, 'auto')}",
+        flush=True,
+    )
     log = functools.partial(print, flush=True)
     results, failed = [], []
     for arch in args.models:
@@ -403,22 +508,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log(f"input pipeline ({pipeline['dataset']}): {pipeline['images_per_s']:,.0f} images/s")
 
     import jaxlib
+
     meta = {
         "argv": ["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])],
-        "backend": jax.default_backend(), "device": dev.device_kind,
-        "device_count": jax.local_device_count(), "cpus": os.cpu_count(),
-        "machine": platform.machine(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__, "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "device_count": jax.local_device_count(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "rounds": rounds, "pairs": pairs, "total_s": time.perf_counter() - start,
+        "rounds": rounds,
+        "pairs": pairs,
+        "total_s": time.perf_counter() - start,
     }
     text = render(results, pipeline, meta)
     if failed:
         text += "\n## Failed\n\n" + "\n".join(f"- {f}" for f in failed) + "\n"
     _write(text, args.out)
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "models": results,
-                                               "pipeline": pipeline}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"meta": meta, "models": results, "pipeline": pipeline}, indent=1)
+        )
     return results
 
 

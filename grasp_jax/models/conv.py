@@ -148,18 +148,7 @@ def _pointwise(plan: Plan) -> bool:
     return all(k == 1 for k in plan.window)
 
 
-def _choose(
-    lhs: Any,
-    rhs: Any,
-    window_strides: Sequence[int],
-    padding: Any,
-    lhs_dilation: Sequence[int] | None,
-    rhs_dilation: Sequence[int] | None,
-    dimension_numbers: Any,
-    feature_group_count: int,
-    batch_group_count: int,
-    mode: str | None,
-) -> tuple[Plan | None, bool]:
+def _choose(*conv_args: Any, mode: str | None) -> tuple[Plan | None, bool]:
     """``(plan, derivatives_only)``: the plan to run the patches formulation with, or
     None for native; ``derivatives_only`` when the value stays native and only the
     derivatives use it (auto mode's 1x1 kernels, see
@@ -167,17 +156,7 @@ def _choose(
     mode = resolve_mode(mode)
     if mode == "native":
         return None, False
-    plan = plan_or_none(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-    )
+    plan = plan_or_none(*conv_args)  # the arguments of lax.conv_general_dilated, in order
     if plan is None or mode == "fast":
         return plan, False
     # On GPU/TPU the native convolutions (cuDNN etc.) are the fast ones.
@@ -218,7 +197,7 @@ def uses_fast_path(
             dimension_numbers,
             feature_group_count,
             batch_group_count,
-            mode,
+            mode=mode,
         )[0]
         is not None
     )
@@ -286,7 +265,7 @@ def conv_general_dilated(
         dimension_numbers,
         feature_group_count,
         batch_group_count,
-        mode,
+        mode=mode,
     )
 
     def native(x, k):
