@@ -87,7 +87,8 @@ def _flag_type(field: dataclasses.Field) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if isinstance(value, float) and math.isnan(value) or (
                 check is not None and check(value) is not None):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {check(value) if check else 'a number'}")
+            what = check(value) if check else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
 
     parse.__name__ = check.__name__ if check else _base_type(str(field.type))

@@ -115,7 +115,8 @@ def deal_chunks(batch: dict[str, np.ndarray], num_chunks: int,
 
 
 def data_parallel_scorer(scorer: Callable[..., PyTree], loss_fn: Callable,
-                         batch: dict[str, np.ndarray], num_chunks: int) -> Callable[[PyTree], PyTree]:
+                         batch: dict[str, np.ndarray],
+                         num_chunks: int) -> Callable[[PyTree], PyTree]:
     """``params -> scores`` of ``scorer`` (grasp_scores or snip_scores) over
     every device of every process.
 
@@ -229,7 +230,8 @@ def _in_memory_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[
 def diagnostics_batch(config: Config) -> dict[str, np.ndarray]:
     """One training batch that is not the scoring batch: another seed's first batch."""
     (batch,) = data.first_batches(
-        dataset_info(config), 1, config.batch_size, seed=config.seed + 7919, data_dir=config.data_dir)
+        dataset_info(config), 1, config.batch_size, seed=config.seed + 7919,
+        data_dir=config.data_dir)
     return batch
 
 

@@ -159,7 +159,8 @@ def initialize(launch: Launch) -> bool:
 
 
 def _wait_for_coordinator(address: str, timeout_s: float, process_id: Optional[int]) -> None:
-    """Return once a TCP connection to ``address`` succeeds; DistributedSetupError after ``timeout_s``."""
+    """Return once a TCP connection to ``address`` succeeds; DistributedSetupError after
+    ``timeout_s``."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     deadline = time.monotonic() + timeout_s
@@ -211,7 +212,8 @@ def check_masks_agree(masks: PyTree) -> None:
     if differ:
         raise MaskMismatchError(
             f"the pruning masks of process(es) {', '.join(map(str, differ))} differ from those of "
-            f"process 0 (checksums {', '.join(gathered[i].tobytes().hex()[:12] for i in differ)} vs "
+            "process 0 (checksums "
+            f"{', '.join(gathered[i].tobytes().hex()[:12] for i in differ)} vs "
             f"{gathered[0].tobytes().hex()[:12]}): every process must score the same data with "
             f"the same code and flags")
 

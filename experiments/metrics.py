@@ -38,7 +38,8 @@ class MetricsWindow:
         return len(self._pending)
 
     def flush(self) -> tuple[Optional[dict[str, float]], Optional[int]]:
-        """(means of the window, the first step that was not finite or None); (None, None) if empty."""
+        """(means of the window, the first step that was not finite or None);
+        (None, None) when the window is empty."""
         if not self._pending:
             return None, None
         fetched = distributed.first_replica(self._pending)

@@ -24,7 +24,7 @@ def family(arch: str) -> str:
 
 
 class Preset(NamedTuple):
-    """Values for the runs this row matches (``None`` matches anything), and where they come from."""
+    """Values for the runs this row matches (``None`` matches anything), and their source."""
 
     values: Mapping[str, Any]
     source: str

@@ -39,7 +39,8 @@ Batch = dict[str, np.ndarray]
 
 
 def chunk_sizes(batch_size: int, chunk_size: int) -> list[int]:
-    """The chunks a batch is fed in: as many ``chunk_size`` as fit, then the rest (250, 20: 12 x 20 + 10)."""
+    """The chunks a batch is fed in: as many ``chunk_size`` as fit, then the rest
+    (250 by 20: 12 x 20 + 10)."""
     chunk = chunk_size or batch_size
     full, rest = divmod(batch_size, chunk)
     return [chunk] * full + ([rest] if rest else [])

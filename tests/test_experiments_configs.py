@@ -34,7 +34,8 @@ def test_paper_presets(dataset, arch, epochs, wd, spc, draws, micro):
     c = _resolve(dataset, arch)
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (epochs, 128, 0.1, 0.9, wd)
     assert c.lr_decay_epochs == (epochs // 2, epochs * 3 // 4)
-    assert (c.score_samples_per_class, c.score_draws, c.num_score_microbatches) == (spc, draws, micro)
+    got = (c.score_samples_per_class, c.score_draws, c.num_score_microbatches)
+    assert got == (spc, draws, micro)
     assert c.temperature == 200 and c.rounds == 1
 
 
@@ -90,7 +91,8 @@ def test_optimizer_is_pytorch_sgd_with_masks():
     params = {"w": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.5]])}}
     masks = {"w": {"kernel": jnp.array([[True, False], [True, True]])}}
     tx = steps.make_optimizer(c, masks)
-    state = steps.create_state({"params": params, "batch_stats": {}}, masks, tx, jax.random.PRNGKey(0))
+    state = steps.create_state({"params": params, "batch_stats": {}}, masks, tx,
+                               jax.random.PRNGKey(0))
     p, opt = state.params, state.opt_state
     ref_p = np.where(masks["w"]["kernel"], params["w"]["kernel"], 0.0)
     buf = np.zeros_like(ref_p)

@@ -40,7 +40,8 @@ def test_scoring_batch_concatenates_draws_class_by_class():
 def test_reinit_redraws_only_dense_kernels_xavier_normal(lenet):
     _, variables = lenet
     params = variables["params"]
-    params = {**params, "fc1": {**params["fc1"], "kernel": params["fc1"]["kernel"].at[0, :5].set(0.0)}}
+    fc1 = {**params["fc1"], "kernel": params["fc1"]["kernel"].at[0, :5].set(0.0)}
+    params = {**params, "fc1": fc1}
     out = data_scoring.reinit_dense_kernels(params, jax.random.PRNGKey(3))
     for name in ("conv1", "conv2"):  # convolutions and biases are the originals
         np.testing.assert_array_equal(out[name]["kernel"], params[name]["kernel"])
@@ -74,6 +75,7 @@ def test_gradient_flow_report_compiles_once_and_ignores_running_averages():
     assert gj.diagnostics._flow._cache_size() == before + 1  # one program for before and after
     # The same numbers as a loss built on the moved running averages.
     loss = data_scoring.make_loss_fn(model, moved["batch_stats"], 1.0, jax.random.PRNGKey(2))
-    direct = gj.gradient_flow(moved["params"], loss, data_scoring.diagnostics_batch(config), masks=masks)
+    direct = gj.gradient_flow(moved["params"], loss, data_scoring.diagnostics_batch(config),
+                              masks=masks)
     assert out["after"] == pytest.approx(direct, rel=1e-6)
     assert out["after"]["grad_norm_sq"] < out["before"]["grad_norm_sq"]

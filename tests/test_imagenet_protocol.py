@@ -7,16 +7,16 @@ smoke-sized scoring; Tiny-ImageNet from its unpacked folder.
 """
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from fake_datasets import write_imagenet2012, write_tiny_imagenet
+from test_run import _cli
+
+from grasp_jax import models
 
 from experiments import data_scoring, streamed_scoring
-from fake_datasets import write_imagenet2012, write_tiny_imagenet
-from grasp_jax import models
-from test_run import _cli
 
 OUTPUTS = {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "sparsity.md",
            "density.png", "masks.npz", "results.json", "gradient_flow.json",

@@ -158,7 +158,8 @@ def _agreement(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").is_dir(), reason="no CIFAR-10 copy in ../shared/tfds")
+@pytest.mark.skipif(not (SHARED_TFDS / "cifar10").is_dir(),
+                    reason="no CIFAR-10 copy in ../shared/tfds")
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
     args = CIFAR_ARGS + ["--max_steps", "6"]
     codes, logs = _run_pair(args + ["--workdir", str(tmp_path / "pair")], tmp_path, "pair")

@@ -49,7 +49,8 @@ def test_default_rule_knows_flax_equinox_and_haiku_weight_names():
     haiku_like = {"linear": {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)},
                   "conv2_d": {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.zeros(4)},
                   "embed": {"embeddings": jnp.ones((10, 4))},
-                  "batch_norm": {"scale": jnp.ones((1, 1, 1, 4)), "offset": jnp.zeros((1, 1, 1, 4))}}
+                  "batch_norm": {"scale": jnp.ones((1, 1, 1, 4)),
+                                 "offset": jnp.zeros((1, 1, 1, 4))}}
     flax_like = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
                  "Embed_0": {"embedding": jnp.ones((10, 4))}, "w": jnp.ones(4)}
 

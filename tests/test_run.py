@@ -113,7 +113,8 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
     assert results["best_test_accuracy"] >= results["final_test_accuracy"]
     assert results["train_images_per_sec"] > 0 and results["wall_time_s"] > 0
 
-    assert configs.Config.from_dict(json.loads((workdir / "config.json").read_text())).sparsity == 0.95
+    saved = json.loads((workdir / "config.json").read_text())
+    assert configs.Config.from_dict(saved).sparsity == 0.95
     assert (workdir / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **all prunable** |" in (workdir / "sparsity.md").read_text()
     metrics = _metrics(workdir)
@@ -147,7 +148,7 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resuming from step 27" in r.stdout
 
-    (s1, a), (s2, b) = checkpointing.load_state(str(straight)), checkpointing.load_state(str(broken))
+    (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
     assert s1 == s2 == 60
     _assert_trees_equal(a, b)
     # The resumed run's log holds no step twice (lines written after the last
@@ -208,7 +209,8 @@ def _refused(capsys, argv, *needles):
         (["--lr", "nan"], ["--lr", "'nan'"]),
         (["--bogus_flag", "1"], ["unrecognized arguments: --bogus_flag"]),
         (["--method", "dense", "--sparsity", "0.5"], ["dense", "0.5"]),
-        (["--dataset", "digits", "--arch", "vgg19"], ["--arch vgg19", "digits", "shrink to nothing"]),
+        (["--dataset", "digits", "--arch", "vgg19"],
+         ["--arch vgg19", "digits", "shrink to nothing"]),
         (["--dataset", "cifar10", "--arch", "small_vgg", "--data_dir", "/nonexistent/tfds"],
          ["cifar10 is not prepared", "/nonexistent/tfds"]),
     ],

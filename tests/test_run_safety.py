@@ -73,7 +73,7 @@ def test_sigint_saves_and_the_resumed_run_is_bit_exact(tmp_path):
     r = _cli(args + ["--workdir", str(broken)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step 14" in r.stdout
-    (s1, a), (s2, b) = checkpointing.load_state(str(straight)), checkpointing.load_state(str(broken))
+    (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
     assert s1 == s2 == 30
     _assert_trees_equal(a, b)
     # One TensorBoard event per step (the stopped run also logged its partial window at 14).
@@ -174,7 +174,7 @@ def test_a_run_resumes_from_the_checkpoint_before_a_damaged_one_bit_exactly(tmp_
     r = _cli(args + ["--max_steps", "25", "--workdir", str(broken)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint 20 cannot be restored" in r.stdout and "resuming from step 15" in r.stdout
-    (s1, a), (s2, b) = checkpointing.load_state(str(straight)), checkpointing.load_state(str(broken))
+    (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
     assert s1 == s2 == 25
     _assert_trees_equal(a, b)
 

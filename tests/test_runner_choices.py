@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import grasp_jax as gj
-from experiments import configs, methods, steps
 from grasp_jax import models
+
+from experiments import configs, methods, steps
 
 
 @pytest.fixture(scope="module")
