@@ -40,6 +40,24 @@ def _max_pool(x: jnp.ndarray) -> jnp.ndarray:
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
+def conv_stack(x: jnp.ndarray, cfg: Cfg, conv: init.ModuleDef, *, train: bool, dtype: Any,
+               use_bias: bool, batch_norm: bool) -> jnp.ndarray:
+    """Both VGGs' features: 3x3 convs (``conv{i}``), optional BatchNorm (``bn{i}``) and
+    ReLU, 2x2 max-pools at ``'M'``. Called inside a compact ``__call__``, whose module owns
+    the layers."""
+    i = 0
+    for v in cfg:
+        if v == "M":
+            x = _max_pool(x)
+            continue
+        x = conv(v, (3, 3), padding=1, use_bias=use_bias, dtype=dtype, name=f"conv{i}")(x)
+        if batch_norm:
+            x = init.batch_norm(train, dtype, name=f"bn{i}")(x)
+        x = nn.relu(x)
+        i += 1
+    return x
+
+
 class VGG(nn.Module):
     """GraSP-reference VGG for CIFAR-10/100 and Tiny-ImageNet (NHWC inputs).
 
@@ -60,15 +78,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        i = 0
-        for v in self.cfg:
-            if v == "M":
-                x = _max_pool(x)
-                continue
-            x = self.conv(v, (3, 3), padding=1, dtype=self.dtype, name=f"conv{i}")(x)
-            x = init.batch_norm(train, self.dtype, name=f"bn{i}")(x)
-            x = nn.relu(x)
-            i += 1
+        x = conv_stack(x, self.cfg, self.conv, train=train, dtype=self.dtype, use_bias=False,
+                       batch_norm=True)
         # The reference's AvgPool2d(2) on CIFAR (4 on Tiny-ImageNet) spans the whole final map,
         # i.e. it is a global mean; taking the mean keeps that true for any input size.
         x = jnp.mean(x, axis=(1, 2))
@@ -123,18 +134,9 @@ class VGGImageNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        i = 0
-        for v in self.cfg:
-            if v == "M":
-                x = _max_pool(x)
-                continue
-            # torchvision keeps the conv bias even when BatchNorm follows.
-            x = self.conv(v, (3, 3), padding=1, use_bias=True, dtype=self.dtype,
-                          name=f"conv{i}")(x)
-            if self.batch_norm:
-                x = init.batch_norm(train, self.dtype, name=f"bn{i}")(x)
-            x = nn.relu(x)
-            i += 1
+        # torchvision keeps the conv bias even when BatchNorm follows.
+        x = conv_stack(x, self.cfg, self.conv, train=train, dtype=self.dtype, use_bias=True,
+                       batch_norm=self.batch_norm)
         x = adaptive_avg_pool(x, (7, 7))
         x = x.reshape((x.shape[0], -1))
         for j, width in enumerate((4096, 4096)):
