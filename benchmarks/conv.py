@@ -27,6 +27,8 @@ import jax.numpy as jnp
 
 from grasp_jax.models.conv import conv_general_dilated, uses_fast_path
 
+from experiments import jax_cache
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # (spatial size, in channels, out channels, kernel size) of VGG19's convs on
@@ -255,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--network", action="store_true", help="time a whole VGG19 value_and_grad instead"
     )
+    jax_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    jax_cache.enable(args.compilation_cache)
     if args.network:
         for b in args.batch:
             network(b, args.repeats, args.hvp)

@@ -47,6 +47,7 @@ import grasp_jax as gj
 from grasp_jax import models
 
 from benchmarks import sections
+from experiments import jax_cache
 
 # arch -> batch: the paper's CIFAR-10 batch sizes for the two networks of issue 16.
 BATCHES = {"resnet32": 128, "vgg19": 64}
@@ -266,7 +267,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--convs", nargs="+", default=list(CONVS), choices=list(CONVS))
     p.add_argument("--runs", type=int, default=3, help="recorded runs per program (alternating)")
     p.add_argument("--write", type=Path, help="replace this file's conv_profile section")
+    jax_cache.add_flag(p)
     args = p.parse_args(argv)
+    jax_cache.enable(args.compilation_cache)
     lines = [f"({jax.default_backend()}, jax {jax.__version__}, {args.runs} alternating runs per "
              f"program, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]
     for arch in args.archs:

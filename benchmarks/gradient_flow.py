@@ -22,7 +22,7 @@ import jax
 import grasp_jax as gj
 from grasp_jax import data, models
 
-from experiments import configs, data_scoring, steps
+from experiments import configs, data_scoring, jax_cache, steps
 
 
 def _scores(config, model, variables, key, image_shape):
@@ -63,7 +63,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--sparsities", default="0.9,0.95,0.98")
     parser.add_argument("--batch_size", type=int, default=128, help="the diagnostics batch")
     parser.add_argument("--seed", type=int, default=0)
+    jax_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    jax_cache.enable(args.compilation_cache)
 
     info = data.get_info(args.dataset)
     model = models.get_model(args.arch, info.num_classes)

@@ -31,6 +31,7 @@ from grasp_jax.accumulate import linearized_bytes, scoring_setup
 from grasp_jax.models import get_model
 
 from benchmarks.compiled import flops, peak_bytes
+from experiments import jax_cache
 
 ARCHS = ("resnet20", "resnet32", "vgg19")
 
@@ -118,7 +119,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--time", action="store_true", help="also time the eager calls")
+    jax_cache.add_flag(parser, default=jax_cache.DISABLED)
     args = parser.parse_args(argv)
+    jax_cache.enable(args.compilation_cache)
     print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), batch {args.batch} in "
           f"{args.chunks} chunks, jax {jax.__version__}")
     results = []

@@ -48,7 +48,7 @@ from grasp_jax.models import conv as conv_lib
 from benchmarks import train_step as train_step_bench
 from benchmarks.compiled import flops, peak_bytes
 from benchmarks.input_pipeline import DEFAULT_DATA_DIR, pipeline_images_per_second
-from experiments import steps
+from experiments import jax_cache, steps
 
 # model -> (input HWC, classes, default batch, dataset whose optimizer preset the train step uses)
 MODELS: dict[str, tuple[tuple[int, int, int], int, int, str]] = {
@@ -472,7 +472,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="Markdown report path ('' to skip)")
     p.add_argument("--json", default="", help="also write the raw figures here")
     p.add_argument("--from_json", default="", help="only re-render a --json file's figures")
+    jax_cache.add_flag(p, default=jax_cache.DISABLED)
     args = p.parse_args(argv)
+    jax_cache.enable(args.compilation_cache)
     if args.from_json:
         d = json.loads(Path(args.from_json).read_text())
         _write(render(d["models"], d["pipeline"], d["meta"]), args.out)

@@ -28,7 +28,7 @@ from flax import jax_utils
 import grasp_jax as gj
 from grasp_jax import models
 
-from experiments import configs, steps
+from experiments import configs, jax_cache, steps
 
 
 def _timed(fn, *args):
@@ -103,7 +103,9 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=32, help="global batch of 32x32x3 images")
     p.add_argument("--pairs", type=int, default=8, help="timed (masked, plain) step pairs")
     p.add_argument("--sparsity", type=float, default=0.9)
+    jax_cache.add_flag(p)
     args = p.parse_args()
+    jax_cache.enable(args.compilation_cache)
     print(f"{jax.local_device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"batch {args.batch_size}, median of {args.pairs} alternating step pairs")
     print("| arch | params | step with masks | step without | overhead (paired) | "

@@ -40,3 +40,16 @@ def enable(path: Optional[str] = None) -> Optional[str]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def add_flag(parser, default: Optional[str] = None) -> None:
+    """``--compilation_cache DIR|none`` on a benchmark's argparse parser.
+
+    Benchmarks use the cache by default; those whose figures are compile times
+    pass ``default="none"`` (a warm cache would time loading, not compiling).
+    """
+    parser.add_argument(
+        "--compilation_cache", default=default,
+        help="JAX's persistent compilation cache directory ('none' disables; default: "
+             + ("none: this benchmark times compilation" if default == DISABLED
+                else f"{default_dir()}") + ")")
