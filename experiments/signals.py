@@ -45,6 +45,12 @@ class StopSignals:
     def exit_status(self) -> int:
         return 128 + int(self.signum) if self.signum else 0
 
+    def stop_with_others(self) -> None:
+        """Another process of the run was signalled: stop as if this one had had SIGTERM
+        (the signal of a preemption), unless it has its own."""
+        if self.signum is None:
+            self.signum = signal.SIGTERM
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             print(f"\n{signal.Signals(signum).name} again: exiting now; the newest finished "

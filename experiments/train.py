@@ -85,7 +85,10 @@ class Cadence:
         # several processes compare their flags at logging steps only.
         if jax.process_count() == 1:
             return signals.signum is not None
-        return self.log(step) and distributed.any_process(signals.signum is not None)
+        if self.log(step) and distributed.any_process(signals.signum is not None):
+            signals.stop_with_others()
+            return True
+        return False
 
 
 # --------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def test_reinit_redraws_only_dense_kernels_xavier_normal(lenet):
 def test_only_grasp_scores_a_reinitialized_copy_by_default():
     for method in methods.names():
         c = configs.resolve(dataset="cifar10", arch="vgg19", method=method, steps_per_epoch=1)
-        assert c.score_reinit_dense == (method == "grasp")
+        # grasp_abs is GraSP's criterion with |·|, scored exactly as GraSP is.
+        assert c.score_reinit_dense == (method in ("grasp", "grasp_abs"))
 
 
 def test_gradient_flow_report_compiles_once_and_ignores_running_averages():

@@ -76,7 +76,7 @@ sys.exit(main(sys.argv[1:]))
 _PROCESS_1_SIGTERM_AT_5 = """
 import os, signal, sys
 import jax
-import experiments.train as t
+import experiments.steps as t
 make = t.make_train_step
 def make_train_step(model, tx):
     step = make(model, tx)
