@@ -59,7 +59,7 @@ from grasp_jax.streaming import (
 )
 from grasp_jax.structured import nm_masks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PRUNE_DIRECTION",
