@@ -39,6 +39,7 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     import jax
     from flax import jax_utils
 
+    import grasp_jax as gj
     from grasp_jax import data, models
 
     from experiments import (
@@ -47,7 +48,6 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
         data_scoring,
         devices,
         jax_cache,
-        methods,
         run,
         steps,
     )
@@ -65,13 +65,16 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     lap("init")
     batch = data_scoring.scoring_batch(config)
     lap("scoring data")
-    ctx = methods.Context(config, model, variables, score_key, info.image_shape, lambda _: None)
-    score_fn = methods.get("grasp").build(ctx)
-    jax.block_until_ready(score_fn(variables["params"]))
+    # What the grasp entry of the method registry builds, without fetching the batch again.
+    loss_fn = data_scoring.make_loss_fn(model, variables["batch_stats"], config.temperature,
+                                        score_key, config.score_bn_mode)
+    scoring_copy = data_scoring.reinit_dense_kernels(variables["params"],
+                                                     jax.random.fold_in(score_key, 1))
+    scores = gj.grasp_scores(scoring_copy, loss_fn, batch,
+                             num_microbatches=config.num_score_microbatches)
+    masks = jax.block_until_ready(gj.masks_from_scores(scores, config.sparsity,
+                                                       criterion="grasp"))
     lap("scoring")
-    masks = methods.compute_masks(config, model, variables, score_key, info.image_shape,
-                                  log=lambda _: None)
-    t = time.perf_counter()
     data_scoring.gradient_flow_report(config, model, variables, variables, masks,
                                       jax.random.fold_in(score_key, 3), log=lambda _: None)
     lap("gradient flow")
@@ -96,7 +99,6 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
         ckpt.save(1, distributed.first_replica(rstate.as_dict()), {})
         ckpt.close()
     lap("checkpoint")
-    del batch
     return times
 
 
