@@ -20,6 +20,7 @@ import numpy as np
 
 from experiments import distributed
 from experiments.logging_utils import is_main_process
+from experiments.outputs import write_text
 
 
 class MetricsWindow:
@@ -102,7 +103,7 @@ class MetricWriter:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:  # a line cut short by a kill
                         continue
-            _replace(self.path, lambda f: f.writelines(kept), mode="w")
+            write_text(self.path, "".join(kept))
         _truncate_event_files(self.tb_dir, step)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -127,13 +128,6 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def _replace(path: str, write: Any, mode: str = "wb") -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _truncate_event_files(tb_dir: str, step: int) -> None:

@@ -21,6 +21,7 @@ SIGINT or SIGHUP after saving a checkpoint (rerun to resume).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -153,51 +154,46 @@ def parse_config(argv: Sequence[str]) -> configs.Config:
 
 def check_environment(config: configs.Config) -> None:
     """UsageError unless the network takes the dataset's images and the sparsity
-    leaves some weight. Shapes only (``jax.eval_shape``): nothing is computed."""
+    leaves some weight. Shapes only: one ``jax.eval_shape`` of the network's init,
+    read by both checks."""
+    import jax
+
+    import grasp_jax as gj
+
     info = configs.dataset_info(config)
-    problem = arch_input_problem(config.arch, info)
+    outputs, problem = abstract_init(config.arch, info)
+    problem = problem or input_problem(info, *outputs)
     if problem:
         raise UsageError(f"--arch {config.arch} does not fit --dataset {config.dataset}: "
                          f"{problem}")
     if config.sparsity:
-        import grasp_jax as gj
-
-        total = prunable_weight_count(config.arch, info)
+        params = outputs[1]["params"]
+        leaves = jax.tree_util.tree_leaves(params)
+        total = sum(math.prod(x.shape) for x, f in zip(leaves, gj.prunable_flags(params)) if f)
         removed = gj.masks.num_to_prune(config.sparsity, total)
         if removed >= total:
             raise UsageError(f"--sparsity {config.sparsity!r} removes all {total:,} prunable "
                              f"weights of {config.arch} (round(s·N) = {removed:,})")
 
 
-def _abstract_init(arch: str, dataset: Any, capture: bool = False):
+def abstract_init(arch: str, info: Any) -> tuple[Any, Optional[str]]:
+    """((logits, variables) as shapes, with intermediates captured), or (None, why it fails)."""
     import jax
     import jax.numpy as jnp
 
-    from grasp_jax import data, models
+    from grasp_jax import models
 
-    info = data.get_info(dataset) if isinstance(dataset, str) else dataset
     model = models.get_model(arch, info.num_classes)
     x = jnp.zeros((1,) + info.image_shape, jnp.float32)
-    return info, jax.eval_shape(lambda: model.init_with_output(
-        jax.random.PRNGKey(0), x, train=False, capture_intermediates=capture))
+    try:
+        return jax.eval_shape(lambda: model.init_with_output(
+            jax.random.PRNGKey(0), x, train=False, capture_intermediates=True)), None
+    except Exception as e:  # noqa: BLE001 - any failure means the pair does not fit
+        return None, f"{type(e).__name__}: {e}"
 
 
-def prunable_weight_count(arch: str, dataset: Any) -> int:
-    """How many weights the default prunable rule sees in ``arch`` (shapes only)."""
-    import math
-
-    import jax
-
-    import grasp_jax as gj
-
-    _, (_, variables) = _abstract_init(arch, dataset)
-    params = variables["params"]
-    leaves = jax.tree_util.tree_leaves(params)
-    return sum(math.prod(x.shape) for x, f in zip(leaves, gj.prunable_flags(params)) if f)
-
-
-def arch_input_problem(arch: str, dataset: Any) -> Optional[str]:
-    """Why ``arch`` cannot take ``dataset``'s images, or None.
+def input_problem(info: Any, logits: Any, variables: Any) -> Optional[str]:
+    """Why the abstract outputs show that the network cannot take ``info``'s images, or None.
 
     A network can "accept" too small an input by pooling it down to an empty
     map (VGG19 on 8x8 digits) and then average nothing into NaN, so empty
@@ -205,10 +201,6 @@ def arch_input_problem(arch: str, dataset: Any) -> Optional[str]:
     """
     import jax
 
-    try:
-        info, (logits, variables) = _abstract_init(arch, dataset, capture=True)
-    except Exception as e:  # noqa: BLE001 - any failure means the pair does not fit
-        return f"{type(e).__name__}: {e}"
     empty = [jax.tree_util.keystr(path) for path, leaf in
              jax.tree_util.tree_leaves_with_path(variables.get("intermediates", {}))
              if 0 in leaf.shape]

@@ -84,8 +84,7 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
     except train.LayerCollapseError as e:
         _error(str(e))
         if main and fresh:  # nothing of this refused run stays behind
-            for name in workdirs.RUN_FILES:
-                _remove(os.path.join(workdir, name))
+            workdirs.clear_run(workdir)
             lock.discard_workdir_if_created()
         return REFUSED, {}
     except (SparsityDriftError, distributed.MaskMismatchError,
@@ -99,12 +98,3 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
     if results["status"] == "diverged":
         return FAILED, results
     return (signals.exit_status if results["status"] == "stopped" else 0), results
-
-
-def _remove(path: str) -> None:
-    import shutil
-
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)

@@ -87,15 +87,20 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
     return None
 
 
+def clear_run(workdir: str) -> None:
+    """Remove the files a run owns (:data:`RUN_FILES`) from ``workdir``, nothing else."""
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
 def prepare(workdir: str, config: configs.Config, overwrite: bool) -> None:
     """Clear the old run if asked, then save the config (process 0 only)."""
     if overwrite:
-        for name in RUN_FILES:
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        clear_run(workdir)
     os.makedirs(workdir, exist_ok=True)
     write_text(os.path.join(workdir, "config.json"), config.to_json())
 
