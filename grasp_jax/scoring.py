@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grasp_jax.accumulate import accumulate, gradient_and_hvp_with, scoring_setup
+from grasp_jax.accumulate import LossFn, accumulate, gradient_and_hvp_with, scoring_setup
 from grasp_jax.prunable import (
     PrunableSpec,
     merge_prunable,
@@ -36,7 +36,6 @@ from grasp_jax.prunable import (
 )
 
 PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 
 # --------------------------------------------------------------------------
