@@ -210,7 +210,7 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
     del state
     info = configs.dataset_info(config)
     eval_ds = data.eval_dataset(info, global_batch_size=config.batch_size,
-                                          data_dir=config.data_dir)
+                                data_dir=config.data_dir)
     batches = devices.prefetch_to_device(data.train_dataset(
         info, global_batch_size=config.batch_size, seed=config.seed,
         data_dir=config.data_dir, start_step=step).as_numpy_iterator(), axis_name=AXIS)
