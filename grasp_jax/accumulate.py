@@ -217,9 +217,30 @@ def _linearized(params, batch, loss_fn, flags, layout):
     return theta, g, hvp
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "flags", "layout"))
-def _residuals(params, batch, *, loss_fn, flags, layout):
-    return _linearized(params, batch, loss_fn, flags, layout)[2]
+class Measured(NamedTuple):
+    """A program's ``value`` and the bytes of the residuals it linearized.
+
+    ``residual_bytes`` is pytree metadata, not a leaf: ``jax.eval_shape`` of
+    the program reports it, and since eval_shape and the call share jit's
+    trace cache, choosing the path costs no second linearization.
+    """
+
+    value: Any
+    residual_bytes: int
+
+
+jax.tree_util.register_pytree_node(
+    Measured, lambda m: ((m.value,), m.residual_bytes), lambda nbytes, v: Measured(v[0], nbytes))
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of every array leaf of ``tree`` (shapes only: works on tracers)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _no_finish(params, g, hg, flags):
+    return ()
 
 
 def linearized_bytes(params: PyTree, batch: PyTree, setup: ScoringSetup) -> int:
@@ -227,10 +248,7 @@ def linearized_bytes(params: PyTree, batch: PyTree, setup: ScoringSetup) -> int:
 
     Traced once per shape (jit caches the trace), compiled never.
     """
-    fn = functools.partial(_residuals, loss_fn=setup.loss_fn, flags=setup.flags,
-                           layout=setup.layout)
-    shapes = jax.tree_util.tree_leaves(jax.eval_shape(fn, params, batch))
-    return int(sum(np.prod(s.shape, dtype=np.int64) * np.dtype(s.dtype).itemsize for s in shapes))
+    return _measure(_no_finish, params, batch, setup, None).residual_bytes
 
 
 def default_memory_budget() -> int:
@@ -260,7 +278,18 @@ def _linearized_program(params, batch, *, loss_fn, flags, layout, axis_name, fin
     g = _all_reduce(g, axis_name)
     hg = _all_reduce(hvp(g), axis_name)
     g_tree, hg_tree = scatter_prunable(g, params, flags), scatter_prunable(hg, params, flags)
-    return finish(params, g_tree, hg_tree, flags)
+    # hvp is a pytree whose leaves are the residuals: its size is known at trace time.
+    return Measured(finish(params, g_tree, hg_tree, flags), tree_bytes(hvp))
+
+
+def _program(finish: Finish, setup: ScoringSetup, axis_name: str | None) -> Callable:
+    return functools.partial(_linearized_program, loss_fn=setup.loss_fn, flags=setup.flags,
+                             layout=setup.layout, axis_name=axis_name, finish=finish)
+
+
+def _measure(finish, params, batch, setup, axis_name) -> Measured:
+    """The in-memory program's output shapes and residual bytes, from its (cached) trace."""
+    return jax.eval_shape(_program(finish, setup, axis_name), params, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("flags", "finish"))
@@ -279,14 +308,12 @@ def gradient_and_hvp_with(finish: Finish, params: PyTree, batch: PyTree, setup: 
     :func:`accumulate` (g, then Hg), one chunk in memory at a time.
     ``finish`` must be hashable (a module-level function): it is static.
     """
-    layout = setup.layout
-    in_memory = layout.num_chunks == 1
+    in_memory = setup.layout.num_chunks == 1
     if not in_memory:
         budget = default_memory_budget() if memory_budget_bytes is None else memory_budget_bytes
-        in_memory = linearized_bytes(params, batch, setup) <= budget
+        in_memory = _measure(finish, params, batch, setup, axis_name).residual_bytes <= budget
     if in_memory:
-        return _linearized_program(params, batch, loss_fn=setup.loss_fn, flags=setup.flags,
-                                   layout=layout, axis_name=axis_name, finish=finish)
+        return _program(finish, setup, axis_name)(params, batch).value
     g = accumulate("gradient", params, batch, None, None, setup, axis_name)
     hg = accumulate("hvp", params, batch, g, None, setup, axis_name)
     return _finish_program(params, g, hg, flags=setup.flags, finish=finish)
