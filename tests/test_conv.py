@@ -469,3 +469,25 @@ def test_auto_mode_reads_its_input_through_a_barrier_on_cpu(monkeypatch):
     assert has_cond("auto") and not has_cond("native") and not has_cond("fast")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not has_cond("auto")
+
+
+def test_the_barrier_stays_a_cond_under_vmap_over_the_images(monkeypatch):
+    # GraSP's scoring vmaps the model over its chunks: a predicate read from the batched
+    # images would turn the cond into a select (no barrier); the kernel is not batched.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 8, 8, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 4)), jnp.float32)
+    conv = functools.partial(conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                             dimension_numbers=NHWC, mode="auto")
+    jaxpr = str(jax.make_jaxpr(jax.vmap(conv, in_axes=(0, None)))(x, k))
+    assert "cond[" in jaxpr and "select_n" not in jaxpr, jaxpr
+    batched_kernel = jnp.stack([k, k])
+    jaxpr = str(jax.make_jaxpr(jax.vmap(conv))(x, batched_kernel))
+    assert "cond[" not in jaxpr  # where the kernel is batched too, the barrier becomes a select
+    native = functools.partial(conv, mode="native")
+    np.testing.assert_array_equal(jax.vmap(conv, in_axes=(0, None))(x, k),
+                                  jax.vmap(native, in_axes=(0, None))(x, k))
+    # A NaN where the predicate is read takes the other branch, still the identity.
+    nan_kernel = k.at[0, 0, 0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(fusion_barrier(x, nan_kernel), x)

@@ -14,13 +14,16 @@ XLA:CPU removes it before fusion.
 
 How.  A ``lax.cond`` is never fused, so its result is a buffer that every consumer reads:
 
-    fusion_barrier(x) = cond(x[0] == x[0], x ↦ x, x ↦ x * 1)
+    fusion_barrier(x, p) = cond(p[0] == p[0], x ↦ x, x ↦ x * 1)
 
 Both branches are the identity (``x * 1`` is exact for every float, and keeps XLA from seeing
 two equal branches and removing the cond), so values and every derivative are those of the
-identity; the predicate is read from ``x`` so that XLA cannot fold it. The cost is one copy of
-``x``. Under ``vmap`` with a batched ``x`` the cond becomes a select and the barrier is lost
-(results stay exact).
+identity. The predicate is read from an input XLA cannot fold: ``x`` itself by default, the
+convolution's kernel in :func:`grasp_jax.models.conv.conv_general_dilated`. The kernel matters
+under ``vmap``: a batched predicate turns the cond into a select, which is no barrier, and
+GraSP's scoring vmaps the model over its chunks with the kernels unbatched. Measured on
+ResNet-32, 100 images in two chunks: the real barrier there cut grasp_scores' compile time
+from 3.9 s to 2.8 s and its run from 3.8 s to 2.9 s. The cost is one copy of ``x``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def fusion_barrier(x: jax.Array) -> jax.Array:
+def fusion_barrier(x: jax.Array, predicate_from: jax.Array | None = None) -> jax.Array:
     """``x``, as a value XLA must materialize (see the module docstring); floats only.
+
+    ``predicate_from`` (default ``x``) is the array the cond's predicate is read from; give
+    one that stays unbatched under the ``vmap`` the caller expects, such as a weight.
 
     Raises:
       ValueError: naming the dtype, if ``x`` is not a floating-point array.
@@ -39,6 +45,7 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise ValueError(f"fusion_barrier takes floating-point arrays, got dtype {x.dtype}")
-    first = x[(0,) * x.ndim] if x.size else jnp.zeros((), x.dtype)
+    src = x if predicate_from is None else jnp.asarray(predicate_from)
+    first = src[(0,) * src.ndim] if src.size else jnp.zeros((), src.dtype)
     one = jnp.ones((), x.dtype)
     return lax.cond(first == first, lambda v: v, lambda v: v * one, x)

@@ -254,7 +254,7 @@ def conv_general_dilated(
       value to ``lax.conv_general_dilated``.
     """
     if _wants_barrier(lhs, mode):
-        lhs = fusion_barrier(lhs)
+        lhs = fusion_barrier(lhs, rhs)
     plan, derivatives_only = _choose(
         lhs,
         rhs,
