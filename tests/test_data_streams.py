@@ -7,6 +7,8 @@ copy in ../shared/tfds is used when present.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -24,7 +26,7 @@ from data_helpers import (
 )
 
 from grasp_jax import data
-from grasp_jax.data import sources
+from grasp_jax.data import in_memory, sources
 
 # --------------------------------------------------------------------------
 # Training stream on digits.
@@ -139,6 +141,29 @@ def test_cifar100_mock_train_eval_and_resume():
         assert [int(b["mask"].sum()) for b in evals] == [32, 16]
 
 
+def test_splits_held_in_memory_give_the_batches_read_from_the_files():
+    held = data.get_info("cifar100")
+    assert held.cache_decoded
+    from_files = dataclasses.replace(held, cache_decoded=False)
+    common = dict(global_batch_size=8, seed=3, **ONE_DEVICE)
+
+    def batches(info):
+        return (take(train_batches(info, **common), 8)  # 6 steps an epoch: into the second
+                + take(train_batches(info, start_step=7, **common), 1)
+                + data.first_batches(info, 2, 8, seed=3)
+                + eval_batches(info, global_batch_size=32, **ONE_DEVICE))
+
+    with tfds.testing.mock_data(num_examples=48):
+        expected = batches(from_files)
+        assert_batches_equal(batches(held), expected)
+        source = in_memory.pipeline_source(held, "train", None, 0, 1, True)
+        assert source.image_format == sources.PIXELS and source.num_examples == 48
+        # Decoded once: every pipeline of the process reads the same arrays.
+        assert in_memory.pipeline_source(held, "train", None, 0, 1, True) is source
+        assert in_memory.pipeline_source(from_files, "train", None, 0, 1, True).image_format \
+            == sources.ENCODED
+
+
 def test_imagenet_mock_shapes():
     with tfds.testing.mock_data(num_examples=6):
         batch = next(
@@ -193,3 +218,12 @@ def test_cifar10_batches_and_normalization():
     # (about 0.25), so normalized images have std about 1.2.
     np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0, atol=0.1)
     np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.22, atol=0.1)
+
+
+@needs_cifar10
+def test_cifar10_scoring_draw_held_in_memory_equals_the_files():
+    held = data.get_info("cifar10")
+    from_files = dataclasses.replace(held, cache_decoded=False)
+    draws = [data.scoring_batch(info, samples_per_class=3, seed=1, data_dir=str(SHARED_TFDS))
+             for info in (held, from_files)]
+    assert_batches_equal(draws[:1], draws[1:])

@@ -37,8 +37,8 @@ class DatasetInfo:
       augmentation: training augmentation, one of ``"pad_crop_flip"``,
         ``"resized_crop_flip"``, ``"normalize_only"``.
       padding: zero padding (pixels per side) before the random crop.
-      cache_decoded: keep the decoded training images in memory after the first
-        epoch (small datasets only).
+      cache_decoded: decode each split once per process and hold its pixels in
+        memory, shared by every pipeline (``in_memory``; small datasets only).
       shuffle_buffer_size: tf.data shuffle buffer; None means the whole split
         (an exact uniform permutation per epoch). A smaller one over a split
         stored in several files also reads the files in a per-epoch seeded

@@ -18,10 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from grasp_jax.data import augment
+from grasp_jax.data.in_memory import pipeline_source
 from grasp_jax.data.layout import Batch
 from grasp_jax.data.registry import DatasetInfo, resolve
 from grasp_jax.data.seeds import stream_key
-from grasp_jax.data.sources import load_source
 from grasp_jax.data.streams import (
     deterministic,
     epoch_examples,
@@ -79,7 +79,7 @@ def scoring_batch(
         raise ValueError(f"samples_per_class={samples_per_class} must be >= 1.")
     if draw < 0:
         raise ValueError(f"draw={draw} must be >= 0.")
-    source = load_source(info, info.train_split, data_dir, 0, 1, drop_remainder=True)
+    source = pipeline_source(info, info.train_split, data_dir, 0, 1, drop_remainder=True)
     # Negative stream ids never collide with training streams (process ids).
     key = stream_key(seed, -1 - draw)
     buffer_size = info.shuffle_buffer_size or source.num_examples
@@ -136,7 +136,7 @@ def scoring_stream(
     info = resolve(dataset)
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches={num_batches} and batch_size={batch_size} must be >= 1.")
-    source = load_source(info, info.train_split, data_dir, 0, 1, drop_remainder=True)
+    source = pipeline_source(info, info.train_split, data_dir, 0, 1, drop_remainder=True)
     training_steps(source.num_examples, batch_size, info)  # fail here, not at the first batch
 
     def batches(start: int = 0) -> Iterator[Batch]:
@@ -150,8 +150,6 @@ def scoring_stream(
             num_devices=1,
             start_step=start,
             shuffle_buffer_size=None,
-            # A one-off read: decoding the whole split up front would be wasted.
-            decode_before_shuffle=False,
         )
         # Drop the device axis of size 1 inside tf.data: batches arrive unsharded.
         ds = ds.take(num_batches - start).map(lambda b: {k: v[0] for k, v in b.items()})

@@ -41,10 +41,11 @@ import numpy as np
 import tensorflow as tf
 
 from grasp_jax.data import augment
+from grasp_jax.data.in_memory import pipeline_source
 from grasp_jax.data.layout import device_batch_layout, reshape_for_devices, resolve_process
 from grasp_jax.data.registry import DatasetInfo, resolve
 from grasp_jax.data.seeds import file_order_key, shuffle_seed, stream_key
-from grasp_jax.data.sources import PIXELS, Source, load_source
+from grasp_jax.data.sources import Source, load_source
 
 EpochReader = Callable[[tf.Tensor], tf.data.Dataset]
 
@@ -109,7 +110,6 @@ def training_batches(
     num_devices: int,
     start_step: int,
     shuffle_buffer_size: int | None,
-    decode_before_shuffle: bool,
 ) -> tf.data.Dataset:
     """The infinite training stream of ``source`` from ``start_step`` (see the module doc)."""
     steps = training_steps(source.num_examples, local_batch, info)
@@ -117,28 +117,12 @@ def training_batches(
         raise ValueError(f"start_step={start_step} must be >= 0.")
     first_epoch, step_in_epoch = divmod(start_step, steps)
     buffer_size = shuffle_buffer_size or info.shuffle_buffer_size or source.num_examples
-    examples = source.dataset
-    image_format = source.image_format
-    # A buffer holding the whole split reads all of it every epoch, so the
-    # cache below is complete after epoch one (a partial cache is discarded).
-    if decode_before_shuffle and image_format != PIXELS and buffer_size >= source.num_examples:
-        # Decoding is deterministic, so decoding before or after the shuffle gives
-        # identical batches; before + cache saves re-decoding every epoch.
-        examples = examples.map(
-            lambda ex: {
-                "image": augment.pixels(ex["image"], info, image_format),
-                "label": ex["label"],
-            },
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        ).cache()
-        image_format = PIXELS
-    read = epoch_reader(source, examples, buffer_size)
+    read = epoch_reader(source, source.dataset, buffer_size)
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
     ds = epochs.flat_map(lambda e: epoch_examples(read, key, e, buffer_size, steps * local_batch))
     # Only the first epoch is partial; skipping happens before any decoding.
     ds = ds.skip(step_in_epoch * local_batch)
-    ds = augment.augmented_batches(info, ds, image_format, key, local_batch)
+    ds = augment.augmented_batches(info, ds, source.image_format, key, local_batch)
     ds = ds.map(reshape_for_devices(num_devices))
     return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
@@ -207,7 +191,7 @@ def train_dataset(
     num_devices, per_device = device_batch_layout(
         global_batch_size, process_count=count, local_device_count=local_device_count
     )
-    source = load_source(info, info.train_split, data_dir, index, count, drop_remainder=True)
+    source = pipeline_source(info, info.train_split, data_dir, index, count, drop_remainder=True)
     return training_batches(
         info,
         source,
@@ -216,7 +200,6 @@ def train_dataset(
         num_devices=num_devices,
         start_step=start_step,
         shuffle_buffer_size=shuffle_buffer_size,
-        decode_before_shuffle=info.cache_decoded,
     )
 
 
@@ -265,7 +248,7 @@ def eval_dataset(
         global_batch_size, process_count=count, local_device_count=local_device_count
     )
     local_batch = num_devices * per_device
-    source = load_source(info, info.test_split, data_dir, index, count, drop_remainder=False)
+    source = pipeline_source(info, info.test_split, data_dir, index, count, drop_remainder=False)
     total = load_source(info, info.test_split, data_dir, 0, 1, drop_remainder=False).num_examples
     steps = _eval_steps(total, count, local_batch)
     images = source.dataset.map(
@@ -276,8 +259,6 @@ def eval_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    if info.cache_decoded:
-        images = images.cache()  # Repeated evaluations skip decoding.
     # Elements are (example, mask); zipping in the mask avoids a serial per-element map.
     real = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensors(True).repeat()))
     blank = {
