@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 import jax
 
-from experiments.outputs import format_duration
+from experiments.outputs import format_duration, format_rate
 
 
 def is_main_process() -> bool:
@@ -71,11 +71,11 @@ class _Progress:
         loss, acc, ips = metrics.get("train/loss"), metrics.get("train/accuracy"), metrics.get(
             "train/images_per_sec")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2%}", img_s=f"{ips:.0f}",
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2%}", img_s=format_rate(ips),
                                  refresh=False)
         else:
             print(f"step {step}/{self.total}: loss {loss:.4f}  acc {acc:.2%}  "
-                  f"{ips:.1f} img/s  lr {metrics.get('train/lr', float('nan')):.4g}  "
+                  f"{format_rate(ips)} img/s  lr {metrics.get('train/lr', float('nan')):.4g}  "
                   f"ETA {format_duration(eta_s)}", flush=True)
 
     def close(self) -> None:

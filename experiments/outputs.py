@@ -56,6 +56,12 @@ def format_duration(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}"
 
 
+def format_rate(per_second: float) -> str:
+    """A throughput with one decimal; ``n/a`` for NaN (no step timed yet: the first,
+    compiling step is not training time)."""
+    return f"{per_second:.1f}" if math.isfinite(per_second) else "n/a"
+
+
 def save_layer_bars(fig: Any, ax: Any, path: str, layers: list[str], *, ylabel: str,
                     title: str, legend_loc: str = "best") -> None:
     """Finish a per-layer density bar chart (layer names under the bars, densities in

@@ -47,7 +47,7 @@ from experiments.clock import Chrono
 from experiments.configs import Config
 from experiments.logging_utils import Progress, is_main_process, log
 from experiments.metrics import MetricsWindow, MetricWriter
-from experiments.outputs import format_duration
+from experiments.outputs import format_duration, format_rate
 from experiments.signals import StopSignals
 from experiments.steps import AXIS, TrainState
 
@@ -342,5 +342,5 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
         log(f"done: final test accuracy {results['final_test_accuracy']:.2%}, best "
             f"{results['best_test_accuracy']:.2%}, sparsity {results['sparsity_reached']:.4%}, "
             f"{format_duration(results['wall_time_s'])} wall, "
-            f"{results['train_images_per_sec']:.1f} train img/s")
+            f"{format_rate(results['train_images_per_sec'])} train img/s")
     return results

@@ -125,6 +125,18 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
     assert step == 24 and int(state["step"]) == 24 and "batch_stats" in state
 
 
+def test_a_one_step_run_reports_no_throughput_rather_than_nan(tmp_path):
+    # The first step compiles and is not training time, so one step times no images.
+    r = _cli(DIGITS + ["--max_steps", "1", "--log_every_steps", "1",
+                       "--workdir", str(tmp_path / "one")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and done[0].endswith("n/a train img/s"), r.stdout
+    assert "nan" not in r.stdout.lower(), r.stdout
+    assert json.loads((tmp_path / "one" / "results.json").read_text())[
+        "train_images_per_sec"] is None
+
+
 @pytest.mark.slow
 def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
     """SIGKILL mid-epoch, then SIGTERM, then finish == one uninterrupted run, bit for bit."""

@@ -55,7 +55,7 @@ def epoch_reader(source: Source, examples: tf.data.Dataset, buffer_size: int) ->
 
     Rule (see the module doc): ``source.in_file_order`` when the source has a
     file order to choose and ``buffer_size`` is smaller than the slice;
-    otherwise ``examples`` (the source, perhaps decoded and cached) in its
+    otherwise ``examples`` (the source, perhaps held decoded in memory) in its
     fixed order, whatever the key.
     """
     if source.in_file_order is None or buffer_size >= source.num_examples:
