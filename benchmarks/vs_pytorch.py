@@ -15,8 +15,9 @@ the load of a shared machine hits both alike:
 * **GraSP** at the CIFAR-10 preset (100 images, two halves of 50, T = 200):
   ``grasp_jax.grasp_scores(..., num_microbatches=2)`` vs the authors' double-backprop algorithm
   (``torch_reference.grasp_scores``). *first call* is the first call in the process (JAX's
-  compilation included; the persistent compilation cache is switched off here unless
-  ``--cache``); *steady* the median of later calls.
+  compilation included; the persistent compilation cache is switched off unless
+  ``--compilation_cache DIR`` names one: run twice with the same DIR, and the second run's
+  first calls are warm); *steady* the median of later calls.
 
 Ratios are grasp_jax / PyTorch, medians of per-round ratios; only ratios measured in one run are
 comparable across machines.
@@ -39,6 +40,7 @@ import grasp_jax as gj
 from grasp_jax import models
 
 from benchmarks import sections
+from experiments import jax_cache
 
 # arch -> training batch (the paper's CIFAR-10 batch sizes)
 ARCHS = {"resnet32": 128, "vgg19": 64}
@@ -149,7 +151,8 @@ def _machine() -> str:
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
-def render(results: dict[str, dict], start: str, end: str, argv: list[str]) -> str:
+def render(results: dict[str, dict], start: str, end: str, argv: list[str],
+           cached: bool = False) -> str:
     lines = [f"`python -m benchmarks.vs_pytorch {' '.join(argv)}`".replace(" `", "`"),
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              f"- at start: {start}", f"- at end: {end}", "",
@@ -163,9 +166,11 @@ def render(results: dict[str, dict], start: str, end: str, argv: list[str]) -> s
                      f"{g['jax_first_s']:.1f} s | | | |")
         if "grasp" in r:
             q = r["grasp"]
-            lines.append(f"| GraSP, {arch}, CIFAR-10 preset, first call | {q['jax_first_s']:.1f} s"
-                         f" | {q['torch_first_s']:.1f} s | "
-                         f"{q['jax_first_s'] / q['torch_first_s']:.2f}x | <= 1.5x |")
+            # Issue 16: first call at most 1.5x the authors' cold, no slower warm.
+            which, target = ("with the compilation cache", 1.0) if cached else ("no cache", 1.5)
+            lines.append(f"| GraSP, {arch}, CIFAR-10 preset, first call ({which}) | "
+                         f"{q['jax_first_s']:.1f} s | {q['torch_first_s']:.1f} s | "
+                         f"{q['jax_first_s'] / q['torch_first_s']:.2f}x | <= {target}x |")
             lines.append(f"| GraSP, {arch}, steady state | {q['jax_s']:.1f} s | "
                          f"{q['torch_s']:.1f} s | {q['ratio']:.2f}x | <= 1.0x |")
     return "\n".join(lines)
@@ -176,8 +181,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     p.add_argument("--skip_grasp", action="store_true", help="only the training gradient")
-    p.add_argument("--cache", action="store_true",
-                   help="keep JAX's persistent compilation cache (first calls may then be warm)")
+    jax_cache.add_flag(p, default=jax_cache.DISABLED)
     p.add_argument("--omp_wait_policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", ""],
                    help="PyTorch's OpenMP threads: PASSIVE sleeps when idle (ACTIVE spin-waits, "
                    "which a loaded machine punishes: 4x slower ResNet-32 gradients measured); "
@@ -190,8 +194,7 @@ def main(argv: list[str] | None = None) -> str:
         import torch  # noqa: F401
     except ImportError:
         raise SystemExit("PyTorch is not installed: pip install -e '.[benchmarks]'") from None
-    if not args.cache:
-        jax.config.update("jax_enable_compilation_cache", False)
+    cached = jax_cache.enable(args.compilation_cache) is not None
     start, results = _machine(), {}
     for arch in args.archs:
         twins = _twins(arch, ARCHS[arch])
@@ -200,10 +203,10 @@ def main(argv: list[str] | None = None) -> str:
             r["grasp"] = bench_grasp(arch, args.rounds, twins)
         r["gradient"] = bench_gradient(arch, args.rounds, twins)
         print(arch, r, flush=True)
-    text = render(results, start, _machine(), argv or [])
+    text = render(results, start, _machine(), argv or [], cached)
     print(text)
     if args.write:
-        sections.replace_section(args.write, "vs_pytorch", text)
+        sections.replace_section(args.write, "vs_pytorch_cached" if cached else "vs_pytorch", text)
     return text
 
 
