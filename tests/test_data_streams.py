@@ -28,6 +28,15 @@ from data_helpers import (
 from grasp_jax import data
 from grasp_jax.data import in_memory, sources
 
+
+@pytest.fixture(autouse=True)
+def _fresh_in_memory_splits():
+    """Under ``tfds.testing.mock_data`` two tests share a (dataset, split) key but not the
+    examples, so each test of this module decodes its own splits (and leaves none behind)."""
+    in_memory.clear()
+    yield
+    in_memory.clear()
+
 # --------------------------------------------------------------------------
 # Training stream on digits.
 
