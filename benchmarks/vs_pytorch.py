@@ -82,7 +82,8 @@ def _twins(arch: str, batch: int):
     return model, variables, twin, data
 
 
-def _loss_fn(model, batch_stats, temperature: float = 1.0):
+def training_mode_loss(model, batch_stats, temperature: float = 1.0):
+    """Mean cross-entropy of ``model`` with BatchNorm in training mode (its state held fixed)."""
     def loss_fn(params, batch):
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                 train=True, mutable=["batch_stats"])
@@ -107,7 +108,7 @@ def bench_gradient(arch: str, rounds: int, twins) -> dict[str, float]:
     model, variables, twin, data = twins
     batch = ARCHS[arch]
     jbatch = {"image": jnp.asarray(data["x"][:batch]), "label": jnp.asarray(data["y"][:batch])}
-    grad = jax.jit(jax.value_and_grad(_loss_fn(model, variables["batch_stats"])))
+    grad = jax.jit(jax.value_and_grad(training_mode_loss(model, variables["batch_stats"])))
     t = time.perf_counter()
     jax.block_until_ready(grad(variables["params"], jbatch))
     first_s = time.perf_counter() - t
@@ -126,7 +127,7 @@ def bench_grasp(arch: str, rounds: int, twins) -> dict[str, float]:
     model, variables, twin, data = twins
     n = SCORING_IMAGES
     jbatch = {"image": jnp.asarray(data["x"][:n]), "label": jnp.asarray(data["y"][:n])}
-    loss_fn = _loss_fn(model, variables["batch_stats"], TEMPERATURE)
+    loss_fn = training_mode_loss(model, variables["batch_stats"], TEMPERATURE)
     ours = lambda: jax.block_until_ready(
         gj.grasp_scores(variables["params"], loss_fn, jbatch, num_microbatches=2))
     theirs = lambda: ref.grasp_scores(twin, data["tx"][:n], data["ty"][:n], TEMPERATURE)
