@@ -7,10 +7,17 @@ factory of a fresh iterable, called once per pass: GraSP makes two passes, so
 the stream must be restartable (the same batches, with the same augmentation,
 each time). Each pass is a loop of :func:`grasp_jax.accumulate_gradient` or
 :func:`grasp_jax.accumulate_hvp`, so host memory is one batch and device
-memory one chunk, however many batches there are. For data-parallel
-streaming, ``pmap`` those two primitives with ``axis_name`` over the same
-loop (their increments are summed across devices; the accumulator stays
-replicated).
+memory one chunk, however many batches there are: the loop waits for each
+batch's sum before it hands the next batch to the device, so a device slower
+than the input pipeline cannot let batches pile up in flight (JAX dispatches
+asynchronously and would otherwise queue every batch the stream yields). For
+data-parallel streaming, ``pmap`` those two primitives with ``axis_name`` over
+the same loop (their increments are summed across devices; the accumulator
+stays replicated).
+
+``progress(kind, batches)``, if given, is called after each batch is summed,
+``kind`` being ``"gradient"`` (the first pass) or ``"hvp"`` (GraSP's second);
+an exception it raises abandons the scoring (e.g. on a stop signal).
 """
 
 from __future__ import annotations
@@ -18,28 +25,41 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
+
 from grasp_jax.accumulate import LossFn, accumulate_gradient, accumulate_hvp
 from grasp_jax.prunable import PrunableSpec
 from grasp_jax.scoring import grasp_from_hvp, snip_from_gradient
 
 PyTree = Any
 BatchStream = Callable[[], Iterable[PyTree]]
+Progress = Callable[[str, int], None]
 
 
 def _sum_over_stream(step: Callable[[PyTree, PyTree | None], PyTree],
-                     make_batches: BatchStream) -> PyTree:
-    acc = None
+                     make_batches: BatchStream, kind: str,
+                     progress: Progress | None = None) -> PyTree:
+    acc, done = None, 0
     for batch in make_batches():
+        if acc is not None:  # the next batch is on the host: let the last one finish first
+            jax.block_until_ready(acc)
+            done += 1
+            if progress is not None:
+                progress(kind, done)
         acc = step(batch, acc)
     if acc is None:
         raise ValueError("make_batches() yielded no batch")
+    jax.block_until_ready(acc)
+    if progress is not None:
+        progress(kind, done + 1)
     return acc
 
 
 def gradient_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
                           num_microbatches: int | None = None, microbatch_size: int | None = None,
                           prunable: PrunableSpec = None,
-                          batch_axis_name: str | None = None) -> PyTree:
+                          batch_axis_name: str | None = None,
+                          progress: Progress | None = None) -> PyTree:
     """g = Σ over every chunk of every batch of ∇_θ L; one pass over ``make_batches()``.
 
     Each batch is cut into chunks as in :func:`grasp_jax.grasp_scores`
@@ -48,28 +68,32 @@ def gradient_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchSt
     opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
             "prunable": prunable, "batch_axis_name": batch_axis_name}
     return _sum_over_stream(
-        lambda batch, acc: accumulate_gradient(params, loss_fn, batch, acc, **opts), make_batches)
+        lambda batch, acc: accumulate_gradient(params, loss_fn, batch, acc, **opts), make_batches,
+        "gradient", progress)
 
 
 def gradient_and_hvp_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
                                   num_microbatches: int | None = None,
                                   microbatch_size: int | None = None,
                                   prunable: PrunableSpec = None,
-                                  batch_axis_name: str | None = None) -> tuple[PyTree, PyTree]:
+                                  batch_axis_name: str | None = None,
+                                  progress: Progress | None = None) -> tuple[PyTree, PyTree]:
     """g as :func:`gradient_from_batches`, then Hg = Σ_c ∇²_θθ L_c · g over a
     second pass of ``make_batches()``, which must yield the same batches."""
     opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
             "prunable": prunable, "batch_axis_name": batch_axis_name}
-    g = gradient_from_batches(params, loss_fn, make_batches, **opts)
+    g = gradient_from_batches(params, loss_fn, make_batches, progress=progress, **opts)
     hg = _sum_over_stream(
-        lambda batch, acc: accumulate_hvp(params, loss_fn, batch, g, acc, **opts), make_batches)
+        lambda batch, acc: accumulate_hvp(params, loss_fn, batch, g, acc, **opts), make_batches,
+        "hvp", progress)
     return g, hg
 
 
 def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
                               num_microbatches: int | None = None,
                               microbatch_size: int | None = None, prunable: PrunableSpec = None,
-                              batch_axis_name: str | None = None) -> PyTree:
+                              batch_axis_name: str | None = None,
+                              progress: Progress | None = None) -> PyTree:
     """GraSP's -θ ⊙ Hg over a restartable stream (two passes); prune the **highest**.
 
     Equal to :func:`grasp_jax.grasp_scores` on the batches concatenated, when
@@ -77,17 +101,19 @@ def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: Bat
     """
     _, hg = gradient_and_hvp_from_batches(
         params, loss_fn, make_batches, num_microbatches=num_microbatches,
-        microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name)
+        microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name,
+        progress=progress)
     return grasp_from_hvp(params, hg, prunable=prunable)
 
 
 def snip_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
                              num_microbatches: int | None = None,
                              microbatch_size: int | None = None, prunable: PrunableSpec = None,
-                             batch_axis_name: str | None = None) -> PyTree:
+                             batch_axis_name: str | None = None,
+                             progress: Progress | None = None) -> PyTree:
     """SNIP's |θ ⊙ g| over a stream (one pass); prune the **lowest**."""
     g = gradient_from_batches(params, loss_fn, make_batches, num_microbatches=num_microbatches,
                               microbatch_size=microbatch_size, prunable=prunable,
-                              batch_axis_name=batch_axis_name)
+                              batch_axis_name=batch_axis_name, progress=progress)
     return snip_from_gradient(params, g, prunable=prunable)
 

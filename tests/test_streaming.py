@@ -51,6 +51,72 @@ def test_streamed_ragged_chunks_match_explicit_per_chunk_sums():
         np.testing.assert_allclose(prunable_vector(hg_tree), hg, rtol=1e-9, atol=1e-13)
 
 
+def test_progress_reports_every_batch_of_each_pass_and_changes_no_score():
+    with jax.enable_x64(True):
+        params, loss, batch = convbn_setup(n=12)
+        make_batches, _ = counted_stream(batch, 4)  # 3 batches of 4
+        seen = []
+        watched = gj.grasp_scores_from_batches(params, loss, make_batches, microbatch_size=2,
+                                               progress=lambda kind, n: seen.append((kind, n)))
+        assert seen == [("gradient", 1), ("gradient", 2), ("gradient", 3),
+                        ("hvp", 1), ("hvp", 2), ("hvp", 3)]
+        plain = gj.grasp_scores_from_batches(params, loss, make_batches, microbatch_size=2)
+        np.testing.assert_array_equal(prunable_vector(watched), prunable_vector(plain))
+        seen.clear()
+        gj.snip_scores_from_batches(params, loss, make_batches, microbatch_size=2,
+                                    progress=lambda kind, n: seen.append((kind, n)))
+        assert seen == [("gradient", 1), ("gradient", 2), ("gradient", 3)]
+
+
+def test_a_raising_progress_abandons_the_stream_at_that_batch():
+    params, loss, batch = convbn_setup(n=12)
+    yielded = []
+
+    def make_batches():
+        for i, b in enumerate(cut(batch, [2] * 6)):
+            yielded.append(i)
+            yield b
+
+    def stop_after_two(kind, n):
+        if n == 2:
+            raise KeyboardInterrupt(kind)
+
+    with pytest.raises(KeyboardInterrupt, match="gradient"):
+        gj.grasp_scores_from_batches(params, loss, make_batches, progress=stop_after_two)
+    assert yielded == [0, 1, 2]  # the third batch was read, never summed
+
+
+class _Pending:
+    """A stand-in for an accumulator still being computed: records when it is waited for."""
+
+    def __init__(self, events, i):
+        self.events, self.i = events, i
+
+    def block_until_ready(self):
+        self.events.append(f"wait {self.i}")
+        return self
+
+
+def test_each_batch_is_summed_before_the_next_is_dispatched(monkeypatch):
+    """JAX dispatches asynchronously: without the wait, a device slower than the stream would
+    queue every batch the stream yields, all held in memory at once."""
+    events = []
+
+    def fake_accumulate(params, loss_fn, batch, acc, **opts):
+        events.append(f"dispatch {batch}")
+        return _Pending(events, batch)
+
+    def make_batches():
+        for i in range(3):
+            events.append(f"read {i}")
+            yield i
+
+    monkeypatch.setattr(gj.streaming, "accumulate_gradient", fake_accumulate)
+    gj.gradient_from_batches({}, None, make_batches)
+    assert events == ["read 0", "dispatch 0", "read 1", "wait 0", "dispatch 1",
+                      "read 2", "wait 1", "dispatch 2", "wait 2"]
+
+
 def test_an_empty_stream_is_an_error():
     params = mlp_params(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="yielded no batch"):
