@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import grasp_jax as gj
 
+from experiments.signals import Stopped
+
 if TYPE_CHECKING:  # the config imports this registry, not the other way round
     import flax.linen as nn
     import jax
@@ -33,10 +35,17 @@ PyTree = Any
 ScoreFn = Callable[[PyTree], PyTree]
 
 
+def never() -> bool:
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What a score-function builder may use: the run's config, the network at
-    its initialization, a key for the criterion's own randomness, and a logger."""
+    its initialization, a key for the criterion's own randomness, a logger, and
+    ``stop_requested()``, which long scoring polls between batches (on every
+    process at the same points: it may be a collective) to raise
+    ``signals.Stopped``."""
 
     config: "Config"
     model: "nn.Module"
@@ -44,6 +53,7 @@ class Context:
     key: "jax.Array"
     image_shape: tuple[int, ...]
     log: Callable[[str], None] = print
+    stop_requested: Callable[[], bool] = never
 
     @property
     def params(self) -> PyTree:
@@ -165,7 +175,8 @@ register(Method("dense", None, "no pruning"))
 
 
 def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: "jax.Array",
-                  image_shape: tuple[int, ...], log: Callable[[str], None] = print) -> PyTree:
+                  image_shape: tuple[int, ...], log: Callable[[str], None] = print,
+                  stop_requested: Callable[[], bool] = never) -> PyTree:
     """Boolean keep-masks with the structure of ``variables['params']``.
 
     A method that prunes nothing keeps everything; the others prune
@@ -173,6 +184,8 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
     (one-shot when 1) on ``config.prune_schedule``, ranked over
     ``config.scope``. The ``invert`` and ``shuffle`` ablations are the core's
     (:func:`grasp_jax.inverted_direction`, :func:`grasp_jax.shuffle_masks`).
+    Raises ``signals.Stopped`` when ``stop_requested()`` turns true between
+    rounds (or between the batches of streamed scoring).
     """
     import jax
 
@@ -181,12 +194,15 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
     if not method.prunes:
         return jax.tree_util.tree_map(lambda p: jax.numpy.ones(p.shape, bool), params)
     start = time.time()
-    score_fn = method.build(Context(config, model, variables, key, tuple(image_shape), log))
+    score_fn = method.build(Context(config, model, variables, key, tuple(image_shape), log,
+                                    stop_requested))
     every = max(1, config.rounds // 10)
 
     def progress(r: int, s: float, _masks: PyTree) -> None:
         if config.rounds > 1 and (r % every == 0 or r == config.rounds):
             log(f"  round {r}/{config.rounds}: sparsity {s:.4%}")
+        if r < config.rounds and stop_requested():  # after the last round the masks are done
+            raise Stopped(f"after round {r} of {config.rounds}")
 
     direction = method.direction
     if config.ablation == "invert":

@@ -6,7 +6,7 @@ config saved, the run trained; every way a run can end becomes an exit
 status: 0 done, 1 an error during the run (diverged, a pruned weight moved,
 no checkpoint restores, processes disagree on the masks), 2 refused (locked
 workdir, collapsing masks), 128 + signal when stopped by a signal after
-saving.
+saving (or during long pruning, before there is anything to save).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from experiments import checkpointing, configs, distributed, train
 from experiments import workdir as workdirs
 from experiments.logging_utils import log
-from experiments.signals import StopSignals
+from experiments.signals import Stopped, StopSignals
 from experiments.steps import SparsityDriftError
 
 REFUSED, FAILED = 2, 1
@@ -81,6 +81,10 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
         log("config " + json.dumps(config.to_dict(), sort_keys=True))
         with StopSignals() as signals:
             results = train.train_and_evaluate(config, workdir, allow_layer_collapse, signals)
+    except Stopped as e:
+        log(f"{signals.name} while pruning ({e}): nothing is saved before the first step; "
+            "rerun the same command to prune again")
+        return signals.exit_status, {}
     except train.LayerCollapseError as e:
         _error(str(e))
         if main and fresh:  # nothing of this refused run stays behind

@@ -2,9 +2,12 @@
 
 The first one sets a flag that the training loop polls: it finishes the
 current step, saves a checkpoint, says where and how to resume, and the
-process exits ``128 + signal``. A second one exits at once (``os._exit``):
-orbax renames a checkpoint into place only once it is complete, so the
-newest finished checkpoint is never damaged by it.
+process exits ``128 + signal``. Long pruning (streamed scoring, many rounds)
+polls it too, between batches and rounds, and raises :class:`Stopped`: there
+is nothing to save before the first step, so the run exits ``128 + signal``
+at once and a rerun prunes again. A second signal exits at once
+(``os._exit``): orbax renames a checkpoint into place only once it is
+complete, so the newest finished checkpoint is never damaged by it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import sys
 from typing import Any, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Stopped(Exception):
+    """A stop signal ended work that has nothing to save yet; the message says where."""
 
 
 class StopSignals:

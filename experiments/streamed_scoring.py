@@ -19,6 +19,7 @@ process with the same scores.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -33,6 +34,8 @@ from experiments import distributed
 from experiments.configs import dataset_info
 from experiments.data_scoring import SCORE_AXIS, deal_chunks, make_loss_fn, reinit_note
 from experiments.methods import Context
+from experiments.outputs import format_duration
+from experiments.signals import Stopped
 
 PyTree = Any
 Batch = dict[str, np.ndarray]
@@ -70,15 +73,42 @@ def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[Py
     loss_fn = make_loss_fn(ctx.model, ctx.batch_stats, config.temperature, ctx.key,
                            config.score_bn_mode)
     chunk = config.score_chunk_size or config.score_batch_size
+    watch = PassWatcher(ctx, config.score_batches, passes=1 if passes == "one pass" else 2)
     if jax.device_count() == 1:
         if finish is gj.snip_from_gradient:
-            return lambda p: finish(p, gj.gradient_from_batches(p, loss_fn, stream,
-                                                                microbatch_size=chunk))
+            return lambda p: finish(p, gj.gradient_from_batches(
+                p, loss_fn, stream, microbatch_size=chunk, progress=watch))
         return lambda p: finish(p, gj.gradient_and_hvp_from_batches(
-            p, loss_fn, stream, microbatch_size=chunk)[1])
+            p, loss_fn, stream, microbatch_size=chunk, progress=watch)[1])
     ctx.log(f"  data-parallel over {jax.device_count()} devices: each batch's full chunks "
             "dealt to the devices, the short ones collected and dealt one per device")
-    return _data_parallel_streamed(finish, loss_fn, stream, chunk)
+    return _data_parallel_streamed(finish, loss_fn, stream, chunk, watch)
+
+
+class PassWatcher:
+    """The ``progress(kind, batches)`` of streamed scoring: a line about every tenth of a
+    pass (batches done, time, the pass's remaining time) and, after every batch, the run's
+    stop check, which raises :class:`Stopped` (every process calls it at the same batches)."""
+
+    def __init__(self, ctx: Context, batches: int, passes: int) -> None:
+        self.ctx, self.batches, self.passes = ctx, batches, passes
+        self.every = max(1, batches // 10)
+        self.started = time.perf_counter()  # a pass's clock starts where the last one ended
+
+    def __call__(self, kind: str, done: int) -> None:
+        now = time.perf_counter()
+        pass_index = 1 if kind == "gradient" else 2
+        name = f"pass {pass_index}/{self.passes} ({'g' if kind == 'gradient' else 'Hg'})"
+        if done % self.every == 0 or done == self.batches:
+            spent = now - self.started
+            eta = spent / done * (self.batches - done)
+            left = f", {format_duration(eta)} left in this pass" if done < self.batches else ""
+            self.ctx.log(f"  scoring {name}: {done}/{self.batches} batches in "
+                         f"{format_duration(spent)}{left}")
+        if done == self.batches:
+            self.started = now
+        if (done < self.batches or pass_index < self.passes) and self.ctx.stop_requested():
+            raise Stopped(f"scoring {name}, after batch {done} of {self.batches}")
 
 
 def _grasp_abs_from_hvp(params: PyTree, hvp: PyTree) -> PyTree:
@@ -95,26 +125,30 @@ FINISH: dict[Callable, Callable[[PyTree, PyTree], PyTree]] = {
 
 
 def _device_groups(stream: Callable[[], Iterator[Batch]], chunk: int,
-                   num_devices: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every chunk of every batch, as ``[num_devices, ...]`` groups for one pmapped call.
+                   num_devices: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Every chunk of every batch, as ``[num_devices, ...]`` groups for one pmapped call,
+    each with the number of batches read so far.
 
     Full chunks: each batch's, dealt (``deal_chunks``). Short last chunks:
     gathered over batches, ``num_devices`` at a time (the last group padded
     with weight-0 copies).
     """
     short: list[Batch] = []
+    read = 0
     for batch in stream():
+        read += 1
         n = len(batch["label"])
         full = n // chunk
         if full:
-            yield deal_chunks({k: v[:full * chunk] for k, v in batch.items()}, full, num_devices)
+            yield (deal_chunks({k: v[:full * chunk] for k, v in batch.items()}, full,
+                               num_devices), read)
         if n % chunk:
             short.append({k: v[full * chunk:] for k, v in batch.items()})
             if len(short) == num_devices:
-                yield _stack(short, num_devices)
+                yield _stack(short, num_devices), read
                 short = []
     if short:
-        yield _stack(short, num_devices)
+        yield _stack(short, num_devices), read
 
 
 def _stack(chunks: list[Batch], num_devices: int) -> dict[str, np.ndarray]:
@@ -127,8 +161,8 @@ def _stack(chunks: list[Batch], num_devices: int) -> dict[str, np.ndarray]:
 
 
 def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn: Callable,
-                            stream: Callable[[], Iterator[Batch]], chunk: int
-                            ) -> Callable[[PyTree], PyTree]:
+                            stream: Callable[[], Iterator[Batch]], chunk: int,
+                            progress: gj.streaming.Progress) -> Callable[[PyTree], PyTree]:
     devices = jax.devices()
     rows = [devices.index(d) for d in jax.local_devices()]
     programs: dict[tuple[str, bool], Callable] = {}
@@ -148,9 +182,19 @@ def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn:
 
     def one_pass(kind: str, params: PyTree, v: PyTree) -> PyTree:
         acc = jax_utils.replicate(jax.tree_util.tree_map(jnp.zeros_like, params))
-        for group in _device_groups(stream, chunk, len(devices)):
+        reported = dispatched = 0  # batches read when the last progress / group went out
+        for group, read in _device_groups(stream, chunk, len(devices)):
+            # As in grasp_jax.streaming: the last group's sum is done before the next goes out.
+            jax.block_until_ready(acc)
+            if dispatched > reported:
+                reported = dispatched
+                progress(kind, reported)
             short = group["label"].shape[1] < chunk
             acc = program(kind, short)(params, {k: x[rows] for k, x in group.items()}, v, acc)
+            dispatched = read
+        jax.block_until_ready(acc)
+        if dispatched > reported:
+            progress(kind, dispatched)
         return distributed.first_replica(acc)
 
     def score_fn(params: PyTree) -> PyTree:

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,14 +91,27 @@ class Cadence:
         return False
 
 
+def stop_check(signals: StopSignals) -> Callable[[], bool]:
+    """``() -> bool`` for pruning: whether any process has a stop signal. A collective
+    with several processes, so pruning calls it at the same points on each."""
+    def requested() -> bool:
+        if distributed.any_process(signals.signum is not None):
+            signals.stop_with_others()
+            return True
+        return False
+    return requested
+
+
 # --------------------------------------------------------------------------
 # Start: a fresh, pruned state or the newest checkpoint that restores.
 
 
 def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir: str,
-                    ckpt: checkpointing.Checkpointer, allow_layer_collapse: bool = False
-                    ) -> tuple[TrainState, dict, int]:
-    """(state, checkpoint metadata, step): restored, else initialized and pruned."""
+                    ckpt: checkpointing.Checkpointer, allow_layer_collapse: bool = False,
+                    signals: Optional[StopSignals] = None) -> tuple[TrainState, dict, int]:
+    """(state, checkpoint metadata, step): restored, else initialized and pruned.
+
+    A stop signal during long pruning raises ``signals.Stopped`` (nothing is saved yet)."""
     init_key, score_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     variables = steps.init_variables(model, init_key, image_shape)
     ones = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), variables["params"])
@@ -110,7 +123,8 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
         log(f"resuming from step {step}")
         return TrainState(**state), meta, step
 
-    masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log)
+    masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log,
+                                  stop_requested=stop_check(signals or StopSignals()))
     check_layer_collapse(config, masks, allow_layer_collapse)
     dense = variables
     if config.ablation == "reinit":
@@ -183,7 +197,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     signals = signals or StopSignals()
     try:
         state, meta, step = init_or_restore(config, model, info.image_shape, workdir, ckpt,
-                                            allow_layer_collapse)
+                                            allow_layer_collapse, signals)
         writer.truncate_after(step)
         distributed.check_masks_agree(state.masks)  # every process trains the same network
         sparsity = write_pruning_outputs(workdir, config, state.masks,

@@ -275,6 +275,68 @@ def test_collapsing_masks_are_refused_naming_the_layer(capsys, tmp_path):
     assert time.time() - start < 120
 
 
+# Sends itself SIGINT in the middle of pruning: when the scoring stream yields batch AT of its
+# first pass ("batch"), or at round AT of iterative pruning ("round").
+_SIGNAL_WHILE_PRUNING = """
+import os, signal, sys
+import grasp_jax as gj
+from grasp_jax import data
+where, at = sys.argv[1], int(sys.argv[2])
+if where == "batch":
+    make = data.scoring_stream
+    def scoring_stream(*args, **kwargs):
+        stream = make(*args, **kwargs)
+        def batches():
+            for i, batch in enumerate(stream(), 1):
+                if i == at:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield batch
+        return batches
+    data.scoring_stream = scoring_stream
+else:
+    prune = gj.prune
+    def pruned(*args, callback, **kwargs):
+        def each_round(r, s, masks):
+            if r == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            callback(r, s, masks)
+        return prune(*args, callback=each_round, **kwargs)
+    gj.prune = pruned
+from experiments.run import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, at, flags, said", [
+    # Batch 4 is read while batch 3 is summed; the check after batch 3 sees the signal.
+    ("batch", 4, ["--method", "grasp", "--score_batches", "12", "--score_batch_size", "16",
+                  "--score_chunk_size", "8"], "scoring pass 1/2 (g), after batch 3 of 12"),
+    ("round", 4, ["--method", "synflow", "--rounds", "12"], "after round 4 of 12"),
+])
+def test_a_stop_signal_during_long_pruning_exits_promptly_and_the_rerun_prunes_again(
+        tmp_path, where, at, flags, said):
+    workdir = tmp_path / "w"
+    args = DIGITS + flags + ["--sparsity", "0.5", "--max_steps", "4", "--workdir", str(workdir)]
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_PRUNING, where, str(at), *args],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert r.returncode == 128 + signal.SIGINT, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"SIGINT while pruning ({said}): nothing is saved" in r.stdout
+    assert "Traceback" not in r.stderr
+    assert "pruned with" not in r.stdout and "step 1/" not in r.stdout
+    assert not (workdir / "results.json").exists()
+    ckpts = workdir / "checkpoints"
+    assert not ckpts.exists() or not [n for n in os.listdir(ckpts) if n.isdigit()]
+    r = _cli(args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "resuming" not in r.stdout and "pruned with" in r.stdout
+    if where == "batch":  # the passes report their progress
+        assert "scoring pass 1/2 (g): 12/12 batches" in r.stdout
+        assert "scoring pass 2/2 (Hg): 12/12 batches" in r.stdout
+    assert json.loads((workdir / "results.json").read_text())["status"] == "done"
+
+
 def test_a_second_stop_signal_exits_at_once():
     script = ("import os, signal, time\n"
               "from experiments.signals import StopSignals\n"
