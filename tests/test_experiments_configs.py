@@ -137,3 +137,21 @@ def test_train_step_keeps_pruned_weights_zero_under_pmap():
     steps.check_pruned_weights_are_zero(host["params"], host["masks"])
     # BatchNorm running statistics moved away from their init.
     assert not np.allclose(host["batch_stats"]["bn0"]["mean"], 0.0)
+
+
+def test_evaluation_waits_for_each_step_before_the_next(monkeypatch):
+    """Eval steps are independent of each other, so JAX would run several at once; with several
+    XLA:CPU devices their all-reduces then deadlocked (see steps.evaluate)."""
+    events = []
+
+    def p_eval(state, batch):
+        events.append(f"step {batch}")
+        return {k: jnp.full((1,), v) for k, v in (("loss", 2.0), ("correct", 1.0),
+                                                  ("count", 4.0))}
+
+    real_wait = jax.block_until_ready
+    monkeypatch.setattr(steps.jax, "block_until_ready",
+                        lambda x: (events.append("wait"), real_wait(x))[1])
+    metrics = steps.evaluate(p_eval, None, iter(range(3)))
+    assert events == ["step 0", "wait", "step 1", "wait", "step 2"]
+    assert metrics == {"test/loss": 0.5, "test/accuracy": 0.25}
