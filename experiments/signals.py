@@ -12,10 +12,11 @@ complete, so the newest finished checkpoint is never damaged by it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -27,9 +28,12 @@ class Stopped(Exception):
 class StopSignals:
     """A context manager; ``signum`` is the first stop signal received, or None."""
 
+    SAVING = "finishing the current step and saving a checkpoint"
+
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
+        self._response = self.SAVING  # what the first signal will do, as told to the user
 
     def __enter__(self) -> "StopSignals":
         for s in STOP_SIGNALS:
@@ -52,6 +56,15 @@ class StopSignals:
     def exit_status(self) -> int:
         return 128 + int(self.signum) if self.signum else 0
 
+    @contextlib.contextmanager
+    def responding(self, response: str) -> Iterator[None]:
+        """Within the block a first signal is answered with ``response`` (what will happen)."""
+        before, self._response = self._response, response
+        try:
+            yield
+        finally:
+            self._response = before
+
     def stop_with_others(self) -> None:
         """Another process of the run was signalled: stop as if this one had had SIGTERM
         (the signal of a preemption), unless it has its own."""
@@ -65,5 +78,5 @@ class StopSignals:
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step and saving a "
-              "checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name}: {self._response} (send it again to exit at "
+              "once)", file=sys.stderr, flush=True)

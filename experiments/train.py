@@ -19,6 +19,7 @@ accuracy).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -123,8 +124,15 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
         log(f"resuming from step {step}")
         return TrainState(**state), meta, step
 
-    masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log,
-                                  stop_requested=stop_check(signals or StopSignals()))
+    signals = signals or StopSignals()
+    # Streamed scoring and iterative rounds check for a stop between batches and rounds;
+    # one-shot in-memory scoring runs to its end and the first step saves.
+    interruptible = config.rounds > 1 or bool(config.score_batches)
+    with (signals.responding("stopping at the end of the current batch or round of pruning; "
+                             "nothing is saved before the first step") if interruptible
+          else contextlib.nullcontext()):
+        masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log,
+                                      stop_requested=stop_check(signals))
     check_layer_collapse(config, masks, allow_layer_collapse)
     dense = variables
     if config.ablation == "reinit":

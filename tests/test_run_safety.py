@@ -324,6 +324,7 @@ def test_a_stop_signal_during_long_pruning_exits_promptly_and_the_rerun_prunes_a
     assert r.returncode == 128 + signal.SIGINT, r.stdout[-2000:] + r.stderr[-3000:]
     assert f"SIGINT while pruning ({said}): nothing is saved" in r.stdout
     assert "Traceback" not in r.stderr
+    assert "SIGINT: stopping at the end of the current batch or round of pruning" in r.stderr
     assert "pruned with" not in r.stdout and "step 1/" not in r.stdout
     assert not (workdir / "results.json").exists()
     ckpts = workdir / "checkpoints"
