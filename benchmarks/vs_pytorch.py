@@ -149,7 +149,8 @@ def _machine() -> str:
             f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY="
             f"{os.environ.get('OMP_WAIT_POLICY', '')!r}); "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
 
 def render(results: dict[str, dict], start: str, end: str, argv: list[str],
