@@ -125,11 +125,11 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
         return TrainState(**state), meta, step
 
     signals = signals or StopSignals()
-    # Streamed scoring and iterative rounds check for a stop between batches and rounds;
-    # one-shot in-memory scoring runs to its end and the first step saves.
-    interruptible = config.rounds > 1 or bool(config.score_batches)
+    # Pruning that polls stops between batches or rounds; the rest runs to its end and the
+    # first step saves.
     with (signals.responding("stopping at the end of the current batch or round of pruning; "
-                             "nothing is saved before the first step") if interruptible
+                             "nothing is saved before the first step")
+          if methods.polls_for_stop(config)
           else contextlib.nullcontext()):
         masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log,
                                       stop_requested=stop_check(signals))

@@ -155,3 +155,14 @@ def test_evaluation_waits_for_each_step_before_the_next(monkeypatch):
     metrics = steps.evaluate(p_eval, None, iter(range(3)))
     assert events == ["step 0", "wait", "step 1", "wait", "step 2"]
     assert metrics == {"test/loss": 0.5, "test/accuracy": 0.25}
+
+
+def test_pruning_polls_for_a_stop_only_where_it_loops():
+    from experiments import methods
+
+    imagenet = dict(dataset="imagenet2012", arch="resnet50")  # preset: 150 streamed batches
+    assert methods.polls_for_stop(_resolve(**imagenet, method="grasp"))
+    assert not methods.polls_for_stop(_resolve(**imagenet, method="synflow", rounds=1))
+    assert not methods.polls_for_stop(_resolve(**imagenet, method="dense"))
+    assert methods.polls_for_stop(_resolve("cifar10", "vgg19", method="magnitude", rounds=5))
+    assert not methods.polls_for_stop(_resolve("cifar10", "vgg19", method="grasp"))
