@@ -196,16 +196,17 @@ def masks_digest(masks: PyTree) -> bytes:
     return h.digest()
 
 
-def check_masks_agree(masks: PyTree) -> None:
+def check_masks_agree(masks: PyTree) -> Optional[str]:
     """Raise MaskMismatchError naming the processes whose masks differ from process 0's.
 
-    Every process must call it (it is a collective). Single-process: no-op.
+    Every process must call it (it is a collective). Returns the line that says they agree
+    (with the checksum, so logs of separate hosts can be compared); None single-process.
     """
     import jax
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
-        return
+        return None
     digest = np.frombuffer(masks_digest(masks), np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
     differ = [i for i in range(gathered.shape[0]) if not np.array_equal(gathered[i], gathered[0])]
@@ -216,6 +217,8 @@ def check_masks_agree(masks: PyTree) -> None:
             f"{', '.join(gathered[i].tobytes().hex()[:12] for i in differ)} vs "
             f"{gathered[0].tobytes().hex()[:12]}): every process must score the same data with "
             f"the same code and flags")
+    return (f"masks agree across {gathered.shape[0]} processes (SHA-256 "
+            f"{gathered[0].tobytes().hex()[:12]})")
 
 
 def any_process(flag: bool) -> bool:

@@ -207,7 +207,9 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
         state, meta, step = init_or_restore(config, model, info.image_shape, workdir, ckpt,
                                             allow_layer_collapse, signals)
         writer.truncate_after(step)
-        distributed.check_masks_agree(state.masks)  # every process trains the same network
+        agreed = distributed.check_masks_agree(state.masks)  # every process, the same network
+        if agreed:
+            log(agreed)
         sparsity = write_pruning_outputs(workdir, config, state.masks,
                                          models.layer_order(model, info.image_shape))
         log(f"{sparsity}\nsparsity {sparsity.sparsity:.4%} of {sparsity.total:,} prunable "

@@ -254,6 +254,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(
     args = ARGS + ["--max_steps", "12", "--log_every_steps", "4", "--workdir", str(workdir)]
     codes, logs = _run_pair(args, tmp_path, "term", script=_PROCESS_1_SIGTERM_AT_5)
     assert codes == [143, 143], "\n\n".join(logs)
+    assert "masks agree across 2 processes (SHA-256 " in logs[0]
     assert "SIGTERM: saved a checkpoint at step 8" in logs[0]  # the next agreed step
     assert checkpointing.load_state(str(workdir))[0] == 8
     codes, logs = _run_pair(args, tmp_path, "resume")
@@ -318,7 +319,7 @@ def test_mask_checksum_sees_one_flipped_bit():
     assert distributed.masks_digest(masks) == distributed.masks_digest(
         {"a": masks["a"].copy(), "b": {"k": masks["b"]["k"].copy()}})
     assert distributed.masks_digest(masks) != distributed.masks_digest(flipped)
-    distributed.check_masks_agree(masks)  # one process: nothing to compare, no error
+    assert distributed.check_masks_agree(masks) is None  # one process: nothing to compare
 
 
 def test_a_plain_machine_is_not_a_cluster(monkeypatch):
