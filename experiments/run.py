@@ -139,6 +139,7 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
     except ValueError as e:
         raise UsageError(f"--batch_size {config.batch_size}: {e}") from None
     check_environment(config)
+    check_dataset_files(config)
     try:
         steps = data.steps_per_epoch(configs.dataset_info(config), config.batch_size,
                                      data_dir=config.data_dir)
@@ -150,6 +151,23 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
 def parse_config(argv: Sequence[str]) -> configs.Config:
     """The checked Config of a runner command line; UsageError for any bad flag."""
     return config_from_overrides(overrides_from_args(build_parser().parse_args(list(argv))))
+
+
+def check_dataset_files(config: configs.Config) -> None:
+    """UsageError naming the file unless the dataset's info and split files are whole.
+
+    Both splits' files are checked for presence and size; splits a run decodes into
+    memory at start (CIFAR) have every record's CRC verified too, so a damaged test
+    shard is named now rather than after pruning. A streamed split (ImageNet) is too
+    large to read twice: a damaged record there stops the run when it is met.
+    """
+    from grasp_jax.data import integrity
+
+    info = configs.dataset_info(config)
+    try:
+        integrity.check_dataset(info, config.data_dir, records=info.cache_decoded)
+    except integrity.DatasetDamaged as e:
+        raise UsageError(f"--dataset {config.dataset}: {e}") from None
 
 
 def check_environment(config: configs.Config) -> None:

@@ -95,6 +95,16 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
             checkpointing.NoUsableCheckpoint) as e:
         _error(str(e))
         return FAILED, {}
+    except Exception as e:
+        # A damaged record of a streamed split (too large to verify at start) is met
+        # mid-run; TF's error names only an offset, so name the file and the fix.
+        from grasp_jax.data import integrity
+
+        if not integrity.is_data_loss(e):
+            raise
+        _error(integrity.damaged_record_message(e, configs.dataset_info(config),
+                                                config.data_dir))
+        return FAILED, {}
     finally:
         if main:
             lock.release()
