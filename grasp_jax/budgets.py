@@ -28,15 +28,15 @@ SCOPES: tuple[str, ...] = ("global", "layerwise", "uniform", "erk")
 
 
 def check_sparsity(sparsity: float) -> float:
-    """``sparsity`` as a float; a TypeError unless it is a real number (a Python or
-    NumPy int or float, or a 0-d real array: not a string, which ``float`` would
-    parse, nor a bool), a ValueError unless it lies in [0, 1)."""
+    """``sparsity`` as a float; a ValueError naming it unless it is a real number (a
+    Python or NumPy int or float, or a 0-d real array: not a string, which ``float``
+    would parse, nor a bool) in [0, 1)."""
     dtype = getattr(sparsity, "dtype", None)
     if isinstance(sparsity, (bool, np.bool_)) or not (
             isinstance(sparsity, numbers.Real) or (
                 dtype is not None and np.shape(sparsity) == ()
                 and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)))):
-        raise TypeError(f"sparsity must be a real number in [0, 1), got {sparsity!r} "
+        raise ValueError(f"sparsity must be a real number in [0, 1), got {sparsity!r} "
                         f"({type(sparsity).__name__})")
     s = float(sparsity)
     if not 0.0 <= s < 1.0:  # also rejects NaN

@@ -54,7 +54,7 @@ def test_integer_scores_still_give_masks():
 @pytest.mark.parametrize("sparsity", ["0.5", b"0.5", True, 0.5 + 0j, None, [0.5]])
 def test_a_sparsity_that_is_not_a_real_number_is_refused_naming_it(sparsity):
     scores = {"a": {"kernel": jnp.arange(12.0).reshape(4, 3)}}
-    with pytest.raises(TypeError, match="sparsity must be a real number") as e:
+    with pytest.raises(ValueError, match="sparsity must be a real number") as e:
         gj.masks_from_scores(scores, sparsity, criterion="magnitude")
     assert repr(sparsity) in str(e.value)
 
