@@ -13,9 +13,11 @@ different configuration is refused unless ``--overwrite`` is given, and a
 workdir another live run holds is refused always.
 
 Exit status: 0 finished; 1 error during the run (diverged, a pruned weight
-moved off zero, no checkpoint restores); 2 bad command line, conflicting or
-locked workdir, or collapsing masks; 128 + signal when stopped by SIGTERM,
-SIGINT or SIGHUP after saving a checkpoint (rerun to resume).
+moved off zero, no checkpoint restores, a damaged record of a streamed dataset);
+2 bad command line or environment variable, a size this host cannot hold, a
+damaged dataset file, conflicting or locked workdir, or collapsing masks;
+128 + signal when stopped by SIGTERM, SIGINT or SIGHUP after saving a checkpoint
+(rerun to resume).
 """
 
 from __future__ import annotations
