@@ -137,6 +137,27 @@ def test_a_truncated_shard_among_several_is_named_by_the_size_check(imagenet_cop
     assert str(target) in str(e.value) and "--manual_dir" in str(e.value)
 
 
+@pytest.mark.parametrize("damage", ["missing_info", "truncated_shard"])
+def test_a_damaged_imagenet_is_refused_by_the_runner_with_nothing_written(
+        imagenet_copy, tmp_path, capsys, damage):
+    folder = imagenet_copy / "imagenet2012" / "5.1.0"
+    if damage == "missing_info":
+        target = folder / "dataset_info.json"
+        target.unlink()
+    else:
+        target = _train_files(imagenet_copy)[2]
+        _truncate(target)
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit) as e:
+        run.main(["--dataset", "imagenet2012", "--arch", "small_vgg", "--image_size", "32",
+                  "--method", "random", "--data_dir", str(imagenet_copy),
+                  "--workdir", str(workdir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(target) in err and "tfds build imagenet2012" in err, err
+    assert not workdir.exists()
+
+
 def test_a_flipped_byte_passes_the_size_check_and_fails_record_verification(imagenet_copy):
     info = get_info("imagenet2012")
     target = _train_files(imagenet_copy)[2]

@@ -32,7 +32,9 @@ def loss(p, b):
     gj.magnitude_scores,
     lambda p: gj.random_scores(p, jax.random.PRNGKey(0)),
     lambda p: gj.prune(p, gj.magnitude_scores, 0.5, criterion="magnitude"),
-], ids=["grasp", "snip", "gradient_and_hvp", "synflow", "magnitude", "random", "prune"])
+    lambda p: gj.gradient_flow(p, loss, BATCH),
+], ids=["grasp", "snip", "gradient_and_hvp", "synflow", "magnitude", "random", "prune",
+        "gradient_flow"])
 def test_an_integer_weight_is_refused_naming_its_leaf(score):
     with pytest.raises(TypeError, match="params leaf 'a/kernel' has dtype int32"):
         score(int_params())
