@@ -80,7 +80,7 @@ def test_a_damaged_cifar10_is_refused_naming_the_file_with_nothing_written(
     workdir = tmp_path / "w"
     with pytest.raises(SystemExit) as e:
         run.main(["--dataset", "cifar10", "--arch", "small_vgg", "--data_dir", str(cifar_copy),
-                  "--workdir", str(workdir)])
+                  "--max_steps", "1", "--workdir", str(workdir)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(target) in err and needle in err, err
@@ -151,7 +151,7 @@ def test_a_damaged_imagenet_is_refused_by_the_runner_with_nothing_written(
     with pytest.raises(SystemExit) as e:
         run.main(["--dataset", "imagenet2012", "--arch", "small_vgg", "--image_size", "32",
                   "--method", "random", "--data_dir", str(imagenet_copy),
-                  "--workdir", str(workdir)])
+                  "--max_steps", "1", "--workdir", str(workdir)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(target) in err and "tfds build imagenet2012" in err, err
