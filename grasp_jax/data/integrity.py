@@ -14,11 +14,11 @@ so a whole split's files hold exactly ``numBytes + 16 x records`` bytes (tfds
 
 Two levels, both before a run writes anything:
 
-* :func:`check_split_files` — the info files are present and readable JSON
-  that lists the split, every shard file is present and readable, and the
-  files' sizes add up; where they do not, each file's record chain is walked
-  (headers only) to name the file that is cut short or padded. Cheap at any
-  size.
+* :func:`check_split_files` — ``dataset_info.json`` is present, readable JSON
+  that lists the split (``features.json``, where present, readable JSON too),
+  every shard file is present and readable, and the files' sizes add up;
+  where they do not, each file's record chain is walked (headers only) to
+  name the file that is cut short or padded. Cheap at any size.
 * :func:`verify_records` — every record's CRCs are read and checked, and each
   file's record count compared with ``shardLengths``: a flipped byte anywhere
   is named with its file. Reads the whole split, so it is meant for the splits
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 # Bytes framing each TFRecord record: length (8), its CRC (4), the data's CRC (4).
 RECORD_FRAMING_BYTES = 16
-INFO_FILES = ("dataset_info.json", "features.json")
 _VERIFY_BATCH = 1024  # records per tf.data element while verifying: per-record overhead dominates
 
 
@@ -109,9 +108,9 @@ def split_shards(info: DatasetInfo, split: str, data_dir: str | None
     folder = version_dir(info, data_dir)
     if not folder.is_dir():
         return None
-    for name in INFO_FILES:
-        _read_json(info, data_dir, folder / name)
     listed = _read_json(info, data_dir, folder / "dataset_info.json")
+    if (folder / "features.json").exists():  # a registered builder can do without it
+        _read_json(info, data_dir, folder / "features.json")
     names = [s.get("name") for s in listed.get("splits", [])] if isinstance(listed, dict) else []
     if split not in names:
         raise _damaged(info, data_dir, folder / "dataset_info.json",
