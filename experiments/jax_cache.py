@@ -11,6 +11,7 @@ turns it off.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 DISABLED = "none"
@@ -19,6 +20,17 @@ DISABLED = "none"
 def default_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "grasp_jax", "jax")
+
+
+def unusable(path: str) -> Optional[str]:
+    """Why ``path`` cannot hold the cache (a file, not creatable, not writable), or None.
+
+    Probed for real, as a workdir is: permission bits do not tell the whole story
+    (root, read-only mounts).
+    """
+    from experiments import workdir
+
+    return workdir.unusable(os.path.abspath(os.path.expanduser(path)))
 
 
 def enable(path: Optional[str] = None) -> Optional[str]:
@@ -32,10 +44,18 @@ def enable(path: Optional[str] = None) -> Optional[str]:
     import jax
 
     path = os.path.abspath(os.path.expanduser(path or default_dir()))
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return None  # a cache is an optimisation: run without one rather than fail
+    # A cache is an optimisation: run without one rather than fail, in one line (JAX
+    # itself warns once per program it cannot write: over a hundred lines a run).
+    problem = unusable(path)
+    if problem is None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            problem = f"cannot be created ({e.strerror or e})"
+    if problem:
+        print(f"warning: compilation cache {path} {problem}; compiling without a cache",
+              file=sys.stderr, flush=True)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

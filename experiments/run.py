@@ -13,9 +13,11 @@ different configuration is refused unless ``--overwrite`` is given, and a
 workdir another live run holds is refused always.
 
 Exit status: 0 finished; 1 error during the run (diverged, a pruned weight
-moved off zero, no checkpoint restores); 2 bad command line, conflicting or
-locked workdir, or collapsing masks; 128 + signal when stopped by SIGTERM,
-SIGINT or SIGHUP after saving a checkpoint (rerun to resume).
+moved off zero, no checkpoint restores, a damaged record of a streamed dataset);
+2 bad command line or environment variable, a size this host cannot hold, a
+damaged dataset file, conflicting or locked workdir, or collapsing masks;
+128 + signal when stopped by SIGTERM, SIGINT or SIGHUP after saving a checkpoint
+(rerun to resume).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ DEMO_WORKDIR = os.path.join("runs", "demo")
 DEMO_RUNS = (("grasp_90", dict(method="grasp", sparsity=0.9)), ("dense", dict(method="dense")))
 
 RUNNING, MULTIHOST = configs.RUNNING, "multi-host (docs/MULTIHOST.md)"
+
+# XLA:CPU sets its devices up in time that grows with the square of their number
+# (1,000 took 0.4 s and 4,000 took 4 s on the development machine; 100,000 grew
+# memory by ~70 MB/s for minutes without a word): more are refused before any is made.
+MAX_CPU_DEVICES = 1024
+cpu_device_count = configs._number(lambda v: float(v).is_integer() and 1 <= v <= MAX_CPU_DEVICES,
+                                   f"a device count in [1, {MAX_CPU_DEVICES}] (XLA:CPU sets up "
+                                   "devices in time that grows with the square of their number)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +80,7 @@ class Invocation:
                                         group=MULTIHOST, check=configs.nonnegative_int)
     num_cpu_devices: Optional[int] = setting(
         None, "CPU devices per process (tests and demos of multi-device runs on CPU)",
-        group=MULTIHOST, check=configs.positive_int)
+        group=MULTIHOST, check=cpu_device_count)
     distributed_timeout: Optional[int] = setting(
         None, "seconds to wait for the coordinator at start-up (default 300); a process whose "
         "peer stops responding exits after a fifth of this (at least 10 s, at most 100 s)",
@@ -138,7 +148,9 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
         data.device_batch_layout(config.batch_size)
     except ValueError as e:
         raise UsageError(f"--batch_size {config.batch_size}: {e}") from None
+    check_host_memory(config)
     check_environment(config)
+    check_dataset_files(config)
     try:
         steps = data.steps_per_epoch(configs.dataset_info(config), config.batch_size,
                                      data_dir=config.data_dir)
@@ -150,6 +162,53 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
 def parse_config(argv: Sequence[str]) -> configs.Config:
     """The checked Config of a runner command line; UsageError for any bad flag."""
     return config_from_overrides(overrides_from_args(build_parser().parse_args(list(argv))))
+
+
+def host_memory_bytes() -> int:
+    """This host's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_host_memory(config: configs.Config) -> None:
+    """UsageError naming the flag unless each batch this process holds, as float32
+    images alone, fits in this host's memory. A lower bound of what a step needs,
+    so nothing that could run is refused, and nothing is allocated to find out."""
+    import jax
+
+    info = configs.dataset_info(config)
+    image_bytes = math.prod(info.image_shape) * 4
+    processes = jax.process_count()
+    batches = [("--batch_size", config.batch_size, -(-config.batch_size // processes))]
+    if config.score_batches:
+        batches.append(("--score_batch_size", config.score_batch_size, config.score_batch_size))
+    else:
+        draw = config.score_samples_per_class * info.num_classes
+        batches.append(("--score_samples_per_class", config.score_samples_per_class, draw))
+    limit = host_memory_bytes()
+    size = f" at --image_size {config.image_size}" if config.image_size else ""
+    for flag, value, images in batches:
+        if images * image_bytes > limit:
+            raise UsageError(
+                f"{flag} {value}{size}: {images:,} float32 {'x'.join(map(str, info.image_shape))} "
+                f"images in one batch of this process take {images * image_bytes / 2**30:,.1f} "
+                f"GiB, more than this host's {limit / 2**30:,.1f} GiB of memory")
+
+
+def check_dataset_files(config: configs.Config) -> None:
+    """UsageError naming the file unless the dataset's info and split files are whole.
+
+    Both splits' files are checked for presence and size; splits a run decodes into
+    memory at start (CIFAR) have every record's CRC verified too, so a damaged test
+    shard is named now rather than after pruning. A streamed split (ImageNet) is too
+    large to read twice: a damaged record there stops the run when it is met.
+    """
+    from grasp_jax.data import integrity
+
+    info = configs.dataset_info(config)
+    try:
+        integrity.check_dataset(info, config.data_dir, records=info.cache_decoded)
+    except integrity.DatasetDamaged as e:
+        raise UsageError(f"--dataset {config.dataset}: {e}") from None
 
 
 def check_environment(config: configs.Config) -> None:
@@ -294,14 +353,32 @@ def import_plugins() -> None:
     import importlib
 
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UsageError(f"environment variable {PLUGINS_ENV}: cannot import module "
+                             f"{name!r} ({type(e).__name__}: {e})") from None
+
+
+def check_environment_variables() -> None:
+    """UsageError naming the variable unless the environment's settings are valid."""
+    from grasp_jax.models import conv
+
+    try:
+        conv.resolve_mode()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from experiments import jax_cache
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    import_plugins()
+    try:
+        import_plugins()
+        check_environment_variables()
+    except UsageError as e:
+        cli.Parser(prog="python -m experiments.run").refuse(str(e))
     parser = build_parser()
     if not argv:
         jax_cache.enable(None)
@@ -309,6 +386,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)
         invocation = Invocation(**cli.given(args, _fields(Invocation)))
+        cache = invocation.compilation_cache
+        if cache is not None and cache != jax_cache.DISABLED and jax_cache.unusable(cache):
+            # Asked for by name, so refused rather than silently run without.
+            raise UsageError(f"--compilation_cache {cache!r} {jax_cache.unusable(cache)} "
+                             f"(pass --compilation_cache {jax_cache.DISABLED} to run without)")
         status = join_processes(invocation)
         if status:
             return status

@@ -4,9 +4,10 @@ The lock is taken before anything is written (process 0 takes it; on several
 hosts the others wait for its decision); the old run is cleared if asked, the
 config saved, the run trained; every way a run can end becomes an exit
 status: 0 done, 1 an error during the run (diverged, a pruned weight moved,
-no checkpoint restores, processes disagree on the masks), 2 refused (locked
-workdir, collapsing masks), 128 + signal when stopped by a signal after
-saving (or during long pruning, before there is anything to save).
+no checkpoint restores, processes disagree on the masks, a damaged record
+of a streamed dataset), 2 refused (locked workdir, collapsing masks), 128 +
+signal when stopped by a signal after saving (or during long pruning, before
+there is anything to save).
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
     except (SparsityDriftError, distributed.MaskMismatchError,
             checkpointing.NoUsableCheckpoint) as e:
         _error(str(e))
+        return FAILED, {}
+    except Exception as e:
+        # A damaged record of a streamed split (too large to verify at start) is met
+        # mid-run; TF's error names only an offset, so name the file and the fix.
+        from grasp_jax.data import integrity
+
+        if not integrity.is_data_loss(e):
+            raise
+        _error(integrity.damaged_record_message(e, configs.dataset_info(config),
+                                                config.data_dir))
         return FAILED, {}
     finally:
         if main:

@@ -41,6 +41,7 @@ from grasp_jax.chunks import (
 )
 from grasp_jax.prunable import (
     PrunableSpec,
+    check_leaf_dtypes,
     merge_prunable,
     prunable_flags,
     scatter_prunable,
@@ -114,6 +115,7 @@ def scoring_setup(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                   batch_axis_name: str | None = None) -> ScoringSetup:
     """Validate the arguments shared by the scores; errors name the bad value."""
     flags = prunable_flags(params, prunable)
+    check_leaf_dtypes(params, flags)
     layout = chunk_layout(batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")

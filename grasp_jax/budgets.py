@@ -19,6 +19,7 @@ within each layer:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,11 +28,17 @@ SCOPES: tuple[str, ...] = ("global", "layerwise", "uniform", "erk")
 
 
 def check_sparsity(sparsity: float) -> float:
-    """``sparsity`` as a float, or a ValueError unless it is a number in [0, 1)."""
-    try:
-        s = float(sparsity)
-    except (TypeError, ValueError):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    """``sparsity`` as a float; a ValueError naming it unless it is a real number (a
+    Python or NumPy int or float, or a 0-d real array: not a string, which ``float``
+    would parse, nor a bool) in [0, 1)."""
+    dtype = getattr(sparsity, "dtype", None)
+    if isinstance(sparsity, (bool, np.bool_)) or not (
+            isinstance(sparsity, numbers.Real) or (
+                dtype is not None and np.shape(sparsity) == ()
+                and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)))):
+        raise ValueError(f"sparsity must be a real number in [0, 1), got {sparsity!r} "
+                        f"({type(sparsity).__name__})")
+    s = float(sparsity)
     if not 0.0 <= s < 1.0:  # also rejects NaN
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return s

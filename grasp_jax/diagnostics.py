@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from grasp_jax.accumulate import prunable_loss
 from grasp_jax.masks import apply_masks, check_same_structure
-from grasp_jax.prunable import PrunableSpec, prunable_flags, split_prunable
+from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, prunable_flags, split_prunable
 
 PyTree = Any
 
@@ -60,6 +60,7 @@ def gradient_flow(
     training mode inside ``loss_fn``, as for scoring. Returns Python floats.
     """
     flags = prunable_flags(params, prunable)
+    check_leaf_dtypes(params, flags)
     if masks is None:
         masks = jax.tree_util.tree_map(lambda x: jnp.ones(jnp.shape(x), bool), params)
     else:

@@ -17,12 +17,23 @@ dicts (Linen params) are rebuilt without any other input; other pytrees
 (NNX ``State``, tuples) are rebuilt into the structure of ``like=``.
 
 Pruned entries load as +0.0, exactly what :func:`grasp_jax.apply_masks` gives.
+
+Integrity (format version 2): the header holds the SHA-256 of every stored
+array's bytes and of the header itself, and the loader checks them, so one
+flipped byte anywhere in the file is an error naming the file and the array,
+never silently different weights. Version-1 files (no digests) still load.
+Anything else that is not such an artifact (empty, text, truncated, an
+``.npz`` written by something else) is one ``ValueError`` naming the file and
+what is wrong with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -34,7 +45,9 @@ from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
 
 PyTree = Any
 FORMAT = "grasp_jax.sparse"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no digests
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 
 
 def _key_entry(key: Any) -> list:
@@ -93,20 +106,76 @@ def save_sparse(
         arrays.update(data)
         leaves.append({"path": [_key_entry(k) for k in key_path], "name": path_name(key_path),
                        "shape": list(value.shape), "dtype": str(value.dtype), **header})
-    meta = {"format": FORMAT, "version": VERSION, "leaves": leaves}
+    meta = {"format": FORMAT, "version": VERSION, "leaves": leaves,
+            "sha256": {name: _digest(a) for name, a in arrays.items()}}
+    meta["header_sha256"] = _header_digest(meta)
     with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
         (np.savez_compressed if compress else np.savez)(f, __meta__=np.array(json.dumps(meta)),
                                                          **arrays)
     return os.path.getsize(path)
 
 
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _header_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class _NotAnArtifact(Exception):
+    """What makes a file unreadable as a sparse artifact (turned into one ValueError)."""
+
+
 def _read(path: str | os.PathLike) -> tuple[list[dict], dict]:
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["__meta__"]))
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file: {meta.get('format')!r} "
-                             f"v{meta.get('version')!r}")
-        return meta["leaves"], {k: data[k] for k in data.files if k != "__meta__"}
+    """(leaf headers, arrays) of a checked artifact; ValueError naming ``path`` and
+    what is wrong for anything :func:`save_sparse` did not write intact."""
+    try:
+        return _read_checked(path)
+    except _NotAnArtifact as e:
+        raise ValueError(f"{os.fspath(path)} is not a readable sparse artifact of "
+                         f"save_sparse: {e}") from None
+
+
+def _read_checked(path: str | os.PathLike) -> tuple[list[dict], dict]:
+    with open(path, "rb") as f:  # FileNotFoundError etc. already name the file
+        head = f.read(len(_ZIP_MAGIC))
+    if not head:
+        raise _NotAnArtifact("the file is empty")
+    if head != _ZIP_MAGIC:
+        raise _NotAnArtifact(f"it is not an .npz (zip) file (it starts with {head!r})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "__meta__" not in data.files:
+                raise _NotAnArtifact(f"it has no __meta__ header (arrays {data.files[:5]}): "
+                                     "an .npz written by something else")
+            meta = json.loads(str(data["__meta__"]))
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
+                    meta.get("version") not in READABLE_VERSIONS:
+                found = meta if not isinstance(meta, dict) else (meta.get("format"),
+                                                                 meta.get("version"))
+                raise _NotAnArtifact(f"its header is not {FORMAT} version "
+                                     f"{'/'.join(map(str, READABLE_VERSIONS))} (found "
+                                     f"{found!r})")
+            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+        raise _NotAnArtifact(f"it is damaged ({type(e).__name__}: {e})") from None
+    if meta["version"] >= 2:
+        _check_digests(meta, arrays)
+    return meta["leaves"], arrays
+
+
+def _check_digests(meta: dict, arrays: dict) -> None:
+    if meta.get("header_sha256") != _header_digest(meta):
+        raise _NotAnArtifact("its header fails its SHA-256 check (the file is damaged)")
+    expected = meta.get("sha256", {})
+    if set(expected) != set(arrays):
+        raise _NotAnArtifact(f"it holds arrays {sorted(arrays)[:8]}, its header lists "
+                             f"{sorted(expected)[:8]}")
+    for name, array in arrays.items():
+        if _digest(array) != expected[name]:
+            raise _NotAnArtifact(f"array {name} fails its SHA-256 check (the file is damaged)")
 
 
 def _decode_leaf(i: int, leaf: dict, arrays: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -159,12 +228,22 @@ def load_sparse(path: str | os.PathLike, *, like: PyTree | None = None) -> PyTre
     whose structure, leaf names and shapes must match the file.
     """
     leaves, arrays = _read(path)
-    return _rebuild(leaves, [_decode_leaf(i, leaf, arrays)[0] for i, leaf in enumerate(leaves)],
+    return _rebuild(leaves, [_decoded(path, i, leaf, arrays)[0] for i, leaf in enumerate(leaves)],
                     like)
 
 
 def load_sparse_masks(path: str | os.PathLike, *, like: PyTree | None = None) -> PyTree:
     """The keep-masks stored by :func:`save_sparse` (non-prunable leaves all ``True``)."""
     leaves, arrays = _read(path)
-    return _rebuild(leaves, [_decode_leaf(i, leaf, arrays)[1] for i, leaf in enumerate(leaves)],
+    return _rebuild(leaves, [_decoded(path, i, leaf, arrays)[1] for i, leaf in enumerate(leaves)],
                     like)
+
+
+def _decoded(path: str | os.PathLike, i: int, leaf: dict, arrays: dict
+             ) -> tuple[np.ndarray, np.ndarray]:
+    # A version-1 file has no digests: inconsistent arrays show up here, named.
+    try:
+        return _decode_leaf(i, leaf, arrays)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"{os.fspath(path)}: leaf {leaf.get('name', i)!r} cannot be decoded "
+                         f"({type(e).__name__}: {e}); the file is damaged") from None

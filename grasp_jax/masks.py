@@ -17,7 +17,7 @@ import numpy as np
 
 from grasp_jax.budgets import SCOPES, check_sparsity, layer_removal_counts, num_to_prune
 from grasp_jax.criteria import Direction, resolve_direction
-from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
+from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 from grasp_jax.selection import Selection, TieBreak, check_tie_break, select_removal
 
@@ -123,6 +123,7 @@ def masks_from_scores(
     highest = resolve_direction(prune, criterion) == "highest"
     check_tie_break(tie_break, key)
     flags = prunable_flags(scores, prunable)
+    check_leaf_dtypes(scores, flags, what="scores", integers=True)
     if masks is not None:
         check_same_structure(masks, scores, "masks", "scores")
     check_finite(scores, prunable=prunable)

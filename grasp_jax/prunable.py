@@ -92,6 +92,34 @@ def prunable_flags(params: PyTree, prunable: PrunableSpec = None) -> tuple[bool,
     return flags
 
 
+def check_leaf_dtypes(tree: PyTree, flags: Sequence[bool], *, what: str = "params",
+                      integers: bool = False) -> None:
+    """TypeError naming the first prunable leaf of ``tree`` that is not an array of
+    floating-point numbers (``integers``: of real numbers, integers allowed).
+
+    θ is differentiated (JAX's own error would not say which leaf) and ranked;
+    an integer weight, a boolean or complex score, or an array of objects means
+    the wrong tree was passed. Only dtypes are read: works on tracers.
+    """
+    named = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if len(named) != len(flags):
+        raise ValueError(f"{what} have {len(named)} leaves but flags has {len(flags)}")
+    wanted = "floating-point" + (" or integer" if integers else "")
+    for (path, leaf), flag in zip(named, flags):
+        if not flag:
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"{what} leaf {path_name(path)!r} is a {type(leaf).__name__}, not "
+                            f"an array of {wanted} numbers")
+        ok = jnp.issubdtype(dtype, jnp.floating) or (
+            integers and jnp.issubdtype(dtype, jnp.integer))
+        if not ok:
+            hint = "; pass prunable= to leave it out" if what == "params" else ""
+            raise TypeError(f"{what} leaf {path_name(path)!r} has dtype {dtype}, not "
+                            f"{wanted}{hint}")
+
+
 # --------------------------------------------------------------------------
 # θ (the prunable leaves) apart from the rest, and back.
 

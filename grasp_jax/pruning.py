@@ -20,7 +20,7 @@ from grasp_jax.masks import (
     check_sparsity,
     masks_from_scores,
 )
-from grasp_jax.prunable import PrunableSpec
+from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, prunable_flags
 from grasp_jax.selection import TieBreak, check_tie_break
 
 PyTree = Any
@@ -88,6 +88,10 @@ def prune(
     """
     direction = resolve_direction(prune, criterion)  # before any scoring is spent
     check_tie_break(tie_break, key)
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable (params -> scores), got "
+                        f"{type(score_fn).__name__}")
+    check_leaf_dtypes(params, prunable_flags(params, prunable))
     targets = sparsity_schedule(sparsity, rounds, schedule)
     masks = None
     for r, s_r in enumerate(targets, start=1):

@@ -28,6 +28,7 @@ import optax
 from grasp_jax.accumulate import LossFn, accumulate, gradient_and_hvp_with, scoring_setup
 from grasp_jax.prunable import (
     PrunableSpec,
+    check_leaf_dtypes,
     merge_prunable,
     path_name,
     prunable_flags,
@@ -280,6 +281,7 @@ def synflow_scores(
     :func:`grasp_jax.pruning.prune`, 100 rounds in the paper).
     """
     flags = prunable_flags(params, prunable)
+    check_leaf_dtypes(params, flags)
     scores = _synflow(
         params, apply_fn=apply_fn, input_shape=tuple(int(d) for d in input_shape), flags=flags,
         rescale=bool(rescale),
@@ -290,6 +292,7 @@ def synflow_scores(
 def magnitude_scores(params: PyTree, *, prunable: PrunableSpec = None) -> PyTree:
     """|θ|; magnitude pruning removes the **lowest**."""
     flags = prunable_flags(params, prunable)
+    check_leaf_dtypes(params, flags)
     theta, _, _ = split_prunable(params, flags)
     return scatter_prunable([jnp.abs(t) for t in theta], params, flags)
 
@@ -297,6 +300,7 @@ def magnitude_scores(params: PyTree, *, prunable: PrunableSpec = None) -> PyTree
 def random_scores(params: PyTree, key: jax.Array, *, prunable: PrunableSpec = None) -> PyTree:
     """Uniform random scores, independent per weight; a baseline for any direction."""
     flags = prunable_flags(params, prunable)
+    check_leaf_dtypes(params, flags)
     theta, _, _ = split_prunable(params, flags)
     keys = jax.random.split(key, len(theta))
     return scatter_prunable(

@@ -9,6 +9,7 @@ that needs no download). Nothing is ever downloaded.
 Modules
     registry        one ``DatasetInfo`` entry per dataset; ``get_info(name, image_size=)``
     sources         loaders of one process's slice of a split (TFDS, folder, arrays)
+    integrity       checks of a prepared TFDS dataset's files; damaged ones named
     in_memory       small splits decoded once per process, shared by every pipeline
     augment         decoding, crops, flips, normalization (stateless TF ops)
     seeds           the stateless keys every random choice is derived from

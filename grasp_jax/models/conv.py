@@ -96,7 +96,8 @@ def resolve_mode(mode: str | None = None) -> Mode:
         try:
             return _ENV_VALUES[raw.strip().lower()]
         except KeyError:
-            raise ValueError(f"{FAST_CONV_ENV}={raw!r}; expected one of 0, 1, auto") from None
+            raise ValueError(f"environment variable {FAST_CONV_ENV}={raw!r} is not one of "
+                             f"{', '.join(v for v in _ENV_VALUES if v)} (or unset)") from None
     if mode not in ("auto", "fast", "native"):
         raise ValueError(f"mode={mode!r}; expected 'auto', 'fast', 'native' or None")
     return mode  # type: ignore[return-value]
