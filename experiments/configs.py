@@ -72,6 +72,23 @@ def nonempty_path(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value.strip() else "a non-empty path"
 
 
+# Compute dtypes a run trains in. float16 is refused rather than listed: its 5-bit exponent
+# underflows small gradients to 0 unless the loss is scaled up (dynamic loss scaling), which
+# the train step does not do; bfloat16 keeps float32's 8-bit exponent and needs no scaling.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype_value(value: Any) -> Optional[str]:
+    """One of COMPUTE_DTYPES; for float16, the reason it is not one."""
+    if value in COMPUTE_DTYPES:
+        return None
+    if value == "float16":
+        return ("float32 or bfloat16: float16 needs dynamic loss scaling, which is not "
+                "implemented (its narrow exponent range underflows small gradients); bfloat16 "
+                "has float32's exponent range and needs none")
+    return " or ".join(COMPUTE_DTYPES)
+
+
 def positive_floats(value: Any) -> Optional[str]:
     ok = isinstance(value, tuple) and all(nonnegative_float(v) is None for v in value)
     return None if ok else "a comma-separated list of non-negative numbers"
@@ -160,6 +177,12 @@ class Config:
         group=OPTIM, check=positive_floats)
     lr_decay_factor: float = setting(0.1, "factor of each lr decay", group=OPTIM,
                                      check=positive_float)
+    compute_dtype: str = setting(
+        "float32", "dtype of activations and of matmul/conv inputs in training and evaluation: "
+        "float32 (the paper) or bfloat16 (the fast path on TPUs and Ampere+ GPUs; parameters, "
+        "optimizer state, BatchNorm statistics, masks, loss and scoring stay float32). "
+        "float16 is refused: it needs loss scaling, which is not implemented", group=OPTIM,
+        check=compute_dtype_value, metavar="DTYPE")
     steps_per_epoch: int = 0  # derived from the dataset and batch_size; not a flag
 
     scope: str = setting("global", "global: rank all layers together (the paper); layerwise "

@@ -13,6 +13,16 @@ The *running* averages are averaged across devices at the end of every step
 all-reduce): replicas then never diverge, a checkpoint is simply replica 0,
 and a run resumed from any step continues exactly as if it had not stopped.
 
+Precision. ``--compute_dtype bfloat16`` builds the network with ``dtype=bfloat16``
+(:func:`training_model`): activations and the inputs of every matmul and
+convolution are bfloat16, while the parameters stay float32 (Flax casts a
+copy of each kernel to bfloat16 inside the layer), so their gradients, the
+optimizer state and the masked updates are float32, BatchNorm reduces and
+keeps its statistics in float32, and the logits are cast to float32 before
+the softmax cross-entropy. Casting to bfloat16 rounds to nearest, not at
+random, so a bfloat16 run is as deterministic, and resumes as exactly, as a
+float32 one.
+
 Divergence. Each step reports ``finite``: whether its loss and its gradients
 (their global norm, a reduction over values the step already holds) are
 finite on every device. The loop stops at the first step where it is not.
@@ -30,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import grasp_jax as gj
+from grasp_jax import models
 from grasp_jax.prunable import named_leaves
 
 from experiments import configs, distributed
@@ -76,6 +87,12 @@ def make_optimizer(config: Config, masks: PyTree) -> optax.GradientTransformatio
     )
 
 
+def training_model(config: Config, num_classes: int) -> nn.Module:
+    """The network the train and eval steps run: ``config.arch`` computing in
+    ``config.compute_dtype``, with float32 parameters (the models' ``param_dtype``)."""
+    return models.get_model(config.arch, num_classes, dtype=jnp.dtype(config.compute_dtype))
+
+
 def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> PyTree:
     """The network's variables at the paper's initialization (the models' own initializers)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
@@ -95,7 +112,9 @@ def create_state(variables: PyTree, masks: PyTree, tx: optax.GradientTransformat
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    # float32 whatever the network computed in: a bfloat16 log-softmax would round the
+    # loss, and with it every gradient, to 8 bits of mantissa.
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,

@@ -199,7 +199,11 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     """
     started = time.time()
     info = configs.dataset_info(config)
+    # Initialization, scoring and the gradient-flow report use the float32 network whatever
+    # --compute_dtype says: scores rank weights against each other, and bfloat16's 8-bit
+    # mantissa would reorder close ones. Only the train and eval steps compute in that dtype.
     model = models.get_model(config.arch, info.num_classes)
+    train_model = steps.training_model(config, info.num_classes)
     ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
     writer = MetricWriter(workdir)
     signals = signals or StopSignals()
@@ -215,7 +219,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
         log(f"{sparsity}\nsparsity {sparsity.sparsity:.4%} of {sparsity.total:,} prunable "
             f"weights ({sparsity.kept:,} kept; {sparsity.dense_params:,} other parameters dense)")
         chrono = Chrono(meta, session_start=started)
-        outcome = train_loop(config, model, state, step, meta, chrono, ckpt, writer, signals)
+        outcome = train_loop(config, train_model, state, step, meta, chrono, ckpt, writer, signals)
     finally:
         ckpt.close()
         writer.close()
@@ -337,6 +341,7 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
         "wall_time_s": chrono.wall_time_s, "train_images_per_sec": chrono.images_per_sec,
         "devices": jax.device_count(), "processes": jax.process_count(),
         "ablation": config.ablation, "preempted": outcome.status == "stopped",
+        "compute_dtype": config.compute_dtype,
     }
     flow_path = os.path.join(workdir, "gradient_flow.json")
     if os.path.exists(flow_path):  # written once, before training; kept across resumes
