@@ -81,7 +81,9 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     tx = steps.make_optimizer(config, masks)
     rstate = jax_utils.replicate(steps.create_state(variables, masks, tx, step_key),
                                  axis_name=steps.AXIS)
-    p_train, p_eval = steps.make_train_step(model, tx), steps.make_eval_step(model)
+    pixel_stats = (info.mean, info.std)
+    p_train = steps.make_train_step(model, tx, pixel_stats)
+    p_eval = steps.make_eval_step(model, pixel_stats)
     batches = devices.prefetch_to_device(data.train_dataset(
         info, global_batch_size=config.batch_size, seed=0,
         data_dir=config.data_dir).as_numpy_iterator(), axis_name=steps.AXIS)

@@ -26,6 +26,10 @@ float32 one.
 Divergence. Each step reports ``finite``: whether its loss and its gradients
 (their global norm, a reduction over values the step already holds) are
 finite on every device. The loop stops at the first step where it is not.
+
+Input. Training and evaluation batches arrive as uint8 pixels and are
+normalized here, on the device (``pixel_stats``: the dataset's per-channel
+mean and std); float batches are taken as already normalized.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ import optax
 
 import grasp_jax as gj
 from grasp_jax import models
+from grasp_jax.data.on_device import normalize_pixels
 from grasp_jax.prunable import named_leaves
 
 from experiments import configs, distributed
 from experiments.configs import Config
 
 PyTree = Any
+PixelStats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
 AXIS = "batch"  # the pmap axis over which the global batch is split
 
 
@@ -117,15 +123,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def input_images(batch: dict, pixel_stats: PixelStats | None) -> jax.Array:
+    """The network's float input: uint8 pixels normalized with ``pixel_stats`` (evaluation
+    padding, ``mask`` False, zeroed), float images as they are."""
+    images = batch["image"]
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    if pixel_stats is None:
+        raise ValueError("uint8 images need pixel_stats=(mean, std) to be normalized.")
+    return normalize_pixels(images, *pixel_stats, mask=batch.get("mask"))
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, axis_name: str = AXIS) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, axis_name: str = AXIS,
+               pixel_stats: PixelStats | None = None) -> tuple[TrainState, dict]:
     """One SGD step on this device's share of the global batch (call under pmap)."""
+    images = input_images(batch, pixel_stats)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                              jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
         logits, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": key},
         )
         return cross_entropy(logits, batch["label"]).mean(), (logits, new_vars)
@@ -145,10 +164,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module, axis_name: str = AXIS) -> dict:
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, axis_name: str = AXIS,
+              pixel_stats: PixelStats | None = None) -> dict:
     """Sums over the real (``mask``) examples of the global batch (call under pmap)."""
+    images = input_images(batch, pixel_stats)
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         batch["image"], train=False)
+                         images, train=False)
     mask = batch["mask"].astype(jnp.float32)
     sums = {
         "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
@@ -158,14 +179,16 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, axis_name: st
     return jax.lax.psum(sums, axis_name)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    pixel_stats: PixelStats | None = None) -> Callable:
     # The state is donated: its buffers are reused for the new state.
-    return jax.pmap(functools.partial(train_step, model=model, tx=tx), axis_name=AXIS,
-                    donate_argnums=(0,))
+    return jax.pmap(functools.partial(train_step, model=model, tx=tx, pixel_stats=pixel_stats),
+                    axis_name=AXIS, donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module) -> Callable:
-    return jax.pmap(functools.partial(eval_step, model=model), axis_name=AXIS)
+def make_eval_step(model: nn.Module, pixel_stats: PixelStats | None = None) -> Callable:
+    return jax.pmap(functools.partial(eval_step, model=model, pixel_stats=pixel_stats),
+                    axis_name=AXIS)
 
 
 def evaluate(p_eval: Callable, rstate: TrainState, batches) -> dict[str, float]:

@@ -231,12 +231,14 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
                signals: StopSignals) -> Outcome:
     """Train from ``step`` to ``config.num_steps``, evaluating and saving on ``Cadence``."""
     tx = steps.make_optimizer(config, state.masks)
-    p_train, p_eval = steps.make_train_step(model, tx), steps.make_eval_step(model)
+    info = configs.dataset_info(config)
+    pixel_stats = (info.mean, info.std)  # the batches are uint8: the steps normalize them
+    p_train = steps.make_train_step(model, tx, pixel_stats)
+    p_eval = steps.make_eval_step(model, pixel_stats)
     # Named like the pmap axis: pmap's outputs carry that mesh, so inputs that
     # match it spare a second compilation of the train step at step 2.
     rstate = jax_utils.replicate(state, axis_name=AXIS)
     del state
-    info = configs.dataset_info(config)
     eval_ds = data.eval_dataset(info, global_batch_size=config.batch_size,
                                 data_dir=config.data_dir)
     batches = devices.prefetch_to_device(data.train_dataset(

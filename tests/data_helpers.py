@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from grasp_jax import data
+from grasp_jax.data import on_device
 
 SHARED_TFDS = Path(__file__).parents[1].parent / "shared" / "tfds"
 needs_cifar10 = pytest.mark.skipif(
@@ -51,3 +52,9 @@ def digits_train(**kwargs):
 def unsharded(batches):
     """Single-device batches ``[1, b, ...]`` as ``[b, ...]``."""
     return [{k: v[0] for k, v in b.items()} for b in batches]
+
+
+def normalized(images: np.ndarray, dataset) -> np.ndarray:
+    """uint8 batch images as the steps normalize them on the device (float32)."""
+    info = data.registry.resolve(dataset)
+    return np.asarray(on_device.normalize_pixels(images, info.mean, info.std))

@@ -28,9 +28,14 @@ def fake(tmp_path_factory):
 
 
 def class_of_color(images: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
-    """The class whose color (see fake_datasets) is nearest each image's mean color."""
+    """The class whose color (see fake_datasets) is nearest each image's mean color.
+
+    ``images``: uint8 pixels (training, evaluation) or normalized float32 (scoring).
+    """
     info = data.get_info("imagenet2012")
-    pixels = (images.mean(axis=(1, 2)) * np.asarray(info.std) + np.asarray(info.mean)) * 255
+    pixels = images.mean(axis=(1, 2))
+    if images.dtype == np.float32:
+        pixels = (pixels * np.asarray(info.std) + np.asarray(info.mean)) * 255
     colors = np.stack([np.random.default_rng(label).integers(40, 216, 3) for label in labels])
     nearest = np.argmin(((pixels[:, None] - colors[None]) ** 2).sum(-1), axis=1)
     return np.asarray(labels)[nearest]
@@ -54,7 +59,7 @@ def test_training_stream_reads_every_image_once_per_epoch(fake):
     assert steps == fake.num_train // 8 == 3
     common = dict(global_batch_size=8, seed=0, data_dir=data_dir)
     epoch = take(train_batches(SMALL, **common, **{**ONE_DEVICE, "local_device_count": 2}), steps)
-    assert epoch[0]["image"].shape == (2, 4, 32, 32, 3) and epoch[0]["image"].dtype == np.float32
+    assert epoch[0]["image"].shape == (2, 4, 32, 32, 3) and epoch[0]["image"].dtype == np.uint8
     labels = np.concatenate([b["label"].reshape(-1) for b in epoch])
     assert sorted(labels.tolist()) == sorted(list(fake.labels) * fake.train_per_class)
     images = np.concatenate([b["image"].reshape(-1, 32, 32, 3) for b in epoch])

@@ -20,6 +20,7 @@ from data_helpers import (
     digits_train,
     eval_batches,
     needs_cifar10,
+    normalized,
     take,
     train_batches,
     unsharded,
@@ -43,7 +44,7 @@ def _fresh_in_memory_splits():
 
 def test_train_batch_shapes_and_dtypes():
     batch = next(digits_train(local_device_count=4))
-    assert batch["image"].shape == (4, 16, 8, 8, 1) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (4, 16, 8, 8, 1) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (4, 16) and batch["label"].dtype == np.int32
     assert set(batch) == {"image", "label"}
     assert data.steps_per_epoch("digits", 64, process_count=1) == DIGITS_STEPS
@@ -53,7 +54,7 @@ def test_one_epoch_is_a_permutation_of_the_split():
     # 1,437 = 3 x 479: one epoch with no remainder dropped.
     epoch = take(digits_train(global_batch_size=479), 3)
     labels = np.concatenate([b["label"][0] for b in epoch])
-    images = np.concatenate([b["image"][0] for b in epoch])
+    images = normalized(np.concatenate([b["image"][0] for b in epoch]), "digits")
     _, split_labels = sources.digits_arrays("train")
     assert np.array_equal(np.bincount(labels), np.bincount(split_labels))
     assert not np.array_equal(labels, split_labels)  # shuffled
@@ -142,10 +143,16 @@ def test_cifar100_mock_train_eval_and_resume():
         assert full[0]["image"].shape == (2, 4, 32, 32, 3)
         # 6 steps per epoch: step 7 is in the second epoch.
         assert_batches_equal(full[7:], take(train_batches("cifar100", start_step=7, **common), 1))
-        # Decoding before (training) or after (first_batches) the shuffle agrees.
+        # Decoding before (training) or after (first_batches) the shuffle agrees, and
+        # the float32 scoring batches are the uint8 training ones normalized on the device.
         first = data.first_batches("cifar100", 2, 8, seed=5)
-        stream = take(train_batches("cifar100", **{**common, "local_device_count": 1}), 2)
-        assert_batches_equal(first, unsharded(stream))
+        assert first[0]["image"].dtype == np.float32
+        stream = unsharded(
+            take(train_batches("cifar100", **{**common, "local_device_count": 1}), 2)
+        )
+        for batch in stream:
+            batch["image"] = normalized(batch["image"], "cifar100")
+        assert_batches_equal(first, stream)
         evals = eval_batches("cifar100", global_batch_size=32, **ONE_DEVICE)
         assert [int(b["mask"].sum()) for b in evals] == [32, 16]
 
@@ -185,7 +192,7 @@ def test_imagenet_mock_shapes():
                 local_device_count=2,
             )
         )
-        assert batch["image"].shape == (2, 2, 224, 224, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (2, 2, 224, 224, 3) and batch["image"].dtype == np.uint8
         evals = eval_batches("imagenet2012", global_batch_size=4, **ONE_DEVICE)
         assert evals[0]["image"].shape == (1, 4, 224, 224, 3)
         assert sum(int(b["mask"].sum()) for b in evals) == 6
@@ -222,7 +229,9 @@ def test_cifar10_batches_and_normalization():
     evals = data.eval_dataset(
         "cifar10", data_dir=str(SHARED_TFDS), global_batch_size=1000, **ONE_DEVICE
     )
-    images = np.concatenate([b["image"][0] for b in evals.take(2).as_numpy_iterator()])
+    pixels = np.concatenate([b["image"][0] for b in evals.take(2).as_numpy_iterator()])
+    assert pixels.dtype == np.uint8
+    images = normalized(pixels, "cifar10")
     # Reference means are exact; its stds (about 0.2) are below the pixel std
     # (about 0.25), so normalized images have std about 1.2.
     np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0, atol=0.1)

@@ -78,8 +78,8 @@ import os, signal, sys
 import jax
 import experiments.steps as t
 make = t.make_train_step
-def make_train_step(model, tx):
-    step = make(model, tx)
+def make_train_step(model, tx, *args, **kwargs):
+    step = make(model, tx, *args, **kwargs)
     def wrapped(state, batch):
         state, metrics = step(state, batch)
         if jax.process_index() == 1 and int(jax.device_get(state.step.addressable_data(0))[0]) == 5:

@@ -31,8 +31,8 @@ import experiments.steps as t
 at, sig = int(sys.argv[1]), int(sys.argv[2])
 ckpts = os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints")
 make = t.make_train_step
-def make_train_step(model, tx):
-    step = make(model, tx)
+def make_train_step(model, tx, *args, **kwargs):
+    step = make(model, tx, *args, **kwargs)
     def wrapped(state, batch):
         state, metrics = step(state, batch)
         if int(jax.device_get(state.step)[0]) == at:

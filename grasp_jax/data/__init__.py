@@ -12,14 +12,18 @@ Modules
     integrity       checks of a prepared TFDS dataset's files; damaged ones named
     in_memory       small splits decoded once per process, shared by every pipeline
     augment         decoding, crops, flips, normalization (stateless TF ops)
+    on_device       normalization of uint8 batches inside the jitted steps (jax)
     seeds           the stateless keys every random choice is derived from
     streams         restartable training streams, padded evaluation passes
     score_batches   class-balanced scoring draws, the regenerable scoring stream
     layout          batch layout over processes and local devices
 
 Batch format
-    A dict of numpy arrays: ``image`` float32 NHWC (normalized per channel),
-    ``label`` int32, and for evaluation ``mask`` bool (False on padding).
+    A dict of numpy arrays: ``image`` NHWC, ``label`` int32, and for evaluation
+    ``mask`` bool (False on padding). Training and evaluation images are uint8
+    pixels, normalized on the device by ``on_device.normalize_pixels`` (a
+    quarter of the bytes of float32 to move); scoring images are float32,
+    normalized per channel on the host.
     ``train_dataset`` and ``eval_dataset`` give every array two leading
     dimensions ``[local_device_count, per_device_batch, ...]``, ready for
     ``jax.pmap``; iterate them with ``.as_numpy_iterator()``. Placing batches on

@@ -3,6 +3,14 @@
 Augmentation that has the same shape for every image works on whole batches:
 tf.data's per-example overhead, not the arithmetic, dominates the cost of small
 images. Seeds come from ``seeds.augment_seed``.
+
+Two outputs. Training and evaluation batches leave the host as uint8 pixels
+(a quarter of the bytes of float32, and no host arithmetic per pixel); the
+device normalizes them (``on_device.normalize_pixels``, the formula of
+``normalized``). ImageNet's antialiased resize yields fractional values, which
+are rounded to the nearest level, as torchvision's PIL resize does in the
+authors' pipeline. Scoring data stays float32, normalized on the host from the
+unrounded values, bit for bit as before (``normalize=True`` below).
 """
 
 from __future__ import annotations
@@ -43,8 +51,11 @@ def pixels(image: tf.Tensor, info: DatasetInfo, image_format: str) -> tf.Tensor:
     return tf.ensure_shape(decoded, info.image_shape)
 
 
-def normalize(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
-    """uint8 or float pixels in [0, 255] -> float32 (x / 255 - mean) / std."""
+def normalized(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """uint8 or float pixels in [0, 255] -> float32 (x / 255 - mean) / std.
+
+    ``on_device.normalize_pixels`` computes the same formula, in the same order.
+    """
     image = tf.cast(image, tf.float32) / 255.0
     return (image - tf.constant(info.mean)) / tf.constant(info.std)
 
@@ -66,28 +77,56 @@ def pad_crop_flip(images: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor
     return tf.gather(cropped, offsets[:, 1:] + columns, axis=2, batch_dims=1)
 
 
+def rounded_pixels(image: tf.Tensor) -> tf.Tensor:
+    """Float pixels in [0, 255] -> uint8, each to the nearest level (ties to even)."""
+    return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
 def random_resized_crop_flip(jpeg: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-    """Inception-style crop (area 8%-100%, aspect 3/4-4/3), resize to size x size, flip."""
-    box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    shape = tf.image.extract_jpeg_shape(jpeg)
+    """Inception-style crop (area 8%-100%, aspect 3/4-4/3), resize to size x size, flip.
+
+    float32 pixels in [0, 255], unrounded (the scoring data's values).
+    """
+    image, flip_seed = _resized_crop(jpeg, seed, size)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def random_resized_crop_flip_pixels(jpeg: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+    """``random_resized_crop_flip`` rounded to uint8: the same crop, resize and flip.
+
+    Rounding before the flip (a permutation) equals rounding after it, and the
+    flip of 150 KB of uint8 costs a quarter of that of float32.
+    """
+    image, flip_seed = _resized_crop(jpeg, seed, size)
+    return tf.image.stateless_random_flip_left_right(rounded_pixels(image), seed=flip_seed)
+
+
+def crop_window(jpeg: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Inception's random crop of a JPEG: int32 [offset_y, offset_x, height, width].
+
+    Area 8%-100% of the image, aspect ratio 3/4-4/3 (10 tries, then the whole
+    image), read from the JPEG header alone.
+    """
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape,
+        tf.image.extract_jpeg_shape(jpeg),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=box_seed,
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0),
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    offset_y, offset_x, _ = tf.unstack(begin)
-    height, width, _ = tf.unstack(crop_size)
+    return tf.concat([begin[:2], crop_size[:2]], axis=0)
+
+
+def _resized_crop(jpeg: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The float32 resized crop of ``random_resized_crop_flip`` and its flip seed."""
+    box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     # Decoding only the window is much cheaper than decoding the full JPEG.
-    image = tf.image.decode_and_crop_jpeg(
-        jpeg, tf.stack([offset_y, offset_x, height, width]), channels=3
-    )
+    image = tf.image.decode_and_crop_jpeg(jpeg, crop_window(jpeg, box_seed), channels=3)
     image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return image, flip_seed
 
 
 def eval_resize(size: int) -> int:
@@ -108,7 +147,7 @@ def resize_center_crop(jpeg: tf.Tensor, size: int) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Training: stream elements (epoch, (index, example)) -> normalized batches.
+# Training: stream elements (epoch, (index, example)) -> augmented batches.
 
 
 def _needs_example_transform(info: DatasetInfo, image_format: str) -> bool:
@@ -116,17 +155,19 @@ def _needs_example_transform(info: DatasetInfo, image_format: str) -> bool:
 
 
 def _example_transform(
-    info: DatasetInfo, image_format: str, key: tf.Tensor
+    info: DatasetInfo, image_format: str, key: tf.Tensor, normalize: bool
 ) -> Callable[..., tuple]:
     """Per stream element ``(epoch, (index, example))``: decode, and the ImageNet crop.
 
-    Keeps the element's structure, with the image as pixels in [0, 255].
+    Keeps the element's structure, with the image as pixels in [0, 255]: uint8,
+    or (ImageNet's crop with ``normalize``) float32 unrounded.
     """
+    resized_crop = random_resized_crop_flip if normalize else random_resized_crop_flip_pixels
 
     def transform(epoch, indexed):
         index, ex = indexed
         if info.augmentation == RESIZED_CROP_FLIP:
-            image = random_resized_crop_flip(
+            image = resized_crop(
                 encoded(ex["image"], image_format),
                 augment_seed(key, epoch, index),
                 info.image_shape[0],
@@ -138,8 +179,8 @@ def _example_transform(
     return transform
 
 
-def _batch_transform(info: DatasetInfo, key: tf.Tensor) -> Callable[..., dict]:
-    """Per batch of stream elements: pad-crop-flip (if any) and normalization.
+def _batch_transform(info: DatasetInfo, key: tf.Tensor, normalize: bool) -> Callable[..., dict]:
+    """Per batch of stream elements: pad-crop-flip (if any), and normalization if asked.
 
     The batch is seeded by its first element, i.e. by (key, epoch, step), since
     batches never straddle epochs.
@@ -150,25 +191,36 @@ def _batch_transform(info: DatasetInfo, key: tf.Tensor) -> Callable[..., dict]:
         image = ex["image"]
         if info.augmentation == PAD_CROP_FLIP:
             image = pad_crop_flip(image, augment_seed(key, epochs[0], indices[0]), info.padding)
-        return {"image": normalize(image, info), "label": ex["label"]}
+        if normalize:
+            image = normalized(image, info)
+        return {"image": image, "label": ex["label"]}
 
     return transform
 
 
 def augmented_batches(
-    info: DatasetInfo, stream: tf.data.Dataset, image_format: str, key: tf.Tensor, batch_size: int
+    info: DatasetInfo,
+    stream: tf.data.Dataset,
+    image_format: str,
+    key: tf.Tensor,
+    batch_size: int,
+    *,
+    normalize: bool,
 ) -> tf.data.Dataset:
-    """Stream elements -> augmented, normalized batches of ``batch_size``."""
+    """Stream elements -> augmented batches of ``batch_size``.
+
+    ``normalize``: float32 ``normalized`` images (the scoring data); otherwise
+    uint8 pixels for the device to normalize (training).
+    """
     if _needs_example_transform(info, image_format):
         stream = stream.map(
-            _example_transform(info, image_format, key),
+            _example_transform(info, image_format, key, normalize),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
     ds = stream.batch(batch_size, drop_remainder=True)
-    return ds.map(
-        _batch_transform(info, key), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    transform = _batch_transform(info, key, normalize)
+    return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 # ---------------------------------------------------------------------------
@@ -176,17 +228,13 @@ def augmented_batches(
 
 
 def eval_pixels(image: tf.Tensor, info: DatasetInfo, image_format: str) -> tf.Tensor:
-    """Evaluation pixels in [0, 255]: the decoded image, or ImageNet's center crop."""
+    """uint8 evaluation pixels: the decoded image, or ImageNet's center crop rounded."""
     if info.augmentation == RESIZED_CROP_FLIP:
-        return resize_center_crop(encoded(image, image_format), info.image_shape[0])
+        return rounded_pixels(resize_center_crop(encoded(image, image_format), info.image_shape[0]))
     return pixels(image, info, image_format)
 
 
-def eval_batch_transform(info: DatasetInfo) -> Callable[..., dict]:
-    """Normalizes a batch; padding images become exact zeros."""
-
-    def transform(ex, mask):
-        image = tf.where(mask[:, None, None, None], normalize(ex["image"], info), 0.0)
-        return {"image": image, "label": ex["label"], "mask": mask}
-
-    return transform
+def eval_batch(ex: dict, mask: tf.Tensor) -> dict:
+    """A batch of (example, mask) pairs as one dict; the device normalizes the uint8 images
+    and zeroes the padding (``on_device.normalize_pixels(..., mask=)``)."""
+    return {"image": ex["image"], "label": ex["label"], "mask": mask}

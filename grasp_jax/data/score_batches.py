@@ -98,7 +98,9 @@ def scoring_batch(
     kept = stream.scan(tf.zeros([info.num_classes], tf.int32), count_and_flag)
     kept = kept.filter(_flag).map(_without_flag)
     kept = kept.take(wanted)
-    batches = augment.augmented_batches(info, kept, source.image_format, key, wanted)
+    batches = augment.augmented_batches(
+        info, kept, source.image_format, key, wanted, normalize=True
+    )
     batch = next(deterministic(batches).as_numpy_iterator(), None)
     if batch is None:  # The split ran out first.
         raise _too_few_examples(info, kept, samples_per_class)
@@ -150,6 +152,7 @@ def scoring_stream(
             num_devices=1,
             start_step=start,
             shuffle_buffer_size=None,
+            normalize=True,  # scoring data: float32, normalized on the host as always
         )
         # Drop the device axis of size 1 inside tf.data: batches arrive unsharded.
         ds = ds.take(num_batches - start).map(lambda b: {k: v[0] for k, v in b.items()})

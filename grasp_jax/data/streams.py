@@ -34,6 +34,7 @@ Sharding
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -83,11 +84,39 @@ def epoch_examples(
     )
 
 
-def deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """``ds`` with tf.data's determinism option set (parallel maps keep order)."""
+def host_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def pipeline_options(threads: int | None = None) -> tf.data.Options:
+    """tf.data's options for every pipeline here: deterministic, on a thread pool of its own.
+
+    * ``deterministic``: parallel maps keep their input order, so a stream is a
+      pure function of its seed and resuming is exact whatever the threads do.
+    * A private pool of ``threads`` (default: ``host_cores()``) threads, so
+      tf.data does not share TF's global inter-op pool (nor its size) with
+      whatever else the process runs in TF.
+    * ``max_intra_op_parallelism = 1``: each op of an element runs on the thread
+      that runs the element. Elements already run in parallel; splitting a
+      224 x 224 resize or a batch's normalization over idle threads only adds
+      the cost of waking them (CPU time spent spinning, not working).
+    * Autotuning sets the parallelism of each map and the prefetch depth.
+    """
     options = tf.data.Options()
     options.deterministic = True
-    return ds.with_options(options)
+    options.threading.private_threadpool_size = threads or host_cores()
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = True
+    return options
+
+
+def deterministic(ds: tf.data.Dataset, threads: int | None = None) -> tf.data.Dataset:
+    """``ds`` with ``pipeline_options(threads)``: ordered, on its own thread pool."""
+    return ds.with_options(pipeline_options(threads))
 
 
 def training_steps(num_examples: int, local_batch: int, info: DatasetInfo) -> int:
@@ -110,8 +139,12 @@ def training_batches(
     num_devices: int,
     start_step: int,
     shuffle_buffer_size: int | None,
+    normalize: bool = False,
 ) -> tf.data.Dataset:
-    """The infinite training stream of ``source`` from ``start_step`` (see the module doc)."""
+    """The infinite training stream of ``source`` from ``start_step`` (see the module doc).
+
+    uint8 images, or with ``normalize`` float32 normalized ones (the scoring stream).
+    """
     steps = training_steps(source.num_examples, local_batch, info)
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0.")
@@ -122,7 +155,9 @@ def training_batches(
     ds = epochs.flat_map(lambda e: epoch_examples(read, key, e, buffer_size, steps * local_batch))
     # Only the first epoch is partial; skipping happens before any decoding.
     ds = ds.skip(step_in_epoch * local_batch)
-    ds = augment.augmented_batches(info, ds, source.image_format, key, local_batch)
+    ds = augment.augmented_batches(
+        info, ds, source.image_format, key, local_batch, normalize=normalize
+    )
     ds = ds.map(reshape_for_devices(num_devices))
     return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
@@ -183,8 +218,10 @@ def train_dataset(
       shuffle_buffer_size: overrides the registry's (whole split by default).
 
     Returns:
-      A tf.data.Dataset of {'image' [D, b, H, W, C] float32, 'label' [D, b]
-      int32} with D local devices and b examples per device.
+      A tf.data.Dataset of {'image' [D, b, H, W, C] uint8, 'label' [D, b]
+      int32} with D local devices and b examples per device. The images are
+      augmented pixels; the device normalizes them
+      (``on_device.normalize_pixels(images, info.mean, info.std)``).
     """
     info = resolve(dataset)
     index, count = resolve_process(process_index, process_count)
@@ -239,8 +276,10 @@ def eval_dataset(
     (``.as_numpy_iterator()`` for numpy batches).
 
     Returns:
-      A tf.data.Dataset of {'image' [D, b, H, W, C] float32, 'label' [D, b]
-      int32, 'mask' [D, b] bool}.
+      A tf.data.Dataset of {'image' [D, b, H, W, C] uint8, 'label' [D, b]
+      int32, 'mask' [D, b] bool}; the device normalizes the images
+      (``on_device.normalize_pixels(images, info.mean, info.std, mask=mask)``
+      also zeroes the padding).
     """
     info = resolve(dataset)
     index, count = resolve_process(process_index, process_count)
@@ -269,8 +308,6 @@ def eval_dataset(
         steps * local_batch - source.num_examples
     )
     ds = real.concatenate(padding).batch(local_batch, drop_remainder=True)
-    ds = ds.map(
-        augment.eval_batch_transform(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    ds = ds.map(augment.eval_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(reshape_for_devices(num_devices))
     return deterministic(ds.prefetch(tf.data.AUTOTUNE))
