@@ -25,6 +25,8 @@ import numpy as np
 
 SCOPES: tuple[str, ...] = ("global", "layerwise", "uniform", "erk")
 
+__all__ = ["SCOPES", "check_sparsity", "erk_densities", "layer_removal_counts", "num_to_prune"]
+
 
 def check_sparsity(sparsity: float) -> float:
     """``sparsity`` as a float, or a ValueError unless it is a number in [0, 1)."""

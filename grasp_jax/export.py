@@ -36,6 +36,8 @@ PyTree = Any
 FORMAT = "grasp_jax.sparse"
 VERSION = 1
 
+__all__ = ["load_sparse", "load_sparse_masks", "save_sparse"]
+
 
 def _key_entry(key: Any) -> list:
     if isinstance(key, jax.tree_util.DictKey):
