@@ -93,7 +93,8 @@ def main(argv=None) -> list[dict]:
         # the same scores (what experiments.run would compute at each one).
         scores = _scores(config, model, variables, score_key, info.image_shape)
         for sparsity in sparsities:
-            masks = gj.masks_from_scores(scores, sparsity, prune=gj.PRUNE_DIRECTION[method])
+            masks = gj.masks_from_scores(scores, sparsity,
+                                         direction=gj.criteria.PRUNE_DIRECTION[method])
             flow = data_scoring.gradient_flow_report(
                 config,
                 model,

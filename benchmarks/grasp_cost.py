@@ -69,13 +69,15 @@ def measure(arch: str, batch_size: int, chunks: int, time_calls: bool) -> dict:
         lambda p, b: gj.grasp_scores(p, loss_fn, b, num_microbatches=chunks), params, batch)
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=chunks)
     r["residual_bytes"] = linearized_bytes(params, batch, setup)
-    r["budget_bytes"] = gj.default_memory_budget()
+    r["budget_bytes"] = gj.accumulate.default_memory_budget()
     r["peak_grasp_bytes"], r["peak_grad_bytes"] = peak_bytes(grasp_c), peak_bytes(grad_c)
     # The eager one-chunk-at-a-time path runs a gradient program and an HVP
     # program per chunk: the same programs as these two on one chunk.
     chunk = jax.tree_util.tree_map(lambda a: a[:batch_size // chunks], batch)
-    add_g, _ = _compiled(lambda p, c: gj.accumulate_gradient(p, loss_fn, c), params, chunk)
-    add_hg, _ = _compiled(lambda p, c: gj.accumulate_hvp(p, loss_fn, c, p), params, chunk)
+    add_g, _ = _compiled(lambda p, c: gj.accumulate.accumulate_gradient(p, loss_fn, c),
+                         params, chunk)
+    add_hg, _ = _compiled(lambda p, c: gj.accumulate.accumulate_hvp(p, loss_fn, c, p),
+                          params, chunk)
     traced, _ = _compiled(lambda p, b: gj.grasp_scores(p, loss_fn, b, num_microbatches=chunks,
                                                        memory_budget_bytes=0), params, batch)
     g = flops(grad_c)

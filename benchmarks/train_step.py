@@ -52,7 +52,7 @@ def bench(arch: str, batch_size: int, pairs: int, sparsity: float, *,
     if variables is None:
         variables = steps.init_variables(model, jax.random.PRNGKey(0), image_shape)
     masks = gj.masks_from_scores(gj.random_scores(variables["params"], jax.random.PRNGKey(1)),
-                                 sparsity, prune="lowest")
+                                 sparsity, direction="lowest")
     plain_tx = optax.chain(  # the runner's chain without the masks
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(steps.learning_rate_schedule(config), momentum=config.momentum),

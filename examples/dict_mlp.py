@@ -4,7 +4,7 @@ No framework: the parameters are ``{"dense0": {"kernel": ..., "bias": ...}, ...}
 and the model is a function of them. The core API takes any such pytree::
 
     scores = gj.grasp_scores(params, loss_fn, batch)      # loss_fn(params, batch)
-    masks = gj.masks_from_scores(scores, 0.9, prune="highest")
+    masks = gj.masks_from_scores(scores, 0.9, direction="highest")
     params = gj.apply_masks(params, masks)
 
 Leaves named ``kernel`` with two or more axes are the prunable weights; name
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     params = init_mlp(jax.random.PRNGKey(args.seed))
 
     scores, direction = score(params, args.method, digits.class_balanced(train, per_class=10))
-    masks = gj.masks_from_scores(scores, args.sparsity, prune=direction)
+    masks = gj.masks_from_scores(scores, args.sparsity, direction=direction)
     params = gj.apply_masks(params, masks)
     print(f"{args.method} at {args.sparsity:.0%} sparsity:")
     print(gj.sparsity_report(masks))

@@ -114,11 +114,11 @@ def main(argv=None) -> None:
 
     scores, direction = score(params)
     flat = np.concatenate([np.ravel(s) for s, f in zip(jax.tree_util.tree_leaves(scores),
-                                                       gj.prunable_flags(scores)) if f])
+                                                       gj.prunable.prunable_flags(scores)) if f])
     print(f"{args.method} scores exactly 0 at initialization: {np.mean(flat == 0.0):.1%}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tied = gj.masks_from_scores(scores, args.sparsity, prune=direction)
+        tied = gj.masks_from_scores(scores, args.sparsity, direction=direction)
     for w in caught:
         print(f"warning ({w.category.__name__}): {w.message}")
     print("masks from those scores (the zeros decided by position):")
@@ -126,9 +126,10 @@ def main(argv=None) -> None:
 
     # Score a copy with every BatchNorm scale at 1, prune the real initialization.
     unit_scales = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.ones_like(x) if gj.path_name(path).endswith("scale") else x, params)
+        lambda path, x: jnp.ones_like(x) if gj.prunable.path_name(path).endswith("scale") else x,
+        params)
     scores, direction = score(unit_scales)
-    masks = gj.masks_from_scores(scores, args.sparsity, prune=direction)
+    masks = gj.masks_from_scores(scores, args.sparsity, direction=direction)
     params = gj.apply_masks(params, masks)
     print(f"{args.method} at {args.sparsity:.0%} sparsity, scored with BatchNorm scales at 1:\n"
           f"{gj.sparsity_report(masks)}")

@@ -4,7 +4,7 @@ The model is written as the Flax NNX guides write one (nnx.Conv, nnx.BatchNorm,
 nnx.Dropout, nnx.Linear). Pruning it takes three lines::
 
     scores = gj.nnx.grasp_scores(model, loss_fn, batch)   # loss_fn(model, batch)
-    masks = gj.masks_from_scores(scores, 0.9, prune="highest")
+    masks = gj.masks_from_scores(scores, 0.9, direction="highest")
     gj.nnx.apply_masks(model, masks)
 
 and ``gj.masked_updates(masks)`` last in the optax chain of
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     model = CNN(rngs=nnx.Rngs(args.seed))
 
     scores, direction = score(model, args.method, digits.class_balanced(train, per_class=10))
-    masks = gj.masks_from_scores(scores, args.sparsity, prune=direction)
+    masks = gj.masks_from_scores(scores, args.sparsity, direction=direction)
     gj.nnx.apply_masks(model, masks)
     print(f"{args.method} at {args.sparsity:.0%} sparsity:")
     print(gj.sparsity_report(masks))

@@ -4,7 +4,7 @@ Layout under ``<workdir>/checkpoints/<step>/``:
 
 * ``state``: the training state as a pytree of arrays: ``step``, ``params``,
   ``batch_stats``, ``opt_state`` (the optax chain's NamedTuples, including
-  :class:`grasp_jax.MaskedUpdatesState`), ``masks`` (booleans) and ``rng``
+  :class:`grasp_jax.optim.MaskedUpdatesState`), ``masks`` (booleans) and ``rng``
   (the run's base key; per-step keys are ``fold_in(rng, step)``). The step is
   also the data position: the input pipeline restarts exactly at batch
   ``step``.

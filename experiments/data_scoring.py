@@ -163,7 +163,7 @@ def reinit_dense_kernels(params: PyTree, key: jax.Array, layers: str = "all",
     to the original network. Weights that are exactly zero (pruned in an
     earlier round) stay zero.
     """
-    flags = gj.prunable_flags(params)
+    flags = gj.prunable.prunable_flags(params)
     names = [name for name, _ in named_leaves(params)]
     leaves, treedef = jax.tree_util.tree_flatten(params)
     dense = [i for i, (x, f) in enumerate(zip(leaves, flags)) if f and x.ndim == 2]

@@ -146,26 +146,27 @@ def _synflow(ctx: Context) -> ScoreFn:
     return lambda p: gj.synflow_scores(p, apply_fn, ctx.image_shape)
 
 
-register(Method("grasp", gj.PRUNE_DIRECTION["grasp"], "S(-θ) = -θ ⊙ Hg (Wang et al., 2020)",
+register(Method("grasp", gj.criteria.PRUNE_DIRECTION["grasp"],
+                "S(-θ) = -θ ⊙ Hg (Wang et al., 2020)",
                 _grasp, needs_data=True,
                 # pruner/GraSP.py: logits / T with T = 200, scored on a copy with
                 # Xavier-redrawn dense layers (reinit=True).
                 preset=dict(temperature=200.0, score_reinit_dense=True)))
-register(Method("grasp_abs", gj.PRUNE_DIRECTION["grasp_abs"],
+register(Method("grasp_abs", gj.criteria.PRUNE_DIRECTION["grasp_abs"],
                 "|θ ⊙ Hg|, gradient-norm preservation (Lubana & Dick, 2021)", _grasp_abs,
                 needs_data=True,
                 # Scored exactly as GraSP (T = 200, the re-drawn copy), so that only
                 # the criterion differs in a comparison.
                 preset=dict(temperature=200.0, score_reinit_dense=True)))
-register(Method("snip", gj.PRUNE_DIRECTION["snip"], "|θ ⊙ g| (Lee et al., 2019)", _snip,
+register(Method("snip", gj.criteria.PRUNE_DIRECTION["snip"], "|θ ⊙ g| (Lee et al., 2019)", _snip,
                 needs_data=True))
-register(Method("synflow", gj.PRUNE_DIRECTION["synflow"],
+register(Method("synflow", gj.criteria.PRUNE_DIRECTION["synflow"],
                 "|θ ⊙ ∂R/∂θ|, data-free (Tanaka et al., 2020)", _synflow,
                 # Tanaka et al., 2020, §6: 100 rounds on the exponential schedule.
                 preset=dict(rounds=100)))
-register(Method("magnitude", gj.PRUNE_DIRECTION["magnitude"], "|θ|",
+register(Method("magnitude", gj.criteria.PRUNE_DIRECTION["magnitude"], "|θ|",
                 lambda ctx: gj.magnitude_scores))
-register(Method("random", gj.PRUNE_DIRECTION["random"], "uniform noise",
+register(Method("random", gj.criteria.PRUNE_DIRECTION["random"], "uniform noise",
                 lambda ctx: lambda p: gj.random_scores(p, ctx.key)))
 register(Method("dense", None, "no pruning"))
 
@@ -191,7 +192,7 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
     ``config.sparsity`` of the conv/dense kernels in ``config.rounds`` rounds
     (one-shot when 1) on ``config.prune_schedule``, ranked over
     ``config.scope``. The ``invert`` and ``shuffle`` ablations are the core's
-    (:func:`grasp_jax.inverted_direction`, :func:`grasp_jax.shuffle_masks`).
+    (:func:`grasp_jax.ablations.inverted_direction`, :func:`grasp_jax.ablations.shuffle_masks`).
     Raises ``signals.Stopped`` when ``stop_requested()`` turns true between
     rounds (or between the batches of streamed scoring).
     """
@@ -214,15 +215,15 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
 
     direction = method.direction
     if config.ablation == "invert":
-        direction = gj.inverted_direction(direction)
+        direction = gj.ablations.inverted_direction(direction)
     tie_key = jax.random.fold_in(key, 4) if config.tie_break == "random" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if config.nm:
             n, m = (int(v) for v in config.nm.split(":"))
-            masks = gj.nm_masks(score_fn(params), n, m, prune=direction)
+            masks = gj.nm_masks(score_fn(params), n, m, direction=direction)
         else:
-            masks = gj.prune(params, score_fn, config.sparsity, prune=direction,
+            masks = gj.prune(params, score_fn, config.sparsity, direction=direction,
                              rounds=config.rounds, schedule=config.prune_schedule,
                              scope=config.scope, tie_break=config.tie_break, key=tie_key,
                              callback=progress)
@@ -230,7 +231,7 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
         if not issubclass(w.category, gj.LayerCollapseWarning):
             log(f"warning: {w.message}")
     if config.ablation == "shuffle":
-        masks = gj.shuffle_masks(masks, jax.random.fold_in(key, 2))
+        masks = gj.ablations.shuffle_masks(masks, jax.random.fold_in(key, 2))
     masks = jax.block_until_ready(masks)
     note = "" if config.ablation == "none" else f" (ablation: {config.ablation})"
     log(f"pruned with {config.method}{note} in {time.time() - start:.1f}s")

@@ -25,24 +25,25 @@ from experiments.outputs import pyplot, save_png, write_bytes_with, write_text
 PyTree = Any
 
 
-def in_network_order(report: gj.SparsityReport, order: Sequence[str]) -> gj.SparsityReport:
+def in_network_order(report: gj.masks.SparsityReport,
+                     order: Sequence[str]) -> gj.masks.SparsityReport:
     """``report`` with its layers sorted by ``order`` (module paths in call
     order, from ``models.layer_order``); layers it does not name go last."""
     rank = {path: i for i, path in enumerate(order)}
 
-    def key(layer: gj.LayerDensity) -> int:
+    def key(layer: gj.masks.LayerDensity) -> int:
         return rank.get(layer.name.rsplit("/", 1)[0], len(rank))
 
     return dataclasses.replace(report, layers=tuple(sorted(report.layers, key=key)))
 
 
-def write_sparsity_markdown(path: str, report: gj.SparsityReport, config: Config) -> None:
+def write_sparsity_markdown(path: str, report: gj.masks.SparsityReport, config: Config) -> None:
     title = (f"# Sparsity: {config.method} on {config.arch} / {config.dataset}, "
              f"target {config.sparsity:.2%}\n\n")
     write_text(path, title + report.to_markdown() + "\n")
 
 
-def save_density_plot(path: str, report: gj.SparsityReport, config: Config) -> None:
+def save_density_plot(path: str, report: gj.masks.SparsityReport, config: Config) -> None:
     """A bar per prunable layer: the fraction of its weights the masks keep."""
     plt = pyplot()
     names = [layer.name.removesuffix("/kernel") for layer in report.layers]
@@ -64,7 +65,7 @@ def save_density_plot(path: str, report: gj.SparsityReport, config: Config) -> N
 def save_masks(path: str, masks: PyTree, names: Sequence[str] = ()) -> None:
     """``masks.npz``: one boolean array per prunable leaf, keyed by its path name,
     stored in the order of ``names`` (the archive keeps it; others follow)."""
-    flags = gj.prunable_flags(masks)
+    flags = gj.prunable.prunable_flags(masks)
     named = dict((n, np.asarray(m, bool)) for (n, m), f in zip(named_leaves(masks), flags) if f)
     ordered = [n for n in names if n in named] + [n for n in named if n not in names]
     write_bytes_with(path, lambda f: np.savez_compressed(f, **{n: named[n] for n in ordered}))

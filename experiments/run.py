@@ -228,7 +228,8 @@ def check_environment(config: configs.Config) -> None:
     if config.sparsity:
         params = outputs[1]["params"]
         leaves = jax.tree_util.tree_leaves(params)
-        total = sum(math.prod(x.shape) for x, f in zip(leaves, gj.prunable_flags(params)) if f)
+        flags = gj.prunable.prunable_flags(params)
+        total = sum(math.prod(x.shape) for x, f in zip(leaves, flags) if f)
         removed = gj.masks.num_to_prune(config.sparsity, total)
         if removed >= total:
             raise UsageError(f"--sparsity {config.sparsity!r} removes all {total:,} prunable "

@@ -212,7 +212,7 @@ def evaluate(p_eval: Callable, rstate: TrainState, batches) -> dict[str, float]:
 
 def prunable_zero_fraction(params: PyTree) -> float:
     """Fraction of conv/dense kernel entries that are exactly zero."""
-    flags = gj.prunable_flags(params)
+    flags = gj.prunable.prunable_flags(params)
     leaves = [x for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
     zeros = sum(int(jnp.sum(x == 0)) for x in leaves)
     return zeros / sum(x.size for x in leaves)

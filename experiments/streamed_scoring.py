@@ -65,7 +65,7 @@ def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[Py
                                  data_dir=config.data_dir)
     sizes = chunk_sizes(config.score_batch_size, config.score_chunk_size)
     finish = FINISH[scorer]
-    passes = "one pass" if finish is gj.snip_from_gradient else "two passes"
+    passes = "one pass" if finish is gj.scoring.snip_from_gradient else "two passes"
     ctx.log(f"scoring with {config.method} on {config.score_batches} batches of "
             f"{config.score_batch_size} training images, each in chunks of "
             f"{describe_chunks(sizes)}, streamed in {passes} (temperature "
@@ -75,10 +75,10 @@ def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[Py
     chunk = config.score_chunk_size or config.score_batch_size
     watch = PassWatcher(ctx, config.score_batches, passes=1 if passes == "one pass" else 2)
     if jax.device_count() == 1:
-        if finish is gj.snip_from_gradient:
-            return lambda p: finish(p, gj.gradient_from_batches(
+        if finish is gj.scoring.snip_from_gradient:
+            return lambda p: finish(p, gj.streaming.gradient_from_batches(
                 p, loss_fn, stream, microbatch_size=chunk, progress=watch))
-        return lambda p: finish(p, gj.gradient_and_hvp_from_batches(
+        return lambda p: finish(p, gj.streaming.gradient_and_hvp_from_batches(
             p, loss_fn, stream, microbatch_size=chunk, progress=watch)[1])
     ctx.log(f"  data-parallel over {jax.device_count()} devices: each batch's full chunks "
             "dealt to the devices, the short ones collected and dealt one per device")
@@ -112,15 +112,15 @@ class PassWatcher:
 
 
 def _grasp_abs_from_hvp(params: PyTree, hvp: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(jnp.abs, gj.grasp_from_hvp(params, hvp))
+    return jax.tree_util.tree_map(jnp.abs, gj.scoring.grasp_from_hvp(params, hvp))
 
 
 # How each data-dependent core scorer's scores come from the streamed sums:
 # g for SNIP, Hg for the GraSP criteria.
 FINISH: dict[Callable, Callable[[PyTree, PyTree], PyTree]] = {
-    gj.grasp_scores: gj.grasp_from_hvp,
+    gj.grasp_scores: gj.scoring.grasp_from_hvp,
     gj.grasp_abs_scores: _grasp_abs_from_hvp,
-    gj.snip_scores: gj.snip_from_gradient,
+    gj.snip_scores: gj.scoring.snip_from_gradient,
 }
 
 
@@ -172,10 +172,10 @@ def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn:
         if (kind, short) not in programs:
             size = {"num_microbatches": 1} if short else {"microbatch_size": chunk}
             if kind == "gradient":
-                fn = lambda p, c, v, acc: gj.accumulate_gradient(
+                fn = lambda p, c, v, acc: gj.accumulate.accumulate_gradient(
                     p, loss_fn, c, acc, axis_name=SCORE_AXIS, **size)
             else:
-                fn = lambda p, c, v, acc: gj.accumulate_hvp(
+                fn = lambda p, c, v, acc: gj.accumulate.accumulate_hvp(
                     p, loss_fn, c, v, acc, axis_name=SCORE_AXIS, **size)
             programs[kind, short] = jax.pmap(fn, axis_name=SCORE_AXIS, in_axes=(None, 0, None, 0))
         return programs[kind, short]
@@ -199,7 +199,7 @@ def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn:
 
     def score_fn(params: PyTree) -> PyTree:
         g = one_pass("gradient", params, None)
-        if finish is gj.snip_from_gradient:
+        if finish is gj.scoring.snip_from_gradient:
             return finish(params, g)
         return finish(params, one_pass("hvp", params, g))
 

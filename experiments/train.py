@@ -138,7 +138,7 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
     if config.ablation == "reinit":
         # Same masks, new weights: does the method pick weights or just layer densities?
         fresh = steps.init_variables(model, jax.random.fold_in(init_key, 1), image_shape)
-        variables = {**fresh, "params": gj.reinitialized(fresh["params"], masks)}
+        variables = {**fresh, "params": gj.ablations.reinitialized(fresh["params"], masks)}
         log("ablation reinit: training the kept weights from a fresh initialization")
     if config.gradient_flow:
         flow = data_scoring.gradient_flow_report(config, model, dense, variables, masks,
@@ -163,7 +163,7 @@ def check_layer_collapse(config: Config, masks: PyTree, allowed: bool) -> None:
 
 
 def write_pruning_outputs(workdir: str, config: Config, masks: PyTree,
-                          order: Sequence[str] = ()) -> gj.SparsityReport:
+                          order: Sequence[str] = ()) -> gj.masks.SparsityReport:
     """sparsity.md, density.png and masks.npz, layers in ``order`` (network order)."""
     sparsity = report.in_network_order(gj.sparsity_report(masks), order)
     if is_main_process():
@@ -330,7 +330,7 @@ def log_epoch(config: Config, step: int, last_eval: dict, epoch: dict, meta: dic
 
 
 def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: Chrono,
-           sparsity: gj.SparsityReport, ckpt: checkpointing.Checkpointer) -> dict:
+           sparsity: gj.masks.SparsityReport, ckpt: checkpointing.Checkpointer) -> dict:
     """The results dict; written to results.json unless the run was stopped by a signal."""
     results = {
         "status": outcome.status,

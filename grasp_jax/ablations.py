@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grasp_jax.criteria import Direction, direction_keyword
 from grasp_jax.masks import (
-    Direction,
     Scope,
     apply_masks,
     check_same_structure,
@@ -28,6 +28,8 @@ from grasp_jax.prunable import (
 )
 
 PyTree = Any
+
+__all__ = ["inverted_direction", "inverted_masks", "reinitialized", "shuffle_masks"]
 
 
 def shuffle_masks(masks: PyTree, key: jax.Array, *, prunable: PrunableSpec = None) -> PyTree:
@@ -44,24 +46,32 @@ def inverted_masks(
     scores: PyTree,
     sparsity: float,
     *,
-    prune: Direction,
+    direction: Direction | None = None,
     scope: Scope = "global",
     prunable: PrunableSpec = None,
+    prune: Direction | None = None,
 ) -> PyTree:
     """Keep the weights the method would prune first, keeping as many as it would.
 
-    ``prune`` is the method's own direction; the ranking is read from the
-    other end, so the kept count is unchanged.
+    ``direction`` is the method's own direction (required; ``prune`` is its
+    deprecated name); the ranking is read from the other end, so the kept
+    count is unchanged.
     """
-    return masks_from_scores(scores, sparsity, prune=inverted_direction(prune), scope=scope,
-                             prunable=prunable)
+    direction = direction_keyword(direction, prune)
+    return masks_from_scores(scores, sparsity, direction=inverted_direction(direction),
+                             scope=scope, prunable=prunable)
 
 
-def inverted_direction(prune: Direction) -> Direction:
-    """The other end of the ranking: prune what the method would keep (iterative runs too)."""
-    if prune not in ("highest", "lowest"):
-        raise ValueError(f"prune must be 'highest' or 'lowest', got {prune!r}")
-    return "lowest" if prune == "highest" else "highest"
+def inverted_direction(direction: Direction | None = None, *,
+                       prune: Direction | None = None) -> Direction:
+    """The other end of the ranking: prune what the method would keep (iterative runs too).
+
+    ``prune`` is the deprecated name of ``direction``.
+    """
+    direction = direction_keyword(direction, prune)
+    if direction not in ("highest", "lowest"):
+        raise ValueError(f"direction must be 'highest' or 'lowest', got {direction!r}")
+    return "lowest" if direction == "highest" else "highest"
 
 
 def reinitialized(fresh_params: PyTree, masks: PyTree) -> PyTree:

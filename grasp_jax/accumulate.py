@@ -53,6 +53,8 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 # finish(params, g, hg, flags) -> result, with g and hg shaped like params.
 Finish = Callable[[PyTree, PyTree, PyTree, Sequence[bool]], Any]
 
+__all__ = ["accumulate_gradient", "accumulate_hvp", "default_memory_budget"]
+
 
 # --------------------------------------------------------------------------
 # The loss as a function of θ.

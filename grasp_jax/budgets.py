@@ -26,6 +26,8 @@ import numpy as np
 
 SCOPES: tuple[str, ...] = ("global", "layerwise", "uniform", "erk")
 
+__all__ = ["SCOPES", "check_sparsity", "erk_densities", "layer_removal_counts", "num_to_prune"]
+
 
 def check_sparsity(sparsity: float) -> float:
     """``sparsity`` as a float; a ValueError naming it unless it is a real number (a

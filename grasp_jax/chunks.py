@@ -18,6 +18,8 @@ import numpy as np
 
 PyTree = Any
 
+__all__ = ["ChunkLayout", "chunk_layout", "split_microbatches"]
+
 
 class ChunkLayout(NamedTuple):
     """``count`` chunks of ``size`` examples, then one of ``last`` (0: none).

@@ -22,6 +22,8 @@ from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, prunable_flags, 
 
 PyTree = Any
 
+__all__ = ["gradient_flow"]
+
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "flags"))
 def _flow(params, masks, batch, *, loss_fn, flags):

@@ -49,6 +49,8 @@ VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no digests
 _ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 
+__all__ = ["load_sparse", "load_sparse_masks", "save_sparse"]
+
 
 def _key_entry(key: Any) -> list:
     if isinstance(key, jax.tree_util.DictKey):

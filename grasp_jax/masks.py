@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grasp_jax.budgets import SCOPES, check_sparsity, layer_removal_counts, num_to_prune
-from grasp_jax.criteria import Direction, resolve_direction
+from grasp_jax.criteria import Direction, direction_keyword, resolve_direction
 from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 from grasp_jax.selection import Selection, TieBreak, check_tie_break, select_removal
@@ -80,11 +80,12 @@ def masks_from_scores(
     *,
     prunable: PrunableSpec = None,
     scope: Scope = "global",
-    prune: Direction | None = None,
+    direction: Direction | None = None,
     criterion: str | None = None,
     masks: PyTree | None = None,
     tie_break: TieBreak = "position",
     key: jax.Array | None = None,
+    prune: Direction | None = None,
 ) -> PyTree:
     """Boolean keep-masks that remove exactly round(sparsity × #prunable) weights.
 
@@ -98,11 +99,11 @@ def masks_from_scores(
         ``"layerwise"`` (or its synonym ``"uniform"``) removes round(s · N_l)
         from each leaf, ``"erk"`` splits round(s · N) over the leaves by the
         Erdős–Rényi-Kernel rule (see :mod:`grasp_jax.budgets`).
-      prune: ``"highest"`` removes the highest scores (GraSP's S(-θ));
+      direction: ``"highest"`` removes the highest scores (GraSP's S(-θ));
         ``"lowest"`` the lowest (SNIP, SynFlow, magnitude). There is no
-        default: pass ``prune`` or ``criterion``.
+        default: pass ``direction`` or ``criterion``.
       criterion: a name in :data:`~grasp_jax.criteria.PRUNE_DIRECTION`
-        (``"grasp"``, ``"snip"``, ...) that implies ``prune``.
+        (``"grasp"``, ``"snip"``, ...) that implies ``direction``.
       masks: optional current masks; weights they prune stay pruned and count
         towards the target (iterative pruning).
       tie_break: how the weights removed from a block of equal scores at the
@@ -110,6 +111,7 @@ def masks_from_scores(
         indices first) or ``"random"`` (a random subset drawn from ``key``).
         Both are deterministic.
       key: a ``jax.random`` key, required for (and only for) ``"random"``.
+      prune: the name of ``direction`` before 0.3; deprecated, it warns.
 
     Raises ValueError when the count round(sparsity × N) is all N prunable
     weights (in a per-layer scope: when a leaf's count is all of that leaf). Warns with
@@ -120,7 +122,8 @@ def masks_from_scores(
     sparsity = check_sparsity(sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    highest = resolve_direction(prune, criterion) == "highest"
+    direction = direction_keyword(direction, prune)
+    highest = resolve_direction(direction, criterion) == "highest"
     check_tie_break(tie_break, key)
     flags = prunable_flags(scores, prunable)
     check_leaf_dtypes(scores, flags, what="scores", integers=True)

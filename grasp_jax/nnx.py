@@ -3,7 +3,7 @@
 ::
 
     scores = gj.nnx.grasp_scores(model, loss_fn, batch)          # loss_fn(model, batch)
-    masks = gj.masks_from_scores(scores, 0.9, prune="highest")
+    masks = gj.masks_from_scores(scores, 0.9, direction="highest")
     gj.nnx.apply_masks(model, masks)
     optimizer = nnx.Optimizer(model, optax.chain(tx, gj.masked_updates(masks)), wrt=nnx.Param)
 
@@ -39,6 +39,11 @@ PyTree = Any
 ModuleLossFn = Callable[[nnx.Module, PyTree], jax.Array]
 BatchNormMode = Literal["train", "eval"]
 DropoutRngs = Any  # nnx.Rngs | jax.Array | int | None
+
+__all__ = [
+    "apply_masks", "grasp_scores", "magnitude_scores", "prune", "random_scores", "snip_scores",
+    "synflow_scores",
+]
 
 
 # --------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def prune(
     weights pruned so far set to 0, e.g. for 100 rounds of SynFlow::
 
         masks = gj.nnx.prune(model, lambda m: gj.nnx.synflow_scores(m, (28, 28, 1)),
-                             0.99, prune="lowest", rounds=100)
+                             0.99, direction="lowest", rounds=100)
 
     ``options`` are those of :func:`grasp_jax.prune` (the direction, ``rounds``,
     ``schedule``, ``scope``, ``prunable``, ``callback``). ``model`` is not

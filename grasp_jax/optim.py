@@ -17,6 +17,8 @@ from grasp_jax.masks import check_same_structure
 
 PyTree = Any
 
+__all__ = ["MaskedUpdatesState", "masked_updates"]
+
 
 class MaskedUpdatesState(NamedTuple):
     """The keep-masks (booleans with the structure of params)."""

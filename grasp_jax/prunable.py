@@ -18,6 +18,11 @@ PyTree = Any
 KeyPath = tuple
 PrunableSpec = None | PyTree | Callable[[KeyPath, Any], bool]
 
+__all__ = [
+    "WEIGHT_NAMES", "PrunableSpec", "default_is_prunable", "merge_prunable", "path_name",
+    "prunable_flags", "split_prunable",
+]
+
 
 def _key_name(key: Any) -> str | None:
     if isinstance(key, jax.tree_util.DictKey):

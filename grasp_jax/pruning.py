@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import jax
 
-from grasp_jax.criteria import PRUNE_DIRECTION, Direction, resolve_direction
+from grasp_jax.criteria import Direction, direction_keyword, resolve_direction
 from grasp_jax.masks import (
     Scope,
     apply_masks,
@@ -26,7 +26,7 @@ from grasp_jax.selection import TieBreak, check_tie_break
 PyTree = Any
 Schedule = Literal["exponential", "linear"]
 
-__all__ = ["PRUNE_DIRECTION", "prune", "sparsity_schedule"]  # the table is re-exported here
+__all__ = ["prune", "sparsity_schedule"]
 
 
 def sparsity_schedule(
@@ -55,7 +55,7 @@ def prune(
     score_fn: Callable[[PyTree], PyTree],
     sparsity: float,
     *,
-    prune: Direction | None = None,
+    direction: Direction | None = None,
     criterion: str | None = None,
     rounds: int = 1,
     schedule: Schedule = "exponential",
@@ -64,6 +64,7 @@ def prune(
     tie_break: TieBreak = "position",
     key: jax.Array | None = None,
     callback: Callable[[int, float, PyTree], None] | None = None,
+    prune: Direction | None = None,
 ) -> PyTree:
     """Masks from ``rounds`` rounds of scoring the masked network and pruning.
 
@@ -73,9 +74,9 @@ def prune(
         ``lambda p: grasp_scores(p, loss_fn, batch)``; it sees the masked
         params in every round after the first.
       sparsity: the final fraction of prunable weights removed.
-      prune, criterion: the direction, ``"highest"`` or ``"lowest"``, or a
-        criterion name that implies it (see :data:`PRUNE_DIRECTION`); one is
-        required.
+      direction, criterion: the direction, ``"highest"`` or ``"lowest"``, or a
+        criterion name that implies it (see
+        :data:`grasp_jax.criteria.PRUNE_DIRECTION`); one is required.
       rounds, schedule: see :func:`sparsity_schedule`. ``rounds=1`` is
         one-shot pruning.
       scope, prunable, tie_break, key: as in
@@ -83,10 +84,12 @@ def prune(
         round r draws its ties from ``fold_in(key, r)``.
       callback: called as ``callback(round, sparsity_r, masks)`` after each
         round (1-based), for progress reporting.
+      prune: the name of ``direction`` before 0.3; deprecated, it warns.
 
     Weights pruned in a round stay pruned in later rounds.
     """
-    direction = resolve_direction(prune, criterion)  # before any scoring is spent
+    # Both checks before any scoring is spent.
+    direction = resolve_direction(direction_keyword(direction, prune), criterion)
     check_tie_break(tie_break, key)
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (params -> scores), got "
@@ -98,7 +101,7 @@ def prune(
         current = params if masks is None else apply_masks(params, masks)
         scores = score_fn(current)
         masks = masks_from_scores(
-            scores, s_r, prunable=prunable, scope=scope, prune=direction, masks=masks,
+            scores, s_r, prunable=prunable, scope=scope, direction=direction, masks=masks,
             tie_break=tie_break, key=None if key is None else jax.random.fold_in(key, r),
         )
         if callback is not None:

@@ -38,6 +38,12 @@ from grasp_jax.prunable import (
 
 PyTree = Any
 
+__all__ = [
+    "cross_entropy_with_temperature", "gradient_and_hvp", "grasp_abs_scores", "grasp_from_hvp",
+    "grasp_scores", "magnitude_scores", "random_scores", "snip_from_gradient", "snip_scores",
+    "synflow_scores",
+]
+
 
 # --------------------------------------------------------------------------
 # The loss the paper scores with.

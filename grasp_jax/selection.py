@@ -29,6 +29,8 @@ import numpy as np
 TieBreak = Literal["position", "random"]
 TIE_BREAKS: tuple[str, ...] = ("position", "random")
 
+__all__ = ["TIE_BREAKS", "Selection", "TieBreak", "removal_key", "select_removal"]
+
 
 class Selection(NamedTuple):
     """The outcome of :func:`select_removal` (device arrays)."""

@@ -5,8 +5,8 @@ over every chunk of every batch, then, with that g, sums each chunk's
 Hessian-vector product. Here the batches come from ``make_batches()``, a
 factory of a fresh iterable, called once per pass: GraSP makes two passes, so
 the stream must be restartable (the same batches, with the same augmentation,
-each time). Each pass is a loop of :func:`grasp_jax.accumulate_gradient` or
-:func:`grasp_jax.accumulate_hvp`, so host memory is one batch and device
+each time). Each pass is a loop of :func:`grasp_jax.accumulate.accumulate_gradient` or
+:func:`grasp_jax.accumulate.accumulate_hvp`, so host memory is one batch and device
 memory one chunk, however many batches there are: the loop waits for each
 batch's sum before it hands the next batch to the device, so a device slower
 than the input pipeline cannot let batches pile up in flight (JAX dispatches
@@ -34,6 +34,11 @@ from grasp_jax.scoring import grasp_from_hvp, snip_from_gradient
 PyTree = Any
 BatchStream = Callable[[], Iterable[PyTree]]
 Progress = Callable[[str, int], None]
+
+__all__ = [
+    "gradient_and_hvp_from_batches", "gradient_from_batches", "grasp_scores_from_batches",
+    "snip_scores_from_batches",
+]
 
 
 def _sum_over_stream(step: Callable[[PyTree, PyTree | None], PyTree],

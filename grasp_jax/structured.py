@@ -20,7 +20,7 @@ channels keeps 2 of its 3 under 2:4, and every padded group holds at most N
 non-zeros.
 
 Within a group the direction is that of :func:`grasp_jax.masks_from_scores`
-(``prune="lowest"`` keeps the N highest scores); equal scores are pruned in
+(``direction="lowest"`` keeps the N highest scores); equal scores are pruned in
 order of position, the earlier first, and a :class:`~grasp_jax.TieWarning`
 says so when that choice removes at least 1% of the removed weights. Weights
 already pruned by ``masks`` stay pruned and count towards the group's M - N.
@@ -36,13 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grasp_jax.criteria import Direction, resolve_direction
+from grasp_jax.criteria import Direction, direction_keyword, resolve_direction
 from grasp_jax.masks import TIE_WARN_FRACTION, TieWarning, check_same_structure
 from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 from grasp_jax.selection import removal_key
 
 PyTree = Any
+
+__all__ = ["nm_masks"]
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "highest"))
@@ -76,11 +78,12 @@ def nm_masks(
     n: int,
     m: int,
     *,
-    prune: Direction | None = None,
+    direction: Direction | None = None,
     criterion: str | None = None,
     axis: int = -2,
     prunable: PrunableSpec = None,
     masks: PyTree | None = None,
+    prune: Direction | None = None,
 ) -> PyTree:
     """Keep-masks keeping ``n`` of every ``m`` consecutive weights along ``axis`` of each
     prunable leaf (2:4 for sparse tensor cores); non-prunable leaves stay whole.
@@ -89,18 +92,20 @@ def nm_masks(
       scores: a pytree like params (from any ``*_scores`` function).
       n, m: keep ``n`` of each group of ``m``, 0 < n < m; the sparsity is
         1 - n/m exactly when every leaf's ``axis`` length is a multiple of m.
-      prune, criterion: the direction, as in :func:`grasp_jax.masks_from_scores`.
+      direction, criterion: the direction, as in :func:`grasp_jax.masks_from_scores`.
       axis: the axis along which groups run, for every prunable leaf; -2 is
         the input axis of Flax Dense and Conv kernels (see the module docstring).
       prunable: which leaves are prunable (default: ``kernel`` with ndim >= 2).
       masks: optional current masks whose pruned weights stay pruned.
+      prune: the name of ``direction`` before 0.3; deprecated, it warns.
     """
     for name, value in (("n", n), ("m", m)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     if not 0 < n < m:
         raise ValueError(f"N:M masks need 0 < n < m, got n={n}, m={m}")
-    highest = resolve_direction(prune, criterion) == "highest"
+    direction = direction_keyword(direction, prune)
+    highest = resolve_direction(direction, criterion) == "highest"
     flags = prunable_flags(scores, prunable)
     if masks is not None:
         check_same_structure(masks, scores, "masks", "scores")

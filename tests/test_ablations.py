@@ -16,7 +16,7 @@ def params(seed=0):
 
 def test_shuffle_keeps_every_layers_count_and_moves_weights():
     p = params()
-    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.8, prune="lowest")
+    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.8, direction="lowest")
     shuffled = shuffle_masks(masks, jax.random.PRNGKey(1))
     for n in ("a", "b"):
         assert int(shuffled[n]["kernel"].sum()) == int(masks[n]["kernel"].sum())
@@ -27,8 +27,8 @@ def test_shuffle_keeps_every_layers_count_and_moves_weights():
 def test_invert_keeps_the_same_count_from_the_other_end():
     p = params(1)
     scores = gj.magnitude_scores(p)
-    masks = gj.masks_from_scores(scores, 0.9, prune="lowest")
-    inv = inverted_masks(scores, 0.9, prune="lowest")
+    masks = gj.masks_from_scores(scores, 0.9, direction="lowest")
+    inv = inverted_masks(scores, 0.9, direction="lowest")
     assert gj.sparsity_report(inv).kept == gj.sparsity_report(masks).kept == 80
     flat_s = np.concatenate([np.ravel(scores[n]["kernel"]) for n in ("a", "b")])
     flat_i = np.concatenate([np.ravel(inv[n]["kernel"]) for n in ("a", "b")])
@@ -39,7 +39,7 @@ def test_invert_keeps_the_same_count_from_the_other_end():
 
 def test_reinit_changes_values_only_where_kept():
     p = params(2)
-    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.7, prune="lowest")
+    masks = gj.masks_from_scores(gj.magnitude_scores(p), 0.7, direction="lowest")
     fresh = params(3)
     out = reinitialized(fresh, masks)
     for n in ("a", "b"):

@@ -63,15 +63,15 @@ def test_apportion_respects_lower_and_upper_bounds():
 
 def test_masks_from_scores_with_erk_scope_removes_the_budget_from_each_layer():
     scores = scores_for(SHAPES)
-    masks = gj.masks_from_scores(scores, 0.9, scope="erk", prune="lowest")
+    masks = gj.masks_from_scores(scores, 0.9, scope="erk", direction="lowest")
     counts = layer_removal_counts(SHAPES, 0.9, "erk")
     report = gj.sparsity_report(masks)
     assert [l.total - l.kept for l in report.layers] == counts
     for i in range(len(SHAPES)):  # within a layer: the lowest scores go
         s, m = np.asarray(scores[f"l{i}"]["kernel"]), np.asarray(masks[f"l{i}"]["kernel"])
         assert s[~m].max() <= s[m].min()
-    uniform = gj.masks_from_scores(scores, 0.9, scope="uniform", prune="lowest")
-    layerwise = gj.masks_from_scores(scores, 0.9, scope="layerwise", prune="lowest")
+    uniform = gj.masks_from_scores(scores, 0.9, scope="uniform", direction="lowest")
+    layerwise = gj.masks_from_scores(scores, 0.9, scope="layerwise", direction="lowest")
     for a, b in zip(jax.tree_util.tree_leaves(uniform), jax.tree_util.tree_leaves(layerwise)):
         np.testing.assert_array_equal(a, b)
 
@@ -90,6 +90,6 @@ def test_iterative_erk_pruning_only_adds_to_the_masks():
 
 def test_bad_scopes_and_shapes_are_refused():
     with pytest.raises(ValueError, match="scope must be one of"):
-        gj.masks_from_scores(scores_for(SHAPES), 0.5, scope="ER", prune="lowest")
+        gj.masks_from_scores(scores_for(SHAPES), 0.5, scope="ER", direction="lowest")
     with pytest.raises(ValueError, match="non-empty"):
         erk_densities([(0, 3)], 0.5)

@@ -68,8 +68,8 @@ for num_chunks in (6, 3, 2):  # 2 and 1 chunks per device, and devices with only
 # Ragged chunks under pmap: 3 examples per device in chunks of 2 + 1, against the
 # same chunks streamed on one device (4 batches of 3, microbatch_size=2).
 stream = lambda: iter([{k: v[3 * d:3 * d + 3] for k, v in batch.items()} for d in range(4)])
-_, hg = gj.gradient_and_hvp_from_batches(params, plain, stream, microbatch_size=2)
-want = gj.grasp_from_hvp(params, hg)
+_, hg = gj.streaming.gradient_and_hvp_from_batches(params, plain, stream, microbatch_size=2)
+want = gj.scoring.grasp_from_hvp(params, hg)
 per_device = {k: v.reshape((4, 3) + v.shape[1:]) for k, v in batch.items()}
 got = jax.pmap(lambda p, b: gj.grasp_scores(p, plain, b, microbatch_size=2, axis_name="d"),
                axis_name="d", in_axes=(None, 0))(params, per_device)

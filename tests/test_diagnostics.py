@@ -15,7 +15,7 @@ def test_gradient_flow_matches_explicit_hessian():
         params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float64)
         batch = make_batch(jax.random.PRNGKey(1), dtype=jnp.float64)
         scores = gj.random_scores(params, jax.random.PRNGKey(2))
-        masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
+        masks = gj.masks_from_scores(scores, 0.5, direction="lowest")
         pruned = gj.apply_masks(params, masks)
         kernels = {n: pruned[n]["kernel"] for n in pruned}
         flat, unravel = ravel_pytree(kernels)

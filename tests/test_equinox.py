@@ -22,8 +22,8 @@ def test_equinox_mlp_scores_and_prunes_with_the_default_rule():
         logits = jax.vmap(net)(batch["x"])
         return gj.cross_entropy_with_temperature(logits, batch["y"])
 
-    flags = gj.prunable_flags(params)
-    names = [gj.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    flags = gj.prunable.prunable_flags(params)
+    names = [gj.prunable.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     # Weights are θ, biases are not.
     assert [n for n, f in zip(names, flags) if f] == [n for n in names if n.endswith("weight")]
     assert len([f for f in flags if f]) == 3

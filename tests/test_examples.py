@@ -17,9 +17,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def run_example(name: str, *flags: str) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--steps", "3", *flags],
+    # Every DeprecationWarning printed, wherever raised: the examples use no deprecated
+    # grasp_jax name or keyword (users copy them).
+    proc = subprocess.run([sys.executable, "-W", "default::DeprecationWarning",
+                           str(EXAMPLES / name), "--steps", "3", *flags],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "GraspJaxDeprecationWarning" not in proc.stderr + proc.stdout, proc.stderr
     return proc.stdout
 
 

@@ -122,7 +122,7 @@ def test_train_step_keeps_pruned_weights_zero_under_pmap():
     model = models.get_model("small_vgg", 10)
     c = _resolve("cifar10", "small_vgg", steps_per_epoch=10, batch_size=8)
     variables = steps.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
-    masks = gj.masks_from_scores(gj.magnitude_scores(variables["params"]), 0.8, prune="lowest")
+    masks = gj.masks_from_scores(gj.magnitude_scores(variables["params"]), 0.8, direction="lowest")
     tx = steps.make_optimizer(c, masks)
     state = steps.create_state(variables, masks, tx, jax.random.PRNGKey(1))
     rstate = jax_utils.replicate(state, axis_name=steps.AXIS)

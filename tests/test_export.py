@@ -36,9 +36,9 @@ def test_round_trip_is_bit_exact_and_smaller_than_dense(tmp_path, sparsity):
     masks = gj.masks_from_scores(gj.magnitude_scores(p), sparsity, criterion="magnitude")
     size = gj.save_sparse(tmp_path / "sparse.npz", p, masks)
     assert_bit_exact(gj.load_sparse(tmp_path / "sparse.npz"), gj.apply_masks(p, masks))
-    assert_bit_exact(gj.load_sparse_masks(tmp_path / "sparse.npz"), masks)
+    assert_bit_exact(gj.export.load_sparse_masks(tmp_path / "sparse.npz"), masks)
     buf = io.BytesIO()
-    np.savez(buf, **{gj.path_name(k): np.asarray(x)
+    np.savez(buf, **{gj.prunable.path_name(k): np.asarray(x)
                      for k, x in jax.tree_util.tree_flatten_with_path(p)[0]})
     dense = buf.getbuffer().nbytes
     print(f"sparsity {sparsity:.0%}: sparse {size:,} B, dense np.savez {dense:,} B "
@@ -57,7 +57,7 @@ def test_both_encodings_are_used_where_smaller(tmp_path):
         assert "leaf0.indices" in data.files and "leaf1.bitmask" in data.files
     assert_bit_exact(gj.load_sparse(tmp_path / "s.npz"), gj.apply_masks(p, masks))
     # A mask on a leaf outside the prunable set is kept too.
-    only_a = lambda path, x: gj.path_name(path) == "a/kernel"
+    only_a = lambda path, x: gj.prunable.path_name(path) == "a/kernel"
     gj.save_sparse(tmp_path / "p.npz", p, masks, prunable=only_a)
     assert_bit_exact(gj.load_sparse(tmp_path / "p.npz"), gj.apply_masks(p, masks))
     size = gj.save_sparse(tmp_path / "c.npz", p, masks, compress=True)

@@ -28,7 +28,7 @@ def kept(masks, name):
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.98, 0.996])
 def test_global_removes_exact_count(sparsity):
     scores = tree()
-    masks = gj.masks_from_scores(scores, sparsity, prune="lowest")
+    masks = gj.masks_from_scores(scores, sparsity, direction="lowest")
     total = 200 + 50
     removed = total - kept(masks, "layer0") - kept(masks, "layer1")
     assert removed == int(np.floor(sparsity * total + 0.5))
@@ -39,7 +39,7 @@ def test_global_removes_exact_count(sparsity):
 @pytest.mark.parametrize("direction", ["lowest", "highest"])
 def test_global_direction_matches_a_sort(direction):
     scores = tree(1)
-    masks = gj.masks_from_scores(scores, 0.7, prune=direction)
+    masks = gj.masks_from_scores(scores, 0.7, direction=direction)
     flat = np.concatenate([np.ravel(scores[n]["kernel"]) for n in ("layer0", "layer1")])
     keep = np.concatenate([np.ravel(masks[n]["kernel"]) for n in ("layer0", "layer1")])
     n_remove = int(np.floor(0.7 * flat.size + 0.5))
@@ -58,26 +58,26 @@ def test_layerwise_removes_the_fraction_from_every_layer():
     # Make layer1 far more prunable than layer0 so that global and layerwise differ.
     scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
     with pytest.warns(gj.LayerCollapseWarning, match="layer1/kernel"):
-        glob = gj.masks_from_scores(scores, 0.2, scope="global", prune="lowest")
+        glob = gj.masks_from_scores(scores, 0.2, scope="global", direction="lowest")
     assert kept(glob, "layer1") == 0  # 50 lowest are all of layer1
-    lw = gj.masks_from_scores(scores, 0.2, scope="layerwise", prune="lowest")
+    lw = gj.masks_from_scores(scores, 0.2, scope="layerwise", direction="lowest")
     assert kept(lw, "layer0") == 200 - 40 and kept(lw, "layer1") == 50 - 10
 
 
 def test_ties_are_broken_deterministically_by_position():
     scores = {"a": {"kernel": jnp.zeros((4, 5))}, "b": {"kernel": jnp.zeros((5, 2))}}
     with pytest.warns(gj.TieWarning, match="chose 15 of the 15"):
-        masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
+        masks = gj.masks_from_scores(scores, 0.5, direction="lowest")
     keep = np.concatenate([np.ravel(masks["a"]["kernel"]), np.ravel(masks["b"]["kernel"])])
     # 15 of 30 removed: the first 15 positions in flattening order.
     np.testing.assert_array_equal(keep, np.arange(30) >= 15)
     with pytest.warns(gj.TieWarning):
-        again = gj.masks_from_scores(scores, 0.5, prune="lowest")
+        again = gj.masks_from_scores(scores, 0.5, direction="lowest")
     np.testing.assert_array_equal(again["a"]["kernel"], masks["a"]["kernel"])
     # Partial ties at the threshold: values 0,1,1,1,2 remove 2 -> the 0 and the first 1.
     s = {"w": {"kernel": jnp.array([[1.0, 0.0, 1.0, 2.0, 1.0]])}}
     with pytest.warns(gj.TieWarning, match="chose 1 of the 2"):
-        partial = gj.masks_from_scores(s, 0.4, prune="lowest")
+        partial = gj.masks_from_scores(s, 0.4, direction="lowest")
     np.testing.assert_array_equal(partial["w"]["kernel"][0], [False, False, True, True, True])
 
 
@@ -87,9 +87,9 @@ def test_negative_zero_and_extreme_values_order_correctly():
     s = {"w": {"kernel": vals}}
     for n in range(1, 8):
         sp = n / 8
-        low = gj.masks_from_scores(s, sp, prune="lowest")["w"]["kernel"][0]
+        low = gj.masks_from_scores(s, sp, direction="lowest")["w"]["kernel"][0]
         np.testing.assert_array_equal(low, np.arange(8) >= n)
-        high = gj.masks_from_scores(s, sp, prune="highest")["w"]["kernel"][0]
+        high = gj.masks_from_scores(s, sp, direction="highest")["w"]["kernel"][0]
         np.testing.assert_array_equal(high, np.arange(8) < 8 - n)
 
 
@@ -98,56 +98,56 @@ def test_float64_scores_keep_their_resolution():
         base = 1.0
         vals = jnp.array([[base + 3e-16 * i for i in range(6)]], jnp.float64)
         assert len(set(np.asarray(vals[0]).tolist())) == 6  # distinct in float64, not in float32
-        masks = gj.masks_from_scores({"w": {"kernel": vals[:, ::-1]}}, 0.5, prune="lowest")
+        masks = gj.masks_from_scores({"w": {"kernel": vals[:, ::-1]}}, 0.5, direction="lowest")
         np.testing.assert_array_equal(masks["w"]["kernel"][0], [True] * 3 + [False] * 3)
 
 
 def test_existing_masks_stay_pruned_and_count():
     scores = tree(3)
-    first = gj.masks_from_scores(scores, 0.5, prune="lowest")
+    first = gj.masks_from_scores(scores, 0.5, direction="lowest")
     # Rescore with the opposite ranking: previously pruned weights would be kept now.
     flipped = jax.tree_util.tree_map(lambda x: -x, scores)
-    second = gj.masks_from_scores(flipped, 0.6, masks=first, prune="lowest")
+    second = gj.masks_from_scores(flipped, 0.6, masks=first, direction="lowest")
     for n in ("layer0", "layer1"):
         assert not np.any(np.asarray(second[n]["kernel"]) & ~np.asarray(first[n]["kernel"]))
     assert gj.sparsity_report(second).kept == 250 - 150
     with pytest.raises(ValueError, match="sparsity can only grow"):
-        gj.masks_from_scores(scores, 0.3, masks=first, prune="lowest")
+        gj.masks_from_scores(scores, 0.3, masks=first, direction="lowest")
 
 
 def test_bad_inputs_are_rejected_and_name_the_problem():
     scores = tree()
     for bad in (1.0, -0.1, 1.5, float("nan"), "x"):
         with pytest.raises(ValueError, match="sparsity"):
-            gj.masks_from_scores(scores, bad, prune="lowest")
+            gj.masks_from_scores(scores, bad, direction="lowest")
     broken = jax.tree_util.tree_map(lambda x: x, scores)
     broken["layer1"]["kernel"] = broken["layer1"]["kernel"].at[0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match="layer1/kernel"):
-        gj.masks_from_scores(broken, 0.5, prune="lowest")
+        gj.masks_from_scores(broken, 0.5, direction="lowest")
     broken["layer1"]["kernel"] = broken["layer1"]["kernel"].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="layer1/kernel"):
-        gj.masks_from_scores(broken, 0.5, prune="lowest")
+        gj.masks_from_scores(broken, 0.5, direction="lowest")
     with pytest.raises(ValueError, match="no prunable leaf"):
-        gj.masks_from_scores({"b": jnp.ones(3)}, 0.5, prune="lowest")
+        gj.masks_from_scores({"b": jnp.ones(3)}, 0.5, direction="lowest")
     with pytest.raises(ValueError, match="scope"):
-        gj.masks_from_scores(scores, 0.5, scope="per-layer", prune="lowest")
-    with pytest.raises(ValueError, match="prune"):
-        gj.masks_from_scores(scores, 0.5, prune="largest")
+        gj.masks_from_scores(scores, 0.5, scope="per-layer", direction="lowest")
+    with pytest.raises(ValueError, match="direction must be 'highest' or 'lowest'"):
+        gj.masks_from_scores(scores, 0.5, direction="largest")
 
 
 def test_the_direction_is_explicit_or_implied_by_the_criterion():
     scores = tree(8)
-    with pytest.raises(ValueError, match="prune='highest'.*prune='lowest'.*criterion="):
+    with pytest.raises(ValueError, match="direction='highest'.*direction='lowest'.*criterion="):
         gj.masks_from_scores(scores, 0.5)
-    with pytest.raises(ValueError, match="prune='lowest' contradicts criterion='grasp'"):
-        gj.masks_from_scores(scores, 0.5, prune="lowest", criterion="grasp")
+    with pytest.raises(ValueError, match="direction='lowest' contradicts criterion='grasp'"):
+        gj.masks_from_scores(scores, 0.5, direction="lowest", criterion="grasp")
     with pytest.raises(ValueError, match="unknown criterion 'grasp2'"):
         gj.masks_from_scores(scores, 0.5, criterion="grasp2")
-    for criterion, direction in gj.PRUNE_DIRECTION.items():
+    for criterion, direction in gj.criteria.PRUNE_DIRECTION.items():
         chex.assert_trees_all_equal(
             gj.masks_from_scores(scores, 0.5, criterion=criterion),
-            gj.masks_from_scores(scores, 0.5, prune=direction),
-            gj.masks_from_scores(scores, 0.5, prune=direction, criterion=criterion),
+            gj.masks_from_scores(scores, 0.5, direction=direction),
+            gj.masks_from_scores(scores, 0.5, direction=direction, criterion=criterion),
         )
     high = gj.masks_from_scores(scores, 0.5, criterion="grasp")
     low = gj.masks_from_scores(scores, 0.5, criterion="snip")
@@ -156,7 +156,7 @@ def test_the_direction_is_explicit_or_implied_by_the_criterion():
 
 def test_apply_masks_zeroes_exactly_and_checks_structure():
     params = tree(4)
-    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.8, prune="lowest")
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.8, direction="lowest")
     pruned = gj.apply_masks(params, masks)
     for n in ("layer0", "layer1"):
         p, m = np.asarray(pruned[n]["kernel"]), np.asarray(masks[n]["kernel"])
@@ -173,7 +173,7 @@ def test_apply_masks_zeroes_exactly_and_checks_structure():
 def test_sparsity_report_counts_and_formats():
     params = tree(5)
     masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.6, scope="layerwise",
-                                 prune="lowest")
+                                 direction="lowest")
     report = gj.sparsity_report(masks)
     assert [l.name for l in report.layers] == ["layer0/kernel", "layer1/kernel"]
     assert [(l.kept, l.total) for l in report.layers] == [(80, 200), (20, 50)]
@@ -190,7 +190,7 @@ def test_large_global_selection_is_exact():
     # A quarter of ResNet-50's prunable size keeps the test quick; the code path is the same.
     n = 6_000_000
     scores = {"a": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (n // 4, 4))}}
-    masks = gj.masks_from_scores(scores, 0.9, prune="highest")
+    masks = gj.masks_from_scores(scores, 0.9, direction="highest")
     assert int(np.sum(masks["a"]["kernel"])) == n - int(np.floor(0.9 * n + 0.5))
 
 
@@ -198,22 +198,22 @@ def test_large_global_selection_is_exact():
 def test_a_sparsity_that_rounds_to_every_weight_is_refused():
     small = {"w": {"kernel": jnp.arange(18.0).reshape(6, 3)}}
     with pytest.raises(ValueError, match="all of the prunable weights"):
-        gj.masks_from_scores(small, 0.99, prune="lowest")  # round(17.82) = 18
+        gj.masks_from_scores(small, 0.99, direction="lowest")  # round(17.82) = 18
     # round(0.97 × 18) = round(17.46) = 17
-    assert gj.sparsity_report(gj.masks_from_scores(small, 0.97, prune="lowest")).kept == 1
+    assert gj.sparsity_report(gj.masks_from_scores(small, 0.97, direction="lowest")).kept == 1
     # Layerwise: a leaf of 4 weights cannot lose round(0.9 × 4) = 4 ...
     scores = tree(6, shapes=((20, 10), (2, 2)))
     with pytest.raises(ValueError, match="layer layer1/kernel"):
-        gj.masks_from_scores(scores, 0.9, scope="layerwise", prune="lowest")
+        gj.masks_from_scores(scores, 0.9, scope="layerwise", direction="lowest")
     # ... while the global count, 184 of 204, is fine.
-    assert gj.sparsity_report(gj.masks_from_scores(scores, 0.9, prune="lowest")).kept == 20
+    assert gj.sparsity_report(gj.masks_from_scores(scores, 0.9, direction="lowest")).kept == 20
 
 
 def test_emptied_layers_are_warned_and_reported():
     scores = tree(7)
     scores["layer1"]["kernel"] = scores["layer1"]["kernel"] - 100.0
     with pytest.warns(gj.LayerCollapseWarning, match="1 prunable layer.*layer1/kernel"):
-        masks = gj.masks_from_scores(scores, 0.5, prune="lowest")
+        masks = gj.masks_from_scores(scores, 0.5, direction="lowest")
     report = gj.sparsity_report(masks)
     assert report.collapsed == ("layer1/kernel",)
     assert report.as_dict()["collapsed"] == ["layer1/kernel"]
@@ -222,7 +222,7 @@ def test_emptied_layers_are_warned_and_reported():
     # No collapse: no warning, nothing listed.
     with warnings.catch_warnings():
         warnings.simplefilter("error", gj.LayerCollapseWarning)
-        fine = gj.sparsity_report(gj.masks_from_scores(scores, 0.1, prune="lowest"))
+        fine = gj.sparsity_report(gj.masks_from_scores(scores, 0.1, direction="lowest"))
     assert fine.collapsed == () and "Collapsed" not in str(fine) + fine.to_markdown()
 
 
@@ -262,7 +262,7 @@ def test_ties_that_decide_little_or_nothing_do_not_warn():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             gj.masks_from_scores({"w": {"kernel": jnp.reshape(vals, (50, 20))}}, sparsity,
-                                 prune="lowest")
+                                 direction="lowest")
         return [w for w in caught if issubclass(w.category, gj.TieWarning)]
 
     vals = jnp.arange(1000.0)
@@ -296,8 +296,8 @@ def test_random_tie_break_is_seeded_exact_and_only_moves_tied_weights(scope):
 def test_tie_break_arguments_are_checked():
     scores = tree()
     with pytest.raises(ValueError, match="needs key="):
-        gj.masks_from_scores(scores, 0.5, prune="lowest", tie_break="random")
+        gj.masks_from_scores(scores, 0.5, direction="lowest", tie_break="random")
     with pytest.raises(ValueError, match="key= is used only"):
-        gj.masks_from_scores(scores, 0.5, prune="lowest", key=jax.random.PRNGKey(0))
+        gj.masks_from_scores(scores, 0.5, direction="lowest", key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="tie_break must be one of"):
-        gj.masks_from_scores(scores, 0.5, prune="lowest", tie_break="first")
+        gj.masks_from_scores(scores, 0.5, direction="lowest", tie_break="first")

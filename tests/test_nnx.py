@@ -251,7 +251,7 @@ def test_bad_model_and_loss_raise():
 def test_masks_fit_nnx_optimizer_and_pruned_weights_stay_zero():
     model = Net(nnx.Rngs(9))
     batch = make_batch()
-    masks = gj.masks_from_scores(gnnx.grasp_scores(model, loss_fn, batch), 0.6, prune="highest")
+    masks = gj.masks_from_scores(gnnx.grasp_scores(model, loss_fn, batch), 0.6, direction="highest")
     gnnx.apply_masks(model, masks)
     tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.5, momentum=0.9),
                      gj.masked_updates(masks))
@@ -281,13 +281,13 @@ def test_masks_fit_nnx_optimizer_and_pruned_weights_stay_zero():
 def test_apply_masks_in_place_and_structure_checked():
     model = Net(nnx.Rngs(10))
     bias = np.asarray(model.conv.bias[...])
-    masks = gj.masks_from_scores(gnnx.magnitude_scores(model), 0.5, prune="lowest")
+    masks = gj.masks_from_scores(gnnx.magnitude_scores(model), 0.5, direction="lowest")
     assert gnnx.apply_masks(model, masks) is None
     keep = np.asarray(masks["conv"]["kernel"][...])
     assert np.all(np.asarray(model.conv.kernel[...])[~keep] == 0.0)
     assert np.all(np.asarray(model.conv.kernel[...])[keep] != 0.0)
     np.testing.assert_array_equal(model.conv.bias[...], bias)
-    whole = gj.masks_from_scores(gj.magnitude_scores(nnx.state(model)), 0.5, prune="lowest")
+    whole = gj.masks_from_scores(gj.magnitude_scores(nnx.state(model)), 0.5, direction="lowest")
     with pytest.raises(ValueError, match="masks and params differ in structure"):
         gnnx.apply_masks(model, whole)
 
@@ -301,7 +301,7 @@ def test_iterative_prune_rescoring_the_masked_module():
         seen.append(float(jnp.mean(m.conv.kernel[...] == 0)))
         return gnnx.synflow_scores(m, (5, 5, 2))
 
-    masks = gnnx.prune(model, score, 0.8, prune="lowest", rounds=3)
+    masks = gnnx.prune(model, score, 0.8, direction="lowest", rounds=3)
     report = gj.sparsity_report(masks)
     assert report.total - report.kept == round(0.8 * report.total)
     assert seen[0] == 0.0 and seen[-1] > 0.0  # later rounds see the pruned weights at 0

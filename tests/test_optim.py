@@ -108,7 +108,7 @@ def test_update_rejects_updates_of_another_shape_or_structure_at_trace_time():
 
 def test_state_round_trips_through_orbax(tmp_path):
     params, _ = problem()
-    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.5, prune="lowest")
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.5, direction="lowest")
     tx = optax.chain(optax.sgd(0.1, momentum=0.9), gj.masked_updates(masks))
     state = tx.init(params)
     with ocp.StandardCheckpointer() as ckptr:
@@ -116,7 +116,7 @@ def test_state_round_trips_through_orbax(tmp_path):
         ckptr.wait_until_finished()
         restored = ckptr.restore(tmp_path / "state", state)
     masked_state = restored[1]
-    assert isinstance(masked_state, gj.MaskedUpdatesState)
+    assert isinstance(masked_state, gj.optim.MaskedUpdatesState)
     leaves = jax.tree_util.tree_leaves
     for a, b in zip(leaves(masked_state.masks), leaves(masks)):
         assert a.dtype == jnp.bool_
@@ -125,7 +125,7 @@ def test_state_round_trips_through_orbax(tmp_path):
 
 def test_works_under_pmap():
     params, loss = problem()
-    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.7, prune="lowest")
+    masks = gj.masks_from_scores(gj.magnitude_scores(params), 0.7, direction="lowest")
     params = gj.apply_masks(params, masks)
     tx = optax.chain(optax.sgd(0.1, momentum=0.9), gj.masked_updates(masks))
     n = jax.local_device_count()

@@ -18,28 +18,28 @@ def tree():
 
 def test_split_then_merge_is_the_identity_and_theta_is_the_prunable_leaves():
     params = tree()
-    flags = gj.prunable_flags(params)
-    theta, rest, treedef = gj.split_prunable(params, flags)
+    flags = gj.prunable.prunable_flags(params)
+    theta, rest, treedef = gj.prunable.split_prunable(params, flags)
     assert [t.shape for t in theta] == [(3, 3, 2, 4), (4, 2)]
     assert sorted(r.shape for r in rest) == [(4,), (4,)]
-    back = gj.merge_prunable(theta, rest, flags, treedef)
+    back = gj.prunable.merge_prunable(theta, rest, flags, treedef)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(a, b)
     # New θ values land at the prunable leaves only.
-    moved = gj.merge_prunable([t + 1 for t in theta], rest, flags, treedef)
+    moved = gj.prunable.merge_prunable([t + 1 for t in theta], rest, flags, treedef)
     np.testing.assert_array_equal(moved["head"]["kernel"], params["head"]["kernel"] + 1)
     np.testing.assert_array_equal(moved["bn"]["scale"], params["bn"]["scale"])
 
 
 def test_scatter_puts_zeros_off_theta_and_split_checks_the_flag_count():
     params = tree()
-    flags = gj.prunable_flags(params)
+    flags = gj.prunable.prunable_flags(params)
     out = scatter_prunable([jnp.full((3, 3, 2, 4), 5.0), jnp.full((4, 2), 7.0)], params, flags)
     assert float(out["conv"]["kernel"].min()) == 5.0 and float(out["head"]["kernel"].max()) == 7.0
     assert float(jnp.abs(out["bn"]["scale"]).max()) == 0.0
     with pytest.raises(ValueError, match="4 leaves but flags has 2"):
-        gj.split_prunable(params, (True, False))
+        gj.prunable.split_prunable(params, (True, False))
 
 
 def test_default_rule_knows_flax_equinox_and_haiku_weight_names():
@@ -56,7 +56,8 @@ def test_default_rule_knows_flax_equinox_and_haiku_weight_names():
 
     def prunable_names(tree):
         named = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return sorted(gj.path_name(p) for (p, _), f in zip(named, gj.prunable_flags(tree)) if f)
+        flags = gj.prunable.prunable_flags(tree)
+        return sorted(gj.prunable.path_name(p) for (p, _), f in zip(named, flags) if f)
 
     assert prunable_names(equinox_like) == ["layers/0/weight", "layers/1/weight"]
     assert prunable_names(haiku_like) == ["conv2_d/w", "linear/w"]

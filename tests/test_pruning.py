@@ -9,16 +9,16 @@ import grasp_jax as gj
 
 
 def test_exponential_schedule_keeps_a_constant_fraction_per_round():
-    s = gj.sparsity_schedule(0.99, 4)
+    s = gj.pruning.sparsity_schedule(0.99, 4)
     density = 1 - np.array(s)
     np.testing.assert_allclose(density[1:] / density[:-1], density[0], rtol=1e-12)
     assert s[-1] == 0.99
-    assert gj.sparsity_schedule(0.9, 3, "linear") == pytest.approx([0.3, 0.6, 0.9])
-    assert gj.sparsity_schedule(0.5, 1) == [0.5]
+    assert gj.pruning.sparsity_schedule(0.9, 3, "linear") == pytest.approx([0.3, 0.6, 0.9])
+    assert gj.pruning.sparsity_schedule(0.5, 1) == [0.5]
     with pytest.raises(ValueError, match="rounds"):
-        gj.sparsity_schedule(0.5, 0)
+        gj.pruning.sparsity_schedule(0.5, 0)
     with pytest.raises(ValueError, match="schedule"):
-        gj.sparsity_schedule(0.5, 2, "cosine")
+        gj.pruning.sparsity_schedule(0.5, 2, "cosine")
 
 
 def test_iterative_pruning_rescores_the_masked_network():
@@ -30,7 +30,7 @@ def test_iterative_pruning_rescores_the_masked_network():
         return gj.magnitude_scores(p)
 
     rounds = []
-    masks = gj.prune(params, score_fn, 0.9, prune="lowest", rounds=5,
+    masks = gj.prune(params, score_fn, 0.9, direction="lowest", rounds=5,
                      callback=lambda r, s, m: rounds.append((r, s, gj.sparsity_report(m).sparsity)))
     assert len(seen) == 5
     # Round r sees the weights pruned so far as zeros.
@@ -39,7 +39,7 @@ def test_iterative_pruning_rescores_the_masked_network():
         assert reached == pytest.approx(np.floor(target * 600 + 0.5) / 600)
     assert gj.sparsity_report(masks).kept == 60
     # Iterative magnitude pruning of fixed weights equals one-shot magnitude pruning.
-    one_shot = gj.masks_from_scores(gj.magnitude_scores(params), 0.9, prune="lowest")
+    one_shot = gj.masks_from_scores(gj.magnitude_scores(params), 0.9, direction="lowest")
     np.testing.assert_array_equal(masks["a"]["kernel"], one_shot["a"]["kernel"])
 
 
@@ -54,8 +54,8 @@ def test_rounds_can_change_the_outcome():
         return x
 
     score = lambda p: gj.synflow_scores(p, net, (12,))
-    one = gj.prune(params, score, 0.95, prune="lowest", rounds=1)
-    many = gj.prune(params, score, 0.95, prune="lowest", rounds=20)
+    one = gj.prune(params, score, 0.95, direction="lowest", rounds=1)
+    many = gj.prune(params, score, 0.95, direction="lowest", rounds=20)
     assert gj.sparsity_report(one).kept == gj.sparsity_report(many).kept
     diff = sum(int(np.sum(np.asarray(one[n]["kernel"]) != np.asarray(many[n]["kernel"])))
                for n in params)
@@ -72,13 +72,13 @@ def test_prune_needs_a_direction_before_it_scores():
         calls.append(1)
         return gj.magnitude_scores(p)
 
-    with pytest.raises(ValueError, match="prune='highest'.*prune='lowest'"):
+    with pytest.raises(ValueError, match="direction='highest'.*direction='lowest'"):
         gj.prune(params, score_fn, 0.5)
     with pytest.raises(ValueError, match="contradicts"):
-        gj.prune(params, score_fn, 0.5, prune="highest", criterion="magnitude")
+        gj.prune(params, score_fn, 0.5, direction="highest", criterion="magnitude")
     assert calls == []
     by_name = gj.prune(params, score_fn, 0.5, criterion="magnitude", rounds=2)
-    by_direction = gj.prune(params, score_fn, 0.5, prune="lowest", rounds=2)
+    by_direction = gj.prune(params, score_fn, 0.5, direction="lowest", rounds=2)
     np.testing.assert_array_equal(by_name["a"]["kernel"], by_direction["a"]["kernel"])
 
 
@@ -101,5 +101,5 @@ def test_prune_passes_a_seeded_tie_break_to_every_round():
 
 
 def test_directions_registry():
-    assert gj.PRUNE_DIRECTION["grasp"] == "highest"
-    assert all(gj.PRUNE_DIRECTION[m] == "lowest" for m in ("snip", "synflow", "magnitude"))
+    assert gj.criteria.PRUNE_DIRECTION["grasp"] == "highest"
+    assert all(gj.criteria.PRUNE_DIRECTION[m] == "lowest" for m in ("snip", "synflow", "magnitude"))

@@ -81,7 +81,7 @@ def convbn_setup(dtype=jnp.float64, n=8):
 
 
 def explicit_g_hg(params, loss_fn, batch, num_microbatches=1):
-    flags = gj.prunable_flags(params)
+    flags = gj.prunable.prunable_flags(params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     theta = [x for x, f in zip(leaves, flags) if f]
     flat, unravel = ravel_pytree(theta)
@@ -101,7 +101,7 @@ def explicit_g_hg(params, loss_fn, batch, num_microbatches=1):
 
 
 def prunable_vector(tree):
-    flags = gj.prunable_flags(tree)
+    flags = gj.prunable.prunable_flags(tree)
     return ravel_pytree([x for x, f in zip(jax.tree_util.tree_leaves(tree), flags) if f])[0]
 
 
@@ -129,7 +129,7 @@ def test_hg_matches_explicit_hessian_conv_batchnorm(x64):
     scores = gj.grasp_scores(params, loss, batch)
     np.testing.assert_allclose(prunable_vector(scores), -theta * hg, rtol=1e-9, atol=1e-12)
     # Two prunable kernels (conv + dense); BatchNorm scale/bias and the dense bias are not.
-    assert sum(gj.prunable_flags(params)) == 2
+    assert sum(gj.prunable.prunable_flags(params)) == 2
 
 
 def test_scores_use_prunable_block_not_full_hessian(x64):
@@ -155,7 +155,7 @@ def test_score_predicts_change_in_gradient_norm(x64):
     params = mlp_params(jax.random.PRNGKey(4), sizes=(6, 6, 3), dtype=jnp.float64, scale=0.05)
     batch = make_batch(jax.random.PRNGKey(5), d=6, classes=3, dtype=jnp.float64)
     theta, _, _, unravel = explicit_g_hg(params, mlp_loss, batch)
-    flags = gj.prunable_flags(params)
+    flags = gj.prunable.prunable_flags(params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def gnorm2(v):
@@ -235,7 +235,7 @@ def test_works_under_jit_and_does_not_retrace():
 def test_prunable_as_callable_and_as_tree(x64):
     params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float64)
     batch = make_batch(jax.random.PRNGKey(1), dtype=jnp.float64)
-    only_first = lambda path, leaf: gj.path_name(path) == "dense0/kernel"
+    only_first = lambda path, leaf: gj.prunable.path_name(path) == "dense0/kernel"
     s_callable = gj.grasp_scores(params, mlp_loss, batch, prunable=only_first)
     tree = jax.tree_util.tree_map_with_path(only_first, params)
     s_tree = gj.grasp_scores(params, mlp_loss, batch, prunable=tree)
@@ -311,7 +311,7 @@ def test_linen_nnx_and_plain_dict_agree():
                                    rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(s_nnx[layer]["kernel"][...], s_linen[layer]["kernel"],
                                    rtol=1e-5, atol=1e-7)
-    masks = gj.masks_from_scores(s_nnx, 0.5, prune="highest")
+    masks = gj.masks_from_scores(s_nnx, 0.5, direction="highest")
     assert gj.sparsity_report(masks).kept == (6 * 5 + 5 * 4) // 2
 
 

@@ -24,12 +24,12 @@ def x64():
 
 def explicit_over_chunks(params, loss_fn, chunks):
     """θ, Σ_c ∇L_c and Σ_c H_c g over an explicit list of chunks, H from jax.hessian."""
-    flags = gj.prunable_flags(params)
-    theta, rest, treedef = gj.split_prunable(params, flags)
+    flags = gj.prunable.prunable_flags(params)
+    theta, rest, treedef = gj.prunable.split_prunable(params, flags)
     flat, unravel = ravel_pytree(theta)
 
     def loss_flat(v, chunk):
-        return loss_fn(gj.merge_prunable(unravel(v), rest, flags, treedef), chunk)
+        return loss_fn(gj.prunable.merge_prunable(unravel(v), rest, flags, treedef), chunk)
 
     grad, hess = jax.jit(jax.grad(loss_flat)), jax.jit(jax.hessian(loss_flat))
     g = sum(grad(flat, c) for c in chunks)
@@ -107,11 +107,11 @@ def test_accumulate_primitives_add_to_acc_and_pass_other_leaves_through():
     batch = make_batch(jax.random.PRNGKey(1), n=10, dtype=jnp.float64)
     theta, g, hg = explicit_over_chunks(params, mlp_loss, cut(batch, [4, 4, 2]))
     acc = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
-    out = gj.accumulate_gradient(params, mlp_loss, batch, acc, microbatch_size=4)
+    out = gj.accumulate.accumulate_gradient(params, mlp_loss, batch, acc, microbatch_size=4)
     np.testing.assert_allclose(prunable_vector(out), g + 0.5, rtol=1e-10)
     np.testing.assert_array_equal(out["dense0"]["bias"], 0.5)  # not θ: passed through
-    g_tree = gj.accumulate_gradient(params, mlp_loss, batch, microbatch_size=4)
-    h_tree = gj.accumulate_hvp(params, mlp_loss, batch, g_tree, microbatch_size=4)
+    g_tree = gj.accumulate.accumulate_gradient(params, mlp_loss, batch, microbatch_size=4)
+    h_tree = gj.accumulate.accumulate_hvp(params, mlp_loss, batch, g_tree, microbatch_size=4)
     np.testing.assert_allclose(prunable_vector(h_tree), hg, rtol=1e-9, atol=1e-12)
     chex.assert_trees_all_equal_structs(h_tree, params)
 
@@ -125,8 +125,8 @@ def test_chunk_options_are_checked_with_the_values_named():
         gj.snip_scores(params, mlp_loss, batch, microbatch_size=0)
     with pytest.raises(ValueError, match=r"microbatch_size=9 is larger than the batch \(8 "):
         gj.gradient_and_hvp(params, mlp_loss, batch, microbatch_size=9)
-    assert gj.chunk_layout(make_batch(jax.random.PRNGKey(2), n=250), microbatch_size=20) == \
-        gj.ChunkLayout(size=20, count=12, last=10)
+    assert gj.chunks.chunk_layout(make_batch(jax.random.PRNGKey(2), n=250), microbatch_size=20) == \
+        gj.chunks.ChunkLayout(size=20, count=12, last=10)
 
 
 def lowered_programs(fn):

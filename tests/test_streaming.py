@@ -45,7 +45,7 @@ def test_streamed_ragged_chunks_match_explicit_per_chunk_sums():
         batch = make_batch(jax.random.PRNGKey(4), n=10, dtype=jnp.float64)
         make_batches, _ = counted_stream(batch, 5)  # each batch of 5 in chunks 2 + 2 + 1
         theta, g, hg = explicit_over_chunks(params, mlp_loss, cut(batch, [2, 2, 1, 2, 2, 1]))
-        g_tree, hg_tree = gj.gradient_and_hvp_from_batches(params, mlp_loss, make_batches,
+        g_tree, hg_tree = gj.streaming.gradient_and_hvp_from_batches(params, mlp_loss, make_batches,
                                                            microbatch_size=2)
         np.testing.assert_allclose(prunable_vector(g_tree), g, rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(prunable_vector(hg_tree), hg, rtol=1e-9, atol=1e-13)
@@ -112,7 +112,7 @@ def test_each_batch_is_summed_before_the_next_is_dispatched(monkeypatch):
             yield i
 
     monkeypatch.setattr(gj.streaming, "accumulate_gradient", fake_accumulate)
-    gj.gradient_from_batches({}, None, make_batches)
+    gj.streaming.gradient_from_batches({}, None, make_batches)
     assert events == ["read 0", "dispatch 0", "read 1", "wait 0", "dispatch 1",
                       "read 2", "wait 1", "dispatch 2", "wait 2"]
 
@@ -129,10 +129,12 @@ def test_data_parallel_streaming_is_a_loop_of_the_mapped_primitives():
     with jax.enable_x64(True):
         params, loss, batch = convbn_setup(n=12)
         opts = dict(microbatch_size=3, axis_name="d")
-        add_g = jax.vmap(lambda b, acc: gj.accumulate_gradient(params, loss, b, acc, **opts),
-                         axis_name="d")
-        add_hg = jax.vmap(lambda b, g, acc: gj.accumulate_hvp(params, loss, b, g, acc, **opts),
-                          axis_name="d")
+        add_g = jax.vmap(
+            lambda b, acc: gj.accumulate.accumulate_gradient(params, loss, b, acc, **opts),
+            axis_name="d")
+        add_hg = jax.vmap(
+            lambda b, g, acc: gj.accumulate.accumulate_hvp(params, loss, b, g, acc, **opts),
+            axis_name="d")
         # 2 batches of 6 per step, dealt 3 + 3 to the two devices.
         stream = [jax.tree_util.tree_map(lambda x: x.reshape((2, 3) + x.shape[1:]), b)
                   for b in cut(batch, [6, 6])]
@@ -143,7 +145,7 @@ def test_data_parallel_streaming_is_a_loop_of_the_mapped_primitives():
         hg = zeros
         for b in stream:
             hg = add_hg(b, g, hg)
-        scores = gj.grasp_from_hvp(params, jax.tree_util.tree_map(lambda x: x[1], hg))
+        scores = gj.scoring.grasp_from_hvp(params, jax.tree_util.tree_map(lambda x: x[1], hg))
         whole = gj.grasp_scores(params, loss, batch, microbatch_size=3)
         np.testing.assert_allclose(prunable_vector(scores), prunable_vector(whole),
                                    rtol=1e-9, atol=1e-13)

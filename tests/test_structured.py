@@ -32,19 +32,19 @@ def params(seed=0):
     }
 
 
-@pytest.mark.parametrize("prune", ["lowest", "highest"])
-def test_two_of_four_along_the_input_axis_exactly(prune):
+@pytest.mark.parametrize("direction", ["lowest", "highest"])
+def test_two_of_four_along_the_input_axis_exactly(direction):
     scores = params()
     with warnings.catch_warnings():
         warnings.simplefilter("error", gj.TieWarning)  # distinct scores: no tie to report
-        masks = gj.nm_masks(scores, 2, 4, prune=prune)
+        masks = gj.nm_masks(scores, 2, 4, direction=direction)
     for name in ("conv", "dense"):
         m = np.asarray(masks[name]["kernel"])
         # Groups of 4 consecutive input features, for each tap and output: 2 kept in each.
         groups = np.moveaxis(m, -2, -1).reshape(m.shape[:-2] + (m.shape[-1], -1, 4))
         assert np.all(groups.sum(-1) == 2)
         np.testing.assert_array_equal(m, reference_nm(scores[name]["kernel"], 2, 4, -2,
-                                                      prune == "highest"))
+                                                      direction == "highest"))
         assert bool(np.all(masks[name]["bias"]))
     report = gj.sparsity_report(masks)
     assert report.kept * 2 == report.total
@@ -64,7 +64,7 @@ def test_a_short_last_group_keeps_min_n_r():
 def test_another_axis_and_ties_by_position():
     # PyTorch-style (out, in) weights group along the last axis.
     s = {"w": {"kernel": jax.random.normal(jax.random.PRNGKey(2), (5, 8))}}
-    mask = np.asarray(gj.nm_masks(s, 1, 2, prune="lowest", axis=-1)["w"]["kernel"])
+    mask = np.asarray(gj.nm_masks(s, 1, 2, direction="lowest", axis=-1)["w"]["kernel"])
     assert np.all(mask.reshape(5, 4, 2).sum(-1) == 1)
     np.testing.assert_array_equal(mask, reference_nm(s["w"]["kernel"], 1, 2, -1, False))
     # Equal scores: the earlier weights of each group are pruned first.
@@ -72,7 +72,7 @@ def test_another_axis_and_ties_by_position():
     # 4 groups, 2 removed from each, all 8 chosen by position (the group holding the 1.0
     # still ties among its three zeros).
     with pytest.warns(gj.TieWarning, match=r"2:4 groups, position .* chose 8 of the 8 .*w/kernel"):
-        tied = np.asarray(gj.nm_masks(zeros, 2, 4, prune="lowest")["w"]["kernel"])
+        tied = np.asarray(gj.nm_masks(zeros, 2, 4, direction="lowest")["w"]["kernel"])
     np.testing.assert_array_equal(tied[:, 0], [False, False, True, True] * 2)
 
 
@@ -80,7 +80,7 @@ def test_current_masks_stay_pruned_and_count_towards_the_group():
     s = {"w": {"kernel": jax.random.normal(jax.random.PRNGKey(3), (8, 3))}}
     current = {"w": {"kernel": jnp.ones((8, 3), bool).at[0, 0].set(False).at[1, 0].set(False)
                      .at[2, 0].set(False)}}
-    mask = np.asarray(gj.nm_masks(s, 2, 4, prune="lowest", masks=current)["w"]["kernel"])
+    mask = np.asarray(gj.nm_masks(s, 2, 4, direction="lowest", masks=current)["w"]["kernel"])
     assert not mask[:3, 0].any() and mask[:4, 0].sum() == 1  # 3 already pruned: one left
     assert np.all(mask[4:, 0].sum() == 2) and np.all(mask[:, 1:].reshape(2, 4, 2).sum(1) == 2)
 
@@ -88,10 +88,10 @@ def test_current_masks_stay_pruned_and_count_towards_the_group():
 def test_bad_arguments_are_refused():
     s = params()
     with pytest.raises(ValueError, match="0 < n < m"):
-        gj.nm_masks(s, 4, 4, prune="lowest")
+        gj.nm_masks(s, 4, 4, direction="lowest")
     with pytest.raises(ValueError, match="n must be an integer"):
-        gj.nm_masks(s, 2.0, 4, prune="lowest")
-    with pytest.raises(ValueError, match="prune='highest'"):
+        gj.nm_masks(s, 2.0, 4, direction="lowest")
+    with pytest.raises(ValueError, match="direction='highest'"):
         gj.nm_masks(s, 2, 4)
     with pytest.raises(ValueError, match="axis 4 is out of range for conv/kernel"):
-        gj.nm_masks(s, 2, 4, prune="lowest", axis=4)
+        gj.nm_masks(s, 2, 4, direction="lowest", axis=4)
