@@ -98,6 +98,7 @@ def _assert_float32_precision(text: str) -> None:
 SCORING_MODEL = ("resnet20", 10, (8, 8, 3), 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["all chunks at once", "one chunk at a time"])
 def test_grasp_scores_lowers_for_each_platform_with_its_own_choices(path):
     budget = None if path == "all chunks at once" else 0  # 0: the traced one-at-a-time loop
@@ -121,7 +122,17 @@ def test_grasp_scores_lowers_for_each_platform_with_its_own_choices(path):
 
 
 def test_scoring_precision_can_be_left_to_the_backend():
-    loss_fn, params, batch = _scoring(*SCORING_MODEL)
+    # A conv and a dense layer as a plain dict: precision does not depend on the model.
+    params = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32)},
+              "dense": {"kernel": jax.ShapeDtypeStruct((4 * 4 * 4, 10), jnp.float32)}}
+    batch = {"image": jax.ShapeDtypeStruct((8, 4, 4, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+
+    def loss_fn(p, b):
+        h = jax.lax.conv_general_dilated(b["image"], p["conv"]["kernel"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        logits = jnp.tanh(h).reshape(h.shape[0], -1) @ p["dense"]["kernel"]
+        return gj.cross_entropy_with_temperature(logits, b["label"], 200.0)
     text = exported_text(lambda p, b: gj.grasp_scores(p, loss_fn, b, num_microbatches=2,
                                                       matmul_precision=None),
                          params, batch, platform="tpu")
@@ -193,10 +204,12 @@ def _runner_steps(arch: str, dataset: str, per_device: int):
     variables = jax.eval_shape(lambda: steps.init_variables(model, jax.random.PRNGKey(0), image))
     masks = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, bool),
                                    variables["params"])
-    # masked_updates keeps the masks in the optimizer state: the transform needs no values.
+    # The state as the runner creates it (its masks inside the optimizer's state); the step's
+    # own transform reads the masks from that state, so it is built on abstract ones.
+    state = jax.eval_shape(
+        lambda v, m: steps.create_state(v, m, steps.make_optimizer(config, m),
+                                        jax.random.PRNGKey(1)), variables, masks)
     tx = steps.make_optimizer(config, masks)
-    state = jax.eval_shape(lambda v, m: steps.create_state(v, m, tx, jax.random.PRNGKey(1)),
-                           variables, masks)
     rstate = _replicated(state)
     batch = {"image": jax.ShapeDtypeStruct((1, per_device, *image), jnp.float32),
              "label": jax.ShapeDtypeStruct((1, per_device), jnp.int32)}
@@ -223,3 +236,40 @@ def test_runner_train_and_eval_steps_lower_for_accelerators(arch, dataset):
         assert has_patches(texts["cpu"]) or kind == "eval" and arch == "resnet50", kind
         assert op_count(texts["cpu"], "convolution") < op_count(texts["cuda"], "convolution") or (
             kind == "eval" and arch == "resnet50")
+
+
+def test_every_scoring_entry_point_takes_the_precision_keyword():
+    # A bad value is refused by name before anything is traced, so each entry point is shown
+    # to read the keyword (and to pass it on, for the streamed and NNX ones).
+    from flax import nnx
+
+    params = {"dense": {"kernel": jnp.ones((3, 2))}}
+    batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 2))}
+
+    def loss_fn(p, b):
+        return jnp.mean((b["x"] @ p["dense"]["kernel"] - b["y"]) ** 2)
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+    def module_loss(m, b):
+        return jnp.mean((m(b["x"]) - b["y"]) ** 2)
+
+    calls = {
+        "grasp_scores": lambda kw: gj.grasp_scores(params, loss_fn, batch, **kw),
+        "grasp_abs_scores": lambda kw: gj.grasp_abs_scores(params, loss_fn, batch, **kw),
+        "snip_scores": lambda kw: gj.snip_scores(params, loss_fn, batch, **kw),
+        "gradient_and_hvp": lambda kw: gj.gradient_and_hvp(params, loss_fn, batch, **kw),
+        "accumulate_gradient": lambda kw: gj.accumulate_gradient(params, loss_fn, batch, **kw),
+        "accumulate_hvp": lambda kw: gj.accumulate_hvp(params, loss_fn, batch, params, **kw),
+        "grasp_scores_from_batches": lambda kw: gj.grasp_scores_from_batches(
+            params, loss_fn, lambda: [batch], **kw),
+        "snip_scores_from_batches": lambda kw: gj.snip_scores_from_batches(
+            params, loss_fn, lambda: [batch], **kw),
+        "gradient_flow": lambda kw: gj.gradient_flow(params, loss_fn, batch, **kw),
+        "nnx.grasp_scores": lambda kw: gj.nnx.grasp_scores(model, module_loss, batch, **kw),
+        "nnx.snip_scores": lambda kw: gj.nnx.snip_scores(model, module_loss, batch, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="matmul_precision='fp32'"):
+            call({"matmul_precision": "fp32"})
+        assert call({"matmul_precision": None}) is not None, name
