@@ -160,6 +160,22 @@ def _stack(chunks: list[Batch], num_devices: int) -> dict[str, np.ndarray]:
     return out
 
 
+def accumulation_step(kind: str, loss_fn: Callable, chunk: int, short: bool) -> Callable:
+    """``(params, chunks, v, acc) -> acc + Σ`` of one ``kind`` ("gradient" or "hvp" along
+    ``v``), pmapped over ``SCORE_AXIS``: each device's dealt full chunks of ``chunk``
+    images, or (``short``) one short chunk each; params and v replicated by ``in_axes``.
+
+    The core traces it at float32 matmul precision on every backend."""
+    size = {"num_microbatches": 1} if short else {"microbatch_size": chunk}
+    if kind == "gradient":
+        fn = lambda p, c, v, acc: gj.accumulate.accumulate_gradient(
+            p, loss_fn, c, acc, axis_name=SCORE_AXIS, **size)
+    else:
+        fn = lambda p, c, v, acc: gj.accumulate.accumulate_hvp(
+            p, loss_fn, c, v, acc, axis_name=SCORE_AXIS, **size)
+    return jax.pmap(fn, axis_name=SCORE_AXIS, in_axes=(None, 0, None, 0))
+
+
 def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn: Callable,
                             stream: Callable[[], Iterator[Batch]], chunk: int,
                             progress: gj.streaming.Progress) -> Callable[[PyTree], PyTree]:
@@ -170,14 +186,7 @@ def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn:
     def program(kind: str, short: bool) -> Callable:
         """The pmapped accumulation of one kind, for dealt full chunks or one short chunk each."""
         if (kind, short) not in programs:
-            size = {"num_microbatches": 1} if short else {"microbatch_size": chunk}
-            if kind == "gradient":
-                fn = lambda p, c, v, acc: gj.accumulate.accumulate_gradient(
-                    p, loss_fn, c, acc, axis_name=SCORE_AXIS, **size)
-            else:
-                fn = lambda p, c, v, acc: gj.accumulate.accumulate_hvp(
-                    p, loss_fn, c, v, acc, axis_name=SCORE_AXIS, **size)
-            programs[kind, short] = jax.pmap(fn, axis_name=SCORE_AXIS, in_axes=(None, 0, None, 0))
+            programs[kind, short] = accumulation_step(kind, loss_fn, chunk, short)
         return programs[kind, short]
 
     def one_pass(kind: str, params: PyTree, v: PyTree) -> PyTree:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +40,8 @@ from grasp_jax.chunks import (
     sum_loss_over_chunks,
     sum_over_chunks,
 )
+from grasp_jax.platforms import local_platform, per_platform, traced_platform
+from grasp_jax.precision import SCORING_PRECISION, check_matmul_precision, precision_scope
 from grasp_jax.prunable import (
     PrunableSpec,
     check_leaf_dtypes,
@@ -104,18 +107,22 @@ def with_batch_axis(loss_fn: LossFn, axis_name: str) -> LossFn:
 
 
 class ScoringSetup(NamedTuple):
-    """What every data-dependent score checks once: θ's flags, the chunk layout, the loss."""
+    """What every data-dependent score checks once: θ's flags, the chunk layout, the loss,
+    and the precision its matmuls and convolutions are traced at (None: the backend's)."""
 
     flags: tuple[bool, ...]
     layout: ChunkLayout
     loss_fn: LossFn
+    matmul_precision: str | None = SCORING_PRECISION
 
 
 def scoring_setup(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                   num_microbatches: int | None = None, microbatch_size: int | None = None,
                   prunable: PrunableSpec = None,
-                  batch_axis_name: str | None = None) -> ScoringSetup:
+                  batch_axis_name: str | None = None,
+                  matmul_precision: str | None = SCORING_PRECISION) -> ScoringSetup:
     """Validate the arguments shared by the scores; errors name the bad value."""
+    precision = check_matmul_precision(matmul_precision)
     flags = prunable_flags(params, prunable)
     check_leaf_dtypes(params, flags)
     layout = chunk_layout(batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size)
@@ -123,7 +130,7 @@ def scoring_setup(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if batch_axis_name is not None:
         loss_fn = with_batch_axis(loss_fn, batch_axis_name)
-    return ScoringSetup(flags, layout, loss_fn)
+    return ScoringSetup(flags, layout, loss_fn, precision)
 
 
 # --------------------------------------------------------------------------
@@ -149,6 +156,13 @@ _PER_CHUNK = {"gradient": _chunk_gradient, "hvp": _chunk_hvp}
 
 
 def _add_chunk_sums(params, batch, v, acc, *, kind, loss_fn, flags, layout, axis_name):
+    # Traced once per platform: the model's backend choices are plain ones inside.
+    return per_platform(functools.partial(_add_chunk_sums_on, kind=kind, loss_fn=loss_fn,
+                                          flags=flags, layout=layout, axis_name=axis_name),
+                        params, batch, v, acc)
+
+
+def _add_chunk_sums_on(params, batch, v, acc, *, kind, loss_fn, flags, layout, axis_name):
     theta, loss_of = prunable_loss(params, loss_fn, flags)
     v_theta = None if v is None else split_prunable(v, flags)[0]
     per_chunk = _PER_CHUNK[kind]
@@ -187,8 +201,14 @@ def accumulate(kind: str, params: PyTree, batch: PyTree, v: PyTree | None, acc: 
     The one place that decides how chunks are visited: an eager call with
     several chunks loops on the host over one compiled per-chunk program (a
     short last chunk compiles one more); anything else is one program over the
-    whole batch. The caller's ``acc`` is never overwritten.
+    whole batch. The caller's ``acc`` is never overwritten. Every program is
+    traced at ``setup.matmul_precision``.
     """
+    with precision_scope(setup.matmul_precision):
+        return _accumulate(kind, params, batch, v, acc, setup, axis_name)
+
+
+def _accumulate(kind, params, batch, v, acc, setup, axis_name):
     static = {"kind": kind, "loss_fn": setup.loss_fn, "flags": setup.flags, "axis_name": axis_name}
     if setup.layout.num_chunks > 1 and axis_name is None and not is_traced(params, batch, v, acc):
         acc = _zeros(params, flags=setup.flags) if acc is None else _copy(acc)
@@ -252,7 +272,21 @@ def linearized_bytes(params: PyTree, batch: PyTree, setup: ScoringSetup) -> int:
 
     Traced once per shape (jit caches the trace), compiled never.
     """
-    return _measure(_no_finish, params, batch, setup, None).residual_bytes
+    with precision_scope(setup.matmul_precision):
+        return _measure(_no_finish, params, batch, setup, None).residual_bytes
+
+
+#: The budget on an accelerator that reports no memory limit: small enough for any
+#: current GPU or TPU, next to the model, its optimizer and the batch.
+UNKNOWN_DEVICE_BUDGET = 2**30
+
+
+class MemoryBudgetWarning(UserWarning):
+    """The memory budget was guessed (a device reported no limit), or a program that was
+    expected to fit did not and scoring fell back to one chunk at a time."""
+
+
+_warned_devices: set[str] = set()
 
 
 def default_memory_budget() -> int:
@@ -260,30 +294,56 @@ def default_memory_budget() -> int:
 
     Half the free memory of the first local device where it reports it (GPU,
     TPU); on CPU, whose device memory is the host's, a quarter of physical
-    memory (2 GiB where that is unknown). The residual estimate is taken from
-    the jaxpr, before XLA fuses and frees buffers, so it is on the high side
-    (ResNet-20 on 100 CIFAR images: estimate 2.6 GiB, XLA's peak 1.2 GiB).
+    memory (2 GiB where that is unknown). An accelerator that reports no limit
+    gets :data:`UNKNOWN_DEVICE_BUDGET` (1 GiB), with a
+    :class:`MemoryBudgetWarning` naming it (once per device). The residual
+    estimate is taken from the jaxpr, before XLA fuses and frees buffers, so it
+    is on the high side (ResNet-20 on 100 CIFAR images: estimate 2.6 GiB,
+    XLA's peak 1.2 GiB).
     """
+    device = jax.local_devices()[0]
     try:
-        stats = jax.local_devices()[0].memory_stats()
+        stats = device.memory_stats()
     except Exception:  # noqa: BLE001 -- backends without memory statistics raise various errors
         stats = None
     if stats and "bytes_limit" in stats:
         return int(0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    if device.platform != "cpu":
+        name = f"{device.platform}:{device.id} ({device.device_kind})"
+        if name not in _warned_devices:
+            _warned_devices.add(name)
+            warnings.warn(
+                f"device {name} reports no memory limit; scoring assumes "
+                f"{UNKNOWN_DEVICE_BUDGET / 2**30:g} GiB for linearizing every chunk at once "
+                "(pass memory_budget_bytes= to choose)", MemoryBudgetWarning, stacklevel=3)
+        return UNKNOWN_DEVICE_BUDGET
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 4
     except (ValueError, OSError, AttributeError):  # not POSIX
         return 2 * 2**30
 
 
+def is_resource_exhausted(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's out-of-memory (at compile or run time)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "flags", "layout", "axis_name", "finish"))
 def _linearized_program(params, batch, *, loss_fn, flags, layout, axis_name, finish):
-    _, g, hvp = _linearized(params, batch, loss_fn, flags, layout)
-    g = _all_reduce(g, axis_name)
-    hg = _all_reduce(hvp(g), axis_name)
-    g_tree, hg_tree = scatter_prunable(g, params, flags), scatter_prunable(hg, params, flags)
-    # hvp is a pytree whose leaves are the residuals: its size is known at trace time.
-    return Measured(finish(params, g_tree, hg_tree, flags), tree_bytes(hvp))
+    residual_bytes = {}
+
+    def program(params, batch):
+        _, g, hvp = _linearized(params, batch, loss_fn, flags, layout)
+        g = _all_reduce(g, axis_name)
+        hg = _all_reduce(hvp(g), axis_name)
+        g_tree, hg_tree = scatter_prunable(g, params, flags), scatter_prunable(hg, params, flags)
+        # hvp is a pytree whose leaves are the residuals: its size is known at trace time.
+        residual_bytes[traced_platform() or local_platform()] = tree_bytes(hvp)
+        return finish(params, g_tree, hg_tree, flags)
+
+    value = per_platform(program, params, batch)
+    # The path is chosen for this process's devices: their platform's residuals.
+    return Measured(value, residual_bytes.get(local_platform(), max(residual_bytes.values())))
 
 
 def _program(finish: Finish, setup: ScoringSetup, axis_name: str | None) -> Callable:
@@ -311,15 +371,48 @@ def gradient_and_hvp_with(finish: Finish, params: PyTree, batch: PyTree, setup: 
     program that linearizes them all at once. Otherwise two passes of
     :func:`accumulate` (g, then Hg), one chunk in memory at a time.
     ``finish`` must be hashable (a module-level function): it is static.
+    Every program is traced at ``setup.matmul_precision``.
     """
-    in_memory = setup.layout.num_chunks == 1
-    if not in_memory:
-        budget = default_memory_budget() if memory_budget_bytes is None else memory_budget_bytes
-        in_memory = _measure(finish, params, batch, setup, axis_name).residual_bytes <= budget
-    if in_memory:
+    with precision_scope(setup.matmul_precision):
+        return _gradient_and_hvp_with(finish, params, batch, setup, axis_name,
+                                      memory_budget_bytes)
+
+
+def _gradient_and_hvp_with(finish, params, batch, setup, axis_name, memory_budget_bytes):
+    if setup.layout.num_chunks == 1:
         return _program(finish, setup, axis_name)(params, batch).value
-    g = accumulate("gradient", params, batch, None, None, setup, axis_name)
-    hg = accumulate("hvp", params, batch, g, None, setup, axis_name)
+    budget = default_memory_budget() if memory_budget_bytes is None else memory_budget_bytes
+    residual_bytes = _measure(finish, params, batch, setup, axis_name).residual_bytes
+    if residual_bytes <= budget:
+        if is_traced(params, batch):
+            return _program(finish, setup, axis_name)(params, batch).value
+        # Called eagerly, a program that does not fit after all (the estimate is the
+        # jaxpr's, the device's memory may be shared) need not fail: one chunk at a time does.
+        try:
+            return jax.block_until_ready(_all_chunks_at_once(finish, params, batch, setup,
+                                                             axis_name))
+        except jax.errors.JaxRuntimeError as error:
+            if not is_resource_exhausted(error):
+                raise
+            device = jax.local_devices()[0]
+            warnings.warn(
+                f"linearizing all {setup.layout.num_chunks} chunks at once (residuals "
+                f"estimated at {residual_bytes / 2**20:,.0f} MiB, budget {budget / 2**20:,.0f} "
+                f"MiB) ran out of memory on {device.platform}:{device.id} "
+                f"({device.device_kind}); scoring one chunk at a time instead (pass a smaller "
+                "memory_budget_bytes= to go there directly)", MemoryBudgetWarning, stacklevel=4)
+    return _one_chunk_at_a_time(finish, params, batch, setup, axis_name)
+
+
+def _all_chunks_at_once(finish, params, batch, setup, axis_name):
+    """The in-memory program: every chunk linearized at once."""
+    return _program(finish, setup, axis_name)(params, batch).value
+
+
+def _one_chunk_at_a_time(finish, params, batch, setup, axis_name):
+    """Two passes (g, then Hg), one chunk in memory at a time."""
+    g = _accumulate("gradient", params, batch, None, None, setup, axis_name)
+    hg = _accumulate("hvp", params, batch, g, None, setup, axis_name)
     return _finish_program(params, g, hg, flags=setup.flags, finish=finish)
 
 
@@ -330,7 +423,8 @@ def gradient_and_hvp_with(finish: Finish, params: PyTree, batch: PyTree, setup: 
 def accumulate_gradient(params: PyTree, loss_fn: LossFn, batch: PyTree, acc: PyTree | None = None,
                         *, num_microbatches: int | None = None, microbatch_size: int | None = None,
                         prunable: PrunableSpec = None, axis_name: str | None = None,
-                        batch_axis_name: str | None = None) -> PyTree:
+                        batch_axis_name: str | None = None,
+                        matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """``acc + Σ_c ∇_θ L(θ; b_c)`` over the chunks b_c of ``batch``.
 
     ``acc`` (default zeros) and the result have the structure of ``params``;
@@ -339,17 +433,19 @@ def accumulate_gradient(params: PyTree, loss_fn: LossFn, batch: PyTree, acc: PyT
     ``microbatch_size`` with a shorter last one). With ``axis_name`` (inside
     ``pmap``) the increment is summed over the devices, so a replicated ``acc``
     stays replicated: streaming g over many batches is a loop of this call.
+    ``matmul_precision``: as in :func:`grasp_jax.grasp_scores`.
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name)
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     return accumulate("gradient", params, batch, None, acc, setup, axis_name)
 
 
 def accumulate_hvp(params: PyTree, loss_fn: LossFn, batch: PyTree, v: PyTree,
                    acc: PyTree | None = None, *, num_microbatches: int | None = None,
                    microbatch_size: int | None = None, prunable: PrunableSpec = None,
-                   axis_name: str | None = None, batch_axis_name: str | None = None) -> PyTree:
+                   axis_name: str | None = None, batch_axis_name: str | None = None,
+                   matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """``acc + Σ_c ∇²_θθ L(θ; b_c) · v``: :func:`accumulate_gradient`'s twin for
     Hessian-vector products (forward-over-reverse), ``v`` shaped like ``params``
     (its non-prunable leaves are ignored). For GraSP, v is the g summed over
@@ -357,5 +453,5 @@ def accumulate_hvp(params: PyTree, loss_fn: LossFn, batch: PyTree, v: PyTree,
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name)
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     return accumulate("hvp", params, batch, v, acc, setup, axis_name)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from grasp_jax.accumulate import prunable_loss
 from grasp_jax.masks import apply_masks, check_same_structure
+from grasp_jax.platforms import per_platform
+from grasp_jax.precision import SCORING_PRECISION, check_matmul_precision, precision_scope
 from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, prunable_flags, split_prunable
 
 PyTree = Any
@@ -27,6 +29,12 @@ __all__ = ["gradient_flow"]
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "flags"))
 def _flow(params, masks, batch, *, loss_fn, flags):
+    # Traced once per platform: the model's backend choices are plain ones inside.
+    return per_platform(functools.partial(_flow_on, loss_fn=loss_fn, flags=flags),
+                        params, masks, batch)
+
+
+def _flow_on(params, masks, batch, *, loss_fn, flags):
     theta, loss_of = prunable_loss(params, loss_fn, flags)
     m, _, _ = split_prunable(masks, flags)
 
@@ -50,6 +58,7 @@ def gradient_flow(
     *,
     masks: PyTree | None = None,
     prunable: PrunableSpec = None,
+    matmul_precision: str | None = SCORING_PRECISION,
 ) -> dict[str, float]:
     """Loss, ‖g‖² and gᵀHg over the kept prunable weights.
 
@@ -59,8 +68,11 @@ def gradient_flow(
         g = m ⊙ ∇_θ L(θ ⊙ m),   grad_norm_sq = gᵀg,   gHg = gᵀ ∇²_θθ L(θ ⊙ m) g.
 
     Measure it on a batch that is not the scoring batch, with BatchNorm in
-    training mode inside ``loss_fn``, as for scoring. Returns Python floats.
+    training mode inside ``loss_fn``, as for scoring, and at the same
+    ``matmul_precision`` (float32 on every backend unless None: see
+    :func:`grasp_jax.grasp_scores`). Returns Python floats.
     """
+    precision = check_matmul_precision(matmul_precision)
     flags = prunable_flags(params, prunable)
     check_leaf_dtypes(params, flags)
     if masks is None:
@@ -68,5 +80,6 @@ def gradient_flow(
     else:
         check_same_structure(masks, params)
         params = apply_masks(params, masks)
-    out = _flow(params, masks, batch, loss_fn=loss_fn, flags=flags)
+    with precision_scope(precision):
+        out = _flow(params, masks, batch, loss_fn=loss_fn, flags=flags)
     return {k: float(v) for k, v in jax.device_get(out).items()}

@@ -168,7 +168,8 @@ def grasp_scores(model: nnx.Module, loss_fn: ModuleLossFn, batch: PyTree, *,
         ``nnx.Dropout`` drawing from its own fold of that key; the same masks
         serve g and Hg, and every chunk.
       **options: any other keyword of :func:`grasp_jax.grasp_scores`
-        (``num_microbatches``, ``axis_name``, ...).
+        (``num_microbatches``, ``axis_name``, ``matmul_precision``: float32
+        matmuls and convolutions on every backend unless ``None``, ...).
 
     Dropout is off by default, although the authors' code scores with the
     network in ``train()`` mode: their networks (VGG, ResNet) have no Dropout,

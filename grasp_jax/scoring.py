@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from grasp_jax.accumulate import LossFn, accumulate, gradient_and_hvp_with, scoring_setup
+from grasp_jax.precision import SCORING_PRECISION
 from grasp_jax.prunable import (
     PrunableSpec,
     check_leaf_dtypes,
@@ -118,7 +119,8 @@ def gradient_and_hvp(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                      num_microbatches: int | None = None, microbatch_size: int | None = None,
                      prunable: PrunableSpec = None, axis_name: str | None = None,
                      memory_budget_bytes: int | None = None,
-                     batch_axis_name: str | None = None) -> tuple[PyTree, PyTree]:
+                     batch_axis_name: str | None = None,
+                     matmul_precision: str | None = SCORING_PRECISION) -> tuple[PyTree, PyTree]:
     """The gradient g and the Hessian-vector product Hg in the prunable subspace.
 
     With chunks b_1..b_k of ``batch`` and θ the prunable weights (everything
@@ -133,7 +135,7 @@ def gradient_and_hvp(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name)
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     return gradient_and_hvp_with(_pair_finish, params, batch, setup, axis_name=axis_name,
                                  memory_budget_bytes=memory_budget_bytes)
 
@@ -142,7 +144,8 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                  num_microbatches: int | None = None, microbatch_size: int | None = None,
                  prunable: PrunableSpec = None, axis_name: str | None = None,
                  memory_budget_bytes: int | None = None,
-                 batch_axis_name: str | None = None) -> PyTree:
+                 batch_axis_name: str | None = None,
+                 matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """GraSP's S(-θ) = -θ ⊙ Hg for every prunable weight (paper, eq. 8).
 
     Args:
@@ -179,6 +182,13 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
         (``nn.BatchNorm(axis_name='batch')``); bound with size 1 so the model
         can be scored outside ``pmap``, each chunk its own BatchNorm batch.
         Leave it unset inside a ``pmap`` that binds that axis itself.
+      matmul_precision: the precision every matmul and convolution of the
+        scoring programs is traced at (``jax.default_matmul_precision``'s
+        names). The default ``"float32"`` asks full float32 on every backend
+        (``precision_config = HIGHEST``), where TPUs would otherwise use one
+        bfloat16 pass and NVIDIA GPUs TensorFloat-32; on CPU it changes
+        nothing. ``None`` keeps the backend's default (or an enclosing
+        ``jax.default_matmul_precision``), e.g. to score faster at lower precision.
 
     Returns:
       A pytree like ``params``: S(-θ) at prunable leaves, zeros elsewhere.
@@ -186,7 +196,7 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name)
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     return gradient_and_hvp_with(_grasp_finish, params, batch, setup, axis_name=axis_name,
                                  memory_budget_bytes=memory_budget_bytes)
 
@@ -195,7 +205,8 @@ def grasp_abs_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                      num_microbatches: int | None = None, microbatch_size: int | None = None,
                      prunable: PrunableSpec = None, axis_name: str | None = None,
                      memory_budget_bytes: int | None = None,
-                     batch_axis_name: str | None = None) -> PyTree:
+                     batch_axis_name: str | None = None,
+                     matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """Gradient-norm preservation: |θ ⊙ Hg| (Lubana & Dick, ICLR 2021); prune the **lowest**.
 
     GraSP's -θ ⊙ Hg is the first-order change of gᵀg when a weight is removed,
@@ -210,7 +221,7 @@ def grasp_abs_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name)
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     return gradient_and_hvp_with(_grasp_abs_finish, params, batch, setup, axis_name=axis_name,
                                  memory_budget_bytes=memory_budget_bytes)
 
@@ -218,7 +229,8 @@ def grasp_abs_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
 def snip_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                 num_microbatches: int | None = None, microbatch_size: int | None = None,
                 prunable: PrunableSpec = None, axis_name: str | None = None,
-                batch_axis_name: str | None = None) -> PyTree:
+                batch_axis_name: str | None = None,
+                matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """SNIP (Lee, Ajanthan & Torr, ICLR 2019): |θ ⊙ g|, g = Σ_c ∇_θ L(θ; b_c).
 
     The connection sensitivity |∂L/∂c| of a multiplicative mask c = 1 equals
@@ -227,7 +239,7 @@ def snip_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
     """
     setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
                           microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name)
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     g = accumulate("gradient", params, batch, None, None, setup, axis_name)
     return _combine(params, g, flags=setup.flags, fn=_abs_product)
 

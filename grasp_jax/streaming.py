@@ -28,6 +28,7 @@ from typing import Any
 import jax
 
 from grasp_jax.accumulate import LossFn, accumulate_gradient, accumulate_hvp
+from grasp_jax.precision import SCORING_PRECISION
 from grasp_jax.prunable import PrunableSpec
 from grasp_jax.scoring import grasp_from_hvp, snip_from_gradient
 
@@ -64,14 +65,18 @@ def gradient_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchSt
                           num_microbatches: int | None = None, microbatch_size: int | None = None,
                           prunable: PrunableSpec = None,
                           batch_axis_name: str | None = None,
-                          progress: Progress | None = None) -> PyTree:
+                          progress: Progress | None = None,
+                          matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """g = Σ over every chunk of every batch of ∇_θ L; one pass over ``make_batches()``.
 
     Each batch is cut into chunks as in :func:`grasp_jax.grasp_scores`
-    (``microbatch_size=20`` on batches of 250: 12 x 20 + 10 each).
+    (``microbatch_size=20`` on batches of 250: 12 x 20 + 10 each), and its
+    matmuls and convolutions run at ``matmul_precision`` (float32 on every
+    backend unless None: see :func:`grasp_jax.grasp_scores`).
     """
     opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
-            "prunable": prunable, "batch_axis_name": batch_axis_name}
+            "prunable": prunable, "batch_axis_name": batch_axis_name,
+            "matmul_precision": matmul_precision}
     return _sum_over_stream(
         lambda batch, acc: accumulate_gradient(params, loss_fn, batch, acc, **opts), make_batches,
         "gradient", progress)
@@ -82,11 +87,14 @@ def gradient_and_hvp_from_batches(params: PyTree, loss_fn: LossFn, make_batches:
                                   microbatch_size: int | None = None,
                                   prunable: PrunableSpec = None,
                                   batch_axis_name: str | None = None,
-                                  progress: Progress | None = None) -> tuple[PyTree, PyTree]:
+                                  progress: Progress | None = None,
+                                  matmul_precision: str | None = SCORING_PRECISION,
+                                  ) -> tuple[PyTree, PyTree]:
     """g as :func:`gradient_from_batches`, then Hg = Σ_c ∇²_θθ L_c · g over a
     second pass of ``make_batches()``, which must yield the same batches."""
     opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
-            "prunable": prunable, "batch_axis_name": batch_axis_name}
+            "prunable": prunable, "batch_axis_name": batch_axis_name,
+            "matmul_precision": matmul_precision}
     g = gradient_from_batches(params, loss_fn, make_batches, progress=progress, **opts)
     hg = _sum_over_stream(
         lambda batch, acc: accumulate_hvp(params, loss_fn, batch, g, acc, **opts), make_batches,
@@ -98,7 +106,8 @@ def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: Bat
                               num_microbatches: int | None = None,
                               microbatch_size: int | None = None, prunable: PrunableSpec = None,
                               batch_axis_name: str | None = None,
-                              progress: Progress | None = None) -> PyTree:
+                              progress: Progress | None = None,
+                              matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """GraSP's -θ ⊙ Hg over a restartable stream (two passes); prune the **highest**.
 
     Equal to :func:`grasp_jax.grasp_scores` on the batches concatenated, when
@@ -107,7 +116,7 @@ def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: Bat
     _, hg = gradient_and_hvp_from_batches(
         params, loss_fn, make_batches, num_microbatches=num_microbatches,
         microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name,
-        progress=progress)
+        progress=progress, matmul_precision=matmul_precision)
     return grasp_from_hvp(params, hg, prunable=prunable)
 
 
@@ -115,10 +124,12 @@ def snip_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: Batc
                              num_microbatches: int | None = None,
                              microbatch_size: int | None = None, prunable: PrunableSpec = None,
                              batch_axis_name: str | None = None,
-                             progress: Progress | None = None) -> PyTree:
+                             progress: Progress | None = None,
+                             matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """SNIP's |θ ⊙ g| over a stream (one pass); prune the **lowest**."""
     g = gradient_from_batches(params, loss_fn, make_batches, num_microbatches=num_microbatches,
                               microbatch_size=microbatch_size, prunable=prunable,
-                              batch_axis_name=batch_axis_name, progress=progress)
+                              batch_axis_name=batch_axis_name, progress=progress,
+                              matmul_precision=matmul_precision)
     return snip_from_gradient(params, g, prunable=prunable)
 

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from lowering_helpers import exported_text, has_barrier, has_patches, op_count
 
 from grasp_jax.models import conv as conv_lib
 from grasp_jax.models.barrier import fusion_barrier
 from grasp_jax.models.conv import (
     FAST_CONV_ENV,
+    PATCHES_SCOPE,
     conv_general_dilated,
     fast_path_wins,
     resolve_mode,
@@ -295,15 +297,16 @@ def test_fast_path_wins_rule():
 
 
 def _decides_fast(
-    size: int, ksize: int, mode: str | None = None, channels: int = 16, **kwargs: Any
+    size: int, ksize: int, mode: str | None = None, channels: int = 16, platform: str = "cpu",
+    **kwargs: Any
 ) -> bool:
     x = jax.ShapeDtypeStruct((8, size, size, channels), jnp.float32)
     k = jax.ShapeDtypeStruct((ksize, ksize, channels, 4), jnp.float32)
-    return uses_fast_path(x, k, (1, 1), "SAME", dimension_numbers=NHWC, mode=mode, **kwargs)
+    return uses_fast_path(x, k, (1, 1), "SAME", dimension_numbers=NHWC, mode=mode,
+                          platform=platform, **kwargs)
 
 
-def test_auto_mode_follows_backend_and_rule(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+def test_auto_mode_follows_platform_and_rule():
     assert _decides_fast(2, 3, "auto")
     assert _decides_fast(8, 1, "auto")
     assert not _decides_fast(8, 3, "auto")
@@ -312,12 +315,15 @@ def test_auto_mode_follows_backend_and_rule(monkeypatch):
     x = jax.ShapeDtypeStruct((8, 2, 2, 16), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 16, 4), jnp.float32)
     assert not uses_fast_path(
-        x, k, (1, 1), [(1, 1), (1, 1)], lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="auto"
+        x, k, (1, 1), [(1, 1), (1, 1)], lhs_dilation=(2, 2), dimension_numbers=NHWC, mode="auto",
+        platform="cpu",
     )
-    # Accelerators keep their native convolutions.
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not _decides_fast(2, 3, "auto")
-    assert _decides_fast(2, 3, "fast")
+    # Accelerators keep their native convolutions; a forced mode is the same everywhere.
+    for accelerator in ("cuda", "rocm", "tpu"):
+        assert not _decides_fast(2, 3, "auto", platform=accelerator)
+        assert _decides_fast(2, 3, "fast", platform=accelerator)
+    # Without a platform: the default backend's, where a plain jax.jit call runs.
+    assert _decides_fast(2, 3, "auto", platform=None) == (jax.default_backend() == "cpu")
 
 
 @pytest.mark.parametrize(
@@ -338,7 +344,6 @@ def test_environment_variable_sets_mode(monkeypatch, value, expected):
 
 
 def test_environment_variable_controls_default_calls(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     monkeypatch.setenv(FAST_CONV_ENV, "0")
     assert not _decides_fast(2, 3)
     monkeypatch.setenv(FAST_CONV_ENV, "1")
@@ -374,14 +379,20 @@ def test_flax_conv_gives_same_output(padding):
     )
 
 
-def test_flax_conv_auto_takes_fast_path_on_cpu(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+def test_flax_conv_auto_takes_fast_path_only_where_lowered_for_cpu(monkeypatch):
     monkeypatch.delenv(FAST_CONV_ENV, raising=False)
     x = jnp.zeros((2, 2, 2, 16))  # a 3x3 window over a 2x2 map
     layer = nn.Conv(4, (3, 3), conv_general_dilated=conv_general_dilated)
     params = jax.eval_shape(layer.init, jax.random.key(0), x)
-    jaxpr = str(jax.make_jaxpr(layer.apply)(params, x))
-    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    # One traced function; the platform it is lowered for picks the path.
+    on_cpu = exported_text(layer.apply, params, x, platform="cpu")
+    assert op_count(on_cpu, "convolution") == 0 and op_count(on_cpu, "dot_general") == 1
+    assert has_patches(on_cpu) and has_barrier(on_cpu)
+    for accelerator in ("cuda", "tpu"):
+        text = exported_text(layer.apply, params, x, platform=accelerator)
+        assert op_count(text, "convolution") == 1 and op_count(text, "dot_general") == 0
+        assert not has_patches(text) and not has_barrier(text)
+        assert PATCHES_SCOPE not in text
 
 
 def test_module_exports():
@@ -394,29 +405,31 @@ def test_module_exports():
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_auto_mode_computes_1x1_values_natively_and_derivatives_as_matmuls(monkeypatch, strides):
+def test_auto_mode_computes_1x1_values_natively_and_derivatives_as_matmuls(strides):
     # XLA:CPU's 1x1 forward is as fast as a matmul (so the eval forward stays native) but its
     # kernel gradient is slow (so every derivative comes from the patches formulation).
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 6, 16)))
     k = jnp.asarray(rng.normal(size=(1, 1, 16, 8)))
     kwargs = dict(window_strides=strides, padding="VALID", dimension_numbers=NHWC)
     auto = functools.partial(conv_general_dilated, mode="auto", **kwargs)
     native = functools.partial(lax.conv_general_dilated, **kwargs)
-    assert uses_fast_path(x, k, mode="auto", **kwargs)
-    assert str(jax.make_jaxpr(auto)(x, k)).count("conv_general_dilated") == 1
-    grads = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(auto(x, k) ** 2), argnums=(0, 1)))(x, k)
-    assert str(grads).count("conv_general_dilated") == 1  # the value; the backward pass is matmuls
-    native_grads = jax.make_jaxpr(
-        jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1))
-    )(x, k)
-    assert str(native_grads).count("conv_general_dilated") == 3
+    assert uses_fast_path(x, k, mode="auto", platform="cpu", **kwargs)
+    on_cpu = functools.partial(exported_text, platform="cpu")
+    assert op_count(on_cpu(auto, x, k), "convolution") == 1
+    grad_auto = jax.grad(lambda x, k: jnp.sum(auto(x, k) ** 2), argnums=(0, 1))
+    grads = on_cpu(grad_auto, x, k)
+    assert op_count(grads, "convolution") == 1  # the value; the backward pass is matmuls
+    native_grads = on_cpu(jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1)), x, k)
+    assert op_count(native_grads, "convolution") == 3
+    # Lowered for a GPU the same gradient is XLA's three convolutions and no matmul.
+    on_gpu = exported_text(grad_auto, x, k, platform="cuda")
+    assert op_count(on_gpu, "convolution") == 3 and op_count(on_gpu, "dot_general") == 0
 
     _assert_matches_native(auto, native, x, k, rng)
     # A frozen input (no tangent) costs no matmul for it: only the kernel's tangent is formed.
-    only_k = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(auto(x, k) ** 2)))(k)
-    assert str(only_k).count("dot_general") < str(grads).count("dot_general")
+    only_k = on_cpu(jax.grad(lambda k: jnp.sum(auto(x, k) ** 2)), k)
+    assert op_count(only_k, "dot_general") < op_count(grads, "dot_general")
 
 
 def test_fusion_barrier_is_the_identity_for_values_and_derivatives():
@@ -451,11 +464,11 @@ def test_fusion_barrier_survives_xla_cpu():
     assert "conditional" not in compiled.as_text()
 
 
-def test_auto_mode_reads_its_input_through_a_barrier_on_cpu(monkeypatch):
+def test_auto_mode_reads_its_input_through_a_barrier_on_cpu():
     x = jnp.zeros((2, 8, 8, 16))
     k = jnp.zeros((3, 3, 16, 4))
 
-    def has_cond(mode):
+    def barrier_in(mode, platform):
         conv = functools.partial(
             conv_general_dilated,
             window_strides=(1, 1),
@@ -463,28 +476,30 @@ def test_auto_mode_reads_its_input_through_a_barrier_on_cpu(monkeypatch):
             dimension_numbers=NHWC,
             mode=mode,
         )
-        return "cond[" in str(jax.make_jaxpr(conv)(x, k))
+        return has_barrier(exported_text(conv, x, k, platform=platform))
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert has_cond("auto") and not has_cond("native") and not has_cond("fast")
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not has_cond("auto")
+    assert barrier_in("auto", "cpu")
+    assert not barrier_in("native", "cpu") and not barrier_in("fast", "cpu")
+    assert not barrier_in("auto", "cuda") and not barrier_in("auto", "tpu")
+    # Outside any trace the choice is made at once, for the device the call runs on.
+    assert ("cond[" in str(jax.make_jaxpr(lambda: conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=NHWC, mode="auto"))())) == (
+            jax.default_backend() == "cpu")
 
 
-def test_the_barrier_stays_a_cond_under_vmap_over_the_images(monkeypatch):
+def test_the_barrier_stays_a_cond_under_vmap_over_the_images():
     # GraSP's scoring vmaps the model over its chunks: a predicate read from the batched
     # images would turn the cond into a select (no barrier); the kernel is not batched.
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 3, 8, 8, 16)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 16, 4)), jnp.float32)
     conv = functools.partial(conv_general_dilated, window_strides=(1, 1), padding="SAME",
                              dimension_numbers=NHWC, mode="auto")
-    jaxpr = str(jax.make_jaxpr(jax.vmap(conv, in_axes=(0, None)))(x, k))
-    assert "cond[" in jaxpr and "select_n" not in jaxpr, jaxpr
+    on_cpu = exported_text(jax.vmap(conv, in_axes=(0, None)), x, k, platform="cpu")
+    assert has_barrier(on_cpu)
     batched_kernel = jnp.stack([k, k])
-    jaxpr = str(jax.make_jaxpr(jax.vmap(conv))(x, batched_kernel))
-    assert "cond[" not in jaxpr  # where the kernel is batched too, the barrier becomes a select
+    on_cpu = exported_text(jax.vmap(conv), x, batched_kernel, platform="cpu")
+    assert not has_barrier(on_cpu)  # where the kernel is batched too, the barrier is a select
     native = functools.partial(conv, mode="native")
     np.testing.assert_array_equal(jax.vmap(conv, in_axes=(0, None))(x, k),
                                   jax.vmap(native, in_axes=(0, None))(x, k))

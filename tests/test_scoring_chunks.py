@@ -1,6 +1,8 @@
 """Chunked scoring: ragged chunks, the in-memory and one-chunk-at-a-time paths,
 eager, under jit and data-parallel, against explicit per-chunk sums in float64."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -154,8 +156,9 @@ def test_eager_chunked_grasp_is_one_program_traced_once_and_later_rounds_do_not_
         return loss(p, b)
 
     # The full chunks are vmapped (one trace of the loss), a short last chunk adds one;
-    # choosing the in-memory path by its residuals reuses that same trace.
-    for microbatch_size, loss_traces in ((5, 1), (4, 2)):  # 5 + 5; ragged 4 + 4 + 2
+    # choosing the in-memory path by its residuals reuses that same trace. The program is
+    # traced once for the CPU and once for the other platforms (grasp_jax.platforms).
+    for microbatch_size, loss_traces in ((5, 2 * 1), (4, 2 * 2)):  # 5 + 5; ragged 4 + 4 + 2
         before = len(traces)
         scores, programs = lowered_programs(
             lambda m=microbatch_size: gj.grasp_scores(params, counted, batch, microbatch_size=m))
@@ -199,3 +202,66 @@ def test_the_memory_budget_chooses_the_path_by_the_residual_estimate(ragged):
                                                            memory_budget_bytes=small - 1))
     assert "jit(_linearized_program)" not in programs, programs
     assert "jit(_add_chunk_sums)" in programs, programs
+
+
+def _out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.")
+
+
+def test_a_program_that_does_not_fit_falls_back_to_one_chunk_at_a_time(ragged, monkeypatch):
+    from grasp_jax import accumulate
+
+    params, loss, batch, *_ = ragged
+    one_at_a_time = gj.grasp_scores(params, loss, batch, microbatch_size=4,
+                                    memory_budget_bytes=0)
+    in_memory = gj.grasp_scores(params, loss, batch, microbatch_size=4)
+    # The all-chunks program, chosen by the budget, runs out of memory (at compile or run).
+    monkeypatch.setattr(accumulate, "_all_chunks_at_once", _out_of_memory)
+    with pytest.warns(accumulate.MemoryBudgetWarning, match="one chunk at a time"):
+        fallback = gj.grasp_scores(params, loss, batch, microbatch_size=4)
+    chex.assert_trees_all_equal(fallback, one_at_a_time)
+    np.testing.assert_allclose(prunable_vector(fallback), prunable_vector(in_memory),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_other_runtime_errors_of_the_all_chunks_program_are_not_hidden(ragged, monkeypatch):
+    from grasp_jax import accumulate
+
+    params, loss, batch, *_ = ragged
+
+    def broken(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(accumulate, "_all_chunks_at_once", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        gj.grasp_scores(params, loss, batch, microbatch_size=4)
+
+
+class _Device:
+    """A local device as default_memory_budget sees it."""
+
+    def __init__(self, platform, stats):
+        self.platform, self.id, self.device_kind, self._stats = platform, 0, "Fake v1", stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_an_accelerator_without_a_memory_limit_gets_a_named_conservative_budget(monkeypatch):
+    from grasp_jax import accumulate
+
+    monkeypatch.setattr(accumulate, "_warned_devices", set())
+    monkeypatch.setattr(jax, "local_devices", lambda: [_Device("tpu", None)])
+    with pytest.warns(accumulate.MemoryBudgetWarning, match=r"tpu:0 \(Fake v1\).*no memory limit"):
+        assert gj.accumulate.default_memory_budget() == accumulate.UNKNOWN_DEVICE_BUDGET
+    # A device that reports its limit: half of what is free, no warning.
+    monkeypatch.setattr(jax, "local_devices",
+                        lambda: [_Device("cuda", {"bytes_limit": 10 * 2**30,
+                                                  "bytes_in_use": 2 * 2**30})])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gj.accumulate.default_memory_budget() == 4 * 2**30
+        # The CPU's memory is the host's: a quarter of RAM, no warning.
+        monkeypatch.setattr(jax, "local_devices", lambda: [_Device("cpu", None)])
+        assert gj.accumulate.default_memory_budget() > accumulate.UNKNOWN_DEVICE_BUDGET // 1024

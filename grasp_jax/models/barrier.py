@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+#: The ``jax.named_scope`` of the barrier's ops (visible in a lowered module's locations).
+BARRIER_SCOPE = "fusion_barrier"
+
 
 def fusion_barrier(x: jax.Array, predicate_from: jax.Array | None = None) -> jax.Array:
     """``x``, as a value XLA must materialize (see the module docstring); floats only.
@@ -46,6 +49,8 @@ def fusion_barrier(x: jax.Array, predicate_from: jax.Array | None = None) -> jax
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise ValueError(f"fusion_barrier takes floating-point arrays, got dtype {x.dtype}")
     src = x if predicate_from is None else jnp.asarray(predicate_from)
-    first = src[(0,) * src.ndim] if src.size else jnp.zeros((), src.dtype)
-    one = jnp.ones((), x.dtype)
-    return lax.cond(first == first, lambda v: v, lambda v: v * one, x)
+    # The scope names the cond in a lowered program's metadata, where tests look for it.
+    with jax.named_scope(BARRIER_SCOPE):
+        first = src[(0,) * src.ndim] if src.size else jnp.zeros((), src.dtype)
+        one = jnp.ones((), x.dtype)
+        return lax.cond(first == first, lambda v: v, lambda v: v * one, x)

@@ -13,20 +13,34 @@ kernel) is in :mod:`grasp_jax.models.patches`, with its math.
 
 Which path runs.  ``mode='native'`` always calls ``lax.conv_general_dilated``;
 ``mode='fast'`` uses the patches formulation wherever it supports the call;
-``mode='auto'`` uses it only where it was measured to win: on the CPU
-backend, where :func:`fast_path_wins` holds.  For 1x1 kernels that fit their
+``mode='auto'`` uses it only where it was measured to win: in a program run on
+the CPU, where :func:`fast_path_wins` holds.  For 1x1 kernels that fit their
 input, what wins is only the derivatives (XLA:CPU's kernel gradient of a 1x1
 conv is slow, its forward is as fast as a matmul or faster), so auto mode
 computes the value natively and every derivative from the patches
 formulation: a ``jax.custom_jvp`` whose tangent is the patches conv of the
 tangents, linear in them, so ``grad`` transposes it to matmuls and
-forward-over-reverse HVPs differentiate plain ``lax`` ops again.  On the CPU backend auto
+forward-over-reverse HVPs differentiate plain ``lax`` ops again.  On the CPU auto
 mode also reads every input through :func:`grasp_jax.models.barrier.fusion_barrier` (an
 identity XLA cannot fuse through), which stops XLA:CPU recomputing a ResNet's residual chain
 inside each kernel gradient's layout copy (ResNet-32's training gradient: 1.9x faster).
+
+Which platform.  Auto mode stages both choices with ``lax.platform_dependent`` (the
+CPU's barrier and patches; XLA's own convolution everywhere else), and the platform a
+program is *lowered for* picks one: the branch not taken never reaches XLA.  So a program
+traced on a CPU host and exported for ``cuda`` or ``tpu`` (``jax.export``) holds only
+native convolutions, and the same jitted function runs the fast path on CPU devices and
+cuDNN on GPUs.  (Called outside any trace, the choice is made at once for the device the
+call runs on, and only that branch is traced.)  Staged at every convolution, the choice
+costs trace and compile time under differentiation; a program traced once per platform
+(:func:`grasp_jax.platforms.per_platform`, as the scoring programs and the runner's steps
+are) makes it a plain Python choice instead.  ``python -m benchmarks.lowering`` prints
+both costs.
+
 ``mode=None`` (the default) reads
 the environment variable ``GRASP_JAX_FAST_CONV`` (``0``/``native``,
-``1``/``fast``, ``auto``; unset means ``auto``).  The choice is made when a
+``1``/``fast``, ``auto``; unset means ``auto``); ``0`` and ``1`` force their path on every
+platform.  The mode is read when a
 function is traced, so set the variable before the first ``jax.jit`` call (a
 jitted function keeps the path it was traced with).
 
@@ -55,10 +69,12 @@ from grasp_jax.models.patches import (
     plan_or_none,
     shape_dtype,
 )
+from grasp_jax.platforms import traced_platform
 
 __all__ = [
     "FAST_CONV_ENV",
     "MIN_FAST_IN_FEATURES",
+    "PATCHES_SCOPE",
     "Mode",
     "conv_general_dilated",
     "fast_path_wins",
@@ -67,6 +83,10 @@ __all__ = [
 ]
 
 Mode = Literal["auto", "fast", "native"]
+
+#: The ``jax.named_scope`` of the patches formulation's ops: a lowered module's locations
+#: name it wherever the fast path is in the program.
+PATCHES_SCOPE = "patches_conv"
 
 #: Environment variable read when ``mode=None``: ``0``, ``1`` or ``auto``.
 FAST_CONV_ENV = "GRASP_JAX_FAST_CONV"
@@ -149,11 +169,10 @@ def _pointwise(plan: Plan) -> bool:
     return all(k == 1 for k in plan.window)
 
 
-def _choose(*conv_args: Any, mode: str | None) -> tuple[Plan | None, bool]:
-    """``(plan, derivatives_only)``: the plan to run the patches formulation with, or
-    None for native; ``derivatives_only`` when the value stays native and only the
-    derivatives use it (auto mode's 1x1 kernels, see
-    :func:`native_value_fast_derivatives`)."""
+def _choose(*conv_args: Any, mode: str | None, platform: str) -> tuple[Plan | None, bool]:
+    """``(plan, derivatives_only)`` on ``platform``: the plan to run the patches formulation
+    with, or None for native; ``derivatives_only`` when the value stays native and only the
+    derivatives use it (auto mode's 1x1 kernels, see :func:`native_value_fast_derivatives`)."""
     mode = resolve_mode(mode)
     if mode == "native":
         return None, False
@@ -161,7 +180,7 @@ def _choose(*conv_args: Any, mode: str | None) -> tuple[Plan | None, bool]:
     if plan is None or mode == "fast":
         return plan, False
     # On GPU/TPU the native convolutions (cuDNN etc.) are the fast ones.
-    if jax.default_backend() != "cpu":
+    if platform != "cpu":
         return None, False
     if not fast_path_wins(plan.in_spatial, plan.window, plan.in_features):
         return None, False
@@ -180,13 +199,17 @@ def uses_fast_path(
     batch_group_count: int = 1,
     *,
     mode: str | None = None,
+    platform: str | None = None,
 ) -> bool:
     """Whether :func:`conv_general_dilated` takes the patches formulation (for the
-    derivatives at least: auto mode computes 1x1 values natively).
+    derivatives at least: auto mode computes 1x1 values natively) in a program run on
+    ``platform`` (``'cpu'``, ``'cuda'``, ``'rocm'``, ``'tpu'``; default: JAX's default
+    backend, where an ordinary ``jax.jit`` call runs).
 
     Same arguments as :func:`conv_general_dilated`; ``lhs`` and ``rhs`` may be
     arrays or anything with ``shape`` and ``dtype`` (``jax.ShapeDtypeStruct``).
     """
+    platform = jax.default_backend() if platform is None else platform
     return (
         _choose(
             lhs,
@@ -199,15 +222,16 @@ def uses_fast_path(
             feature_group_count,
             batch_group_count,
             mode=mode,
+            platform=platform,
         )[0]
         is not None
     )
 
 
-def _wants_barrier(lhs: Any, mode: str | None) -> bool:
+def _wants_barrier(lhs: Any, mode: Mode) -> bool:
     """Auto mode on XLA:CPU reads each float input through :func:`fusion_barrier`, so that
     the kernel gradient's layout copy reads it instead of recomputing a residual chain."""
-    if resolve_mode(mode) != "auto" or jax.default_backend() != "cpu":
+    if mode != "auto":
         return False
     shape, dtype = shape_dtype(lhs)
     return jnp.issubdtype(dtype, jnp.inexact) and 0 not in shape
@@ -254,20 +278,9 @@ def conv_general_dilated(
       The convolution, identical in shape, dtype and (up to float rounding)
       value to ``lax.conv_general_dilated``.
     """
-    if _wants_barrier(lhs, mode):
-        lhs = fusion_barrier(lhs, rhs)
-    plan, derivatives_only = _choose(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        mode=mode,
-    )
+    mode = resolve_mode(mode)
+    conv_args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                 dimension_numbers, feature_group_count, batch_group_count)
 
     def native(x, k):
         return lax.conv_general_dilated(
@@ -284,13 +297,39 @@ def conv_general_dilated(
             preferred_element_type=preferred_element_type,
         )
 
-    if plan is None:
+    def with_plan(plan, derivatives_only):
+        """The convolution as ``plan`` says: native (None), patches, or native values with
+        patches derivatives."""
+
+        def conv(x, k):
+            if plan is None:
+                return native(x, k)
+
+            def patches(x, k):
+                with jax.named_scope(PATCHES_SCOPE):
+                    return conv_patches(x, k, plan, feature_group_count, precision,
+                                        preferred_element_type)
+
+            if derivatives_only:
+                return native_value_fast_derivatives(native, patches, x, k)
+            return patches(x, k)
+
+        return conv
+
+    if mode != "auto":  # forced: the same program on every platform
+        plan, _ = _choose(*conv_args, mode=mode, platform="cpu")
+        lhs, rhs = (jnp.asarray(lhs), jnp.asarray(rhs)) if plan is not None else (lhs, rhs)
+        return with_plan(plan, False)(lhs, rhs)
+    if not _wants_barrier(lhs, mode):
         return native(lhs, rhs)
+    cpu_conv = with_plan(*_choose(*conv_args, mode=mode, platform="cpu"))
 
-    def patches(x, k):
-        return conv_patches(x, k, plan, feature_group_count, precision, preferred_element_type)
+    def on_cpu(x, k):
+        return cpu_conv(fusion_barrier(x, k), k)
 
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    if derivatives_only:
-        return native_value_fast_derivatives(native, patches, lhs, rhs)
-    return patches(lhs, rhs)
+    traced_for = traced_platform()
+    if traced_for is not None:  # inside a program traced once per platform: a plain choice
+        return on_cpu(lhs, rhs) if traced_for == "cpu" else native(lhs, rhs)
+    # The platform the program is lowered for picks the branch (XLA never sees the other):
+    # a program exported for cuda or tpu from a CPU host holds only the native convolution.
+    return lax.platform_dependent(jnp.asarray(lhs), jnp.asarray(rhs), cpu=on_cpu, default=native)
