@@ -6,12 +6,15 @@ and the emulator lacks: the precondition ``ifGenerationMatch=0`` ("create
 only if absent"), answered 412 when the object exists. The workdir lock relies
 on it, so the tests would otherwise prove nothing about the lock. The server
 handles one request at a time, so the check and the write cannot interleave.
+Second, an object's download carries its generation in ``x-goog-generation``,
+as real GCS sends it: tensorstore (orbax's array reader) reads it from there.
 """
 
 import json
+import re
 import sys
 import time
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
@@ -57,6 +60,24 @@ def _handle_with_preconditions(self, method):
         _create_only = False
 
 
+_OBJECT_PATH = re.compile(r"^(?:/download)?/storage/v1/b/([^/]+)/o/([^?]+)")
+_end_headers = server.RequestHandler.end_headers
+
+
+def _end_headers_with_generation(self):
+    url = urlparse(self.path)
+    match = _OBJECT_PATH.match(url.path)
+    if self.command == "GET" and match and parse_qs(url.query).get("alt") == ["media"]:
+        try:
+            obj = self.storage.get_file_obj(match.group(1), unquote(match.group(2)))
+            self.send_header("x-goog-generation", str(obj["generation"]))
+            self.send_header("x-goog-metageneration", str(obj.get("metageneration", "1")))
+        except NotFound:
+            pass
+    _end_headers(self)
+
+
+server.RequestHandler.end_headers = _end_headers_with_generation
 Storage.create_file = _create_file_if_allowed
 server.Router.handle = _handle_with_preconditions
 
