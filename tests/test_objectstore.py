@@ -200,10 +200,20 @@ def test_a_missing_bucket_is_refused_in_one_line_before_anything_is_written(gcs)
     assert "no-such-bucket-here" not in [b.rstrip("/") for b in gcs.ls("", refresh=True)]
 
 
-def test_an_s3_workdir_is_refused_saying_why(gcs):
+def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is asked
     r = _cli(DIGITS + ["--max_steps", "2", "--workdir", "s3://bucket/run"])
     assert r.returncode == 2
-    assert "s3://" in r.stderr and "gs:// only" in r.stderr
+    assert "s3://bucket/run" in r.stderr and "gs:// only" in r.stderr
+    assert not (REPO / "s3:").exists()
+
+
+def test_a_bucket_sweep_dir_is_refused_not_made_a_local_folder():
+    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", "gs://b/sweep",
+                        "--methods", "random", "--sparsities", "0.5", "--seeds", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "gs://b/sweep" in r.stderr and "must be a local path" in r.stderr
+    assert not (REPO / "gs:").exists()
 
 
 # The CLI with its train step patched to send the process `sig` right after step `at`
