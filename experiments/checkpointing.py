@@ -16,18 +16,25 @@ so a run killed mid-save leaves the previous checkpoint intact. A checkpoint
 damaged afterwards (a truncated or corrupted file, missing metadata) is moved
 aside to ``<workdir>/checkpoints.damaged/`` by :meth:`Checkpointer.restore_newest`,
 which then tries the next older one.
+
+The workdir may be a ``gs://`` URL: orbax writes there natively (tensorstore's
+GCS driver; a step is complete once its ``commit_success.txt`` exists, since
+an object store has no atomic rename), and moving a damaged step aside is a
+copy and delete of its objects (``experiments.paths.move``). Orbax 0.12.8
+has no ``s3://`` checkpoint path (its array writer takes a local path or
+``gs://``), so an ``s3://`` workdir is refused by the runner.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from experiments import paths
 
 PyTree = Any
 DAMAGED_DIR = "checkpoints.damaged"
@@ -45,8 +52,8 @@ class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` for (state, meta) pairs."""
 
     def __init__(self, workdir: str, max_to_keep: int = 3) -> None:
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.workdir = paths.absolute(workdir)
+        self.directory = paths.join(self.workdir, "checkpoints")
         self.manager = _manager(
             self.directory, max_to_keep=max_to_keep, create=True,
             # Remove half-written steps left by a killed run.
@@ -101,19 +108,19 @@ class Checkpointer:
         if failures:
             raise NoUsableCheckpoint(
                 f"no checkpoint in {self.directory} restores:\n" + "\n".join(failures)
-                + f"\nthe damaged ones are in {os.path.join(self.workdir, DAMAGED_DIR)}; "
+                + f"\nthe damaged ones are in {paths.join(self.workdir, DAMAGED_DIR)}; "
                 "rerun with --overwrite to start over")
         return None
 
     def _move_aside(self, step: int) -> str:
-        src = os.path.join(self.directory, str(step))
-        dst_dir = os.path.join(self.workdir, DAMAGED_DIR)
-        os.makedirs(dst_dir, exist_ok=True)
-        dst = os.path.join(dst_dir, str(step))
+        src = paths.join(self.directory, str(step))
+        dst_dir = paths.join(self.workdir, DAMAGED_DIR)
+        paths.makedirs(dst_dir)
+        dst = paths.join(dst_dir, str(step))
         n = 1
-        while os.path.exists(dst):
-            dst, n = os.path.join(dst_dir, f"{step}.{n}"), n + 1
-        shutil.move(src, dst)
+        while paths.exists(dst):
+            dst, n = paths.join(dst_dir, f"{step}.{n}"), n + 1
+        paths.move(src, dst)
         self.manager.reload()
         return f"moved aside to {dst}"
 
@@ -142,7 +149,7 @@ def load_state(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
     For analysis and tests: no target structure is needed, so NamedTuples in the
     optimizer state come back as plain containers.
     """
-    manager = _manager(os.path.abspath(os.path.join(workdir, "checkpoints")), read_only=True,
+    manager = _manager(paths.absolute(paths.join(workdir, "checkpoints")), read_only=True,
                        create=False)
     step = manager.latest_step() if step is None else step
     if step is None:

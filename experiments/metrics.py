@@ -6,6 +6,13 @@ the loop reports; it also finds the first step whose loss or gradients were
 not finite. :class:`MetricWriter` appends to ``metrics.jsonl`` and TensorBoard
 event files, and on resume drops from both what a killed run wrote after its
 last checkpoint, so every step has one record.
+
+On an object store (a ``gs://`` or ``s3://`` workdir) nothing can be appended
+to: the writer keeps ``metrics.jsonl``'s lines in memory and rewrites the
+whole object at every write (one atomic PUT: a reader sees the old or the new
+file, never half a line), and TensorBoard events go to a local temporary
+directory whose files are uploaded whole at every flush. Truncation on resume
+reads the object, drops the records past the checkpoint and writes it back.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from experiments import distributed
+from experiments import distributed, paths
 from experiments.logging_utils import is_main_process
 from experiments.outputs import write_text
 
@@ -71,9 +79,13 @@ class MetricWriter:
 
     def __init__(self, workdir: str) -> None:
         self.enabled = is_main_process()
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb_dir = os.path.join(workdir, "tensorboard")
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self.tb_dir = paths.join(workdir, "tensorboard")
         self._tb = None
+        self.remote = paths.is_url(workdir)
+        self._lines: Optional[list[str]] = None  # metrics.jsonl as written so far (remote only)
+        # On an object store TensorFlow writes its events here; flush() uploads them.
+        self._local_tb = tempfile.mkdtemp(prefix="grasp-jax-tb-") if self.remote else None
 
     def _writer(self):
         if self._tb is None:
@@ -83,7 +95,7 @@ class MetricWriter:
             from tensorflow.core.framework import summary_pb2
 
             self._tf = tf
-            self._tb = tf.summary.create_file_writer(self.tb_dir)
+            self._tb = tf.summary.create_file_writer(self._local_tb or self.tb_dir)
             # What tf.summary.scalar attaches, spelled out so that writing does not
             # import the tensorboard package (tensorflow-cpu does not install it).
             self._scalar_metadata = summary_pb2.SummaryMetadata(
@@ -94,25 +106,39 @@ class MetricWriter:
         """Drop every record past ``step`` (written by a run killed after its last checkpoint)."""
         if not self.enabled:
             return
-        if os.path.exists(self.path):
+        if paths.exists(self.path):
             kept = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line).get("step", 0) <= step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except json.JSONDecodeError:  # a line cut short by a kill
-                        continue
+            for line in paths.read_text(self.path).splitlines(keepends=True):
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
             write_text(self.path, "".join(kept))
-        _truncate_event_files(self.tb_dir, step)
+            if self.remote:
+                self._lines = kept
+        if self.remote:
+            _truncate_remote_event_files(self.tb_dir, step)
+        else:
+            _truncate_event_files(self.tb_dir, step)
+
+    def _append(self, line: str) -> None:
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(line)
+            return
+        if self._lines is None:  # a fresh run, or one that never truncated
+            self._lines = (paths.read_text(self.path).splitlines(keepends=True)
+                           if paths.exists(self.path) else [])
+        self._lines.append(line)
+        write_text(self.path, "".join(self._lines))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         writer = self._writer()
         tf = self._tf
         with writer.as_default(step=int(step)):
@@ -124,10 +150,21 @@ class MetricWriter:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+            self._upload_events()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        """Copy each local event file whole to the workdir's ``tensorboard/`` (remote only)."""
+        if self._local_tb is None:
+            return
+        for name in sorted(os.listdir(self._local_tb)):
+            with open(os.path.join(self._local_tb, name), "rb") as f:
+                data = f.read()
+            paths.write_bytes(paths.join(self.tb_dir, name), data)
 
 
 def _truncate_event_files(tb_dir: str, step: int) -> None:
@@ -160,6 +197,27 @@ def _truncate_event_files(tb_dir: str, step: int) -> None:
                 for record in kept:
                     w.write(record)
             os.replace(tmp, path)
+
+
+def _truncate_remote_event_files(tb_dir: str, step: int) -> None:
+    """:func:`_truncate_event_files` for a ``tensorboard/`` on an object store: each
+    event file is fetched into a local directory, truncated there, and written back
+    whole when it changed."""
+    if not paths.isdir(tb_dir):
+        return
+    with tempfile.TemporaryDirectory() as local:
+        names = [n for n in paths.listdir(tb_dir) if n.startswith("events.out.tfevents.")]
+        before = {}
+        for name in names:
+            before[name] = paths.read_bytes(paths.join(tb_dir, name))
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(before[name])
+        _truncate_event_files(local, step)
+        for name in names:
+            with open(os.path.join(local, name), "rb") as f:
+                after = f.read()
+            if after != before[name]:
+                paths.write_bytes(paths.join(tb_dir, name), after)
 
 
 def _plain(v: Any) -> Any:

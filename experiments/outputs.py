@@ -1,7 +1,8 @@
 """A run's and a sweep's small outputs: files written atomically, plots without
 a display, durations as people read them.
 
-Every file goes to a temporary name and is renamed onto its path, so a reader
+Every file goes to a temporary name and is renamed onto its path (or, on an
+object store, is one whole-object write: ``experiments.paths``), so a reader
 (or a process killed mid-write) never sees half a file. Only the standard
 library here (matplotlib is imported on first use), so that
 ``experiments.sweep --report_only`` can use it without loading JAX or orbax.
@@ -10,25 +11,20 @@ library here (matplotlib is imported on first use), so that
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-
-def _tmp(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
+from experiments import paths
 
 
 def write_bytes_with(path: str, writer: Callable[[BinaryIO], Any]) -> None:
-    """``writer(file)`` into a temporary file, then rename onto ``path``."""
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        writer(f)
-    os.replace(tmp, path)
+    """``writer(file)`` into a temporary file, then rename onto ``path`` (one object
+    write on ``gs://`` / ``s3://``)."""
+    paths.write_bytes_with(path, writer)
 
 
 def write_text(path: str, text: str) -> None:
-    write_bytes_with(path, lambda f: f.write(text.encode()))
+    paths.write_text(path, text)
 
 
 def pyplot() -> Any:

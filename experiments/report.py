@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 import grasp_jax as gj
 from grasp_jax.prunable import named_leaves
 
+from experiments import paths
 from experiments.configs import Config
 from experiments.outputs import pyplot, save_png, write_bytes_with, write_text
 
@@ -77,9 +79,18 @@ SPARSE_PARAMS = "sparse_params.npz"
 def save_sparse_params(path: str, params: PyTree, masks: PyTree) -> int:
     """``gj.save_sparse`` of the trained network, atomically; its size in bytes.
     ``gj.load_sparse(path)`` rebuilds the dense params."""
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    size = gj.save_sparse(tmp, params, masks)
-    os.replace(tmp, path)
+    if not paths.is_url(path):
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        size = gj.save_sparse(tmp, params, masks)
+        os.replace(tmp, path)
+        return size
+    # An object store: build the artifact in a local temporary file, then one object write.
+    with tempfile.TemporaryDirectory() as local:
+        tmp = os.path.join(local, SPARSE_PARAMS)
+        size = gj.save_sparse(tmp, params, masks)
+        with open(tmp, "rb") as f:
+            data = f.read()
+    write_bytes_with(path, lambda f: f.write(data))
     return size
 
 

@@ -13,12 +13,11 @@ there is anything to save).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 
-from experiments import checkpointing, configs, distributed, train
+from experiments import checkpointing, configs, distributed, paths, train
 from experiments import workdir as workdirs
 from experiments.logging_utils import log
 from experiments.signals import Stopped, StopSignals
@@ -74,11 +73,11 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
     if status:
         return status, {}
     try:
-        fresh = overwrite or not os.path.isdir(os.path.join(workdir, "checkpoints"))
+        fresh = overwrite or not paths.isdir(paths.join(workdir, "checkpoints"))
         if main:
             workdirs.prepare(workdir, config, overwrite)
         _sync("prepare_workdir")  # the others wait until process 0 has set the workdir up
-        log(f"workdir {os.path.abspath(workdir)}")
+        log(f"workdir {paths.absolute(workdir)}")
         log("config " + json.dumps(config.to_dict(), sort_keys=True))
         with StopSignals() as signals:
             results = train.train_and_evaluate(config, workdir, allow_layer_collapse, signals)

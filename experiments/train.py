@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -41,6 +40,7 @@ from experiments import (
     devices,
     distributed,
     methods,
+    paths,
     report,
     steps,
 )
@@ -144,7 +144,7 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
         flow = data_scoring.gradient_flow_report(config, model, dense, variables, masks,
                                                  jax.random.fold_in(score_key, 3), log=log)
         if is_main_process():
-            report.write_json(os.path.join(workdir, "gradient_flow.json"), flow)
+            report.write_json(paths.join(workdir, "gradient_flow.json"), flow)
     state = steps.create_state(variables, masks, steps.make_optimizer(config, masks), step_key)
     return state, {"best_test_accuracy": None, "best_step": None}, 0
 
@@ -167,9 +167,9 @@ def write_pruning_outputs(workdir: str, config: Config, masks: PyTree,
     """sparsity.md, density.png and masks.npz, layers in ``order`` (network order)."""
     sparsity = report.in_network_order(gj.sparsity_report(masks), order)
     if is_main_process():
-        report.write_sparsity_markdown(os.path.join(workdir, "sparsity.md"), sparsity, config)
-        report.save_density_plot(os.path.join(workdir, "density.png"), sparsity, config)
-        report.save_masks(os.path.join(workdir, "masks.npz"), masks,
+        report.write_sparsity_markdown(paths.join(workdir, "sparsity.md"), sparsity, config)
+        report.save_density_plot(paths.join(workdir, "density.png"), sparsity, config)
+        report.save_masks(paths.join(workdir, "masks.npz"), masks,
                           [layer.name for layer in sparsity.layers])
     return sparsity
 
@@ -345,10 +345,9 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
         "ablation": config.ablation, "preempted": outcome.status == "stopped",
         "compute_dtype": config.compute_dtype,
     }
-    flow_path = os.path.join(workdir, "gradient_flow.json")
-    if os.path.exists(flow_path):  # written once, before training; kept across resumes
-        with open(flow_path) as f:
-            results["gradient_flow"] = json.load(f)
+    flow_path = paths.join(workdir, "gradient_flow.json")
+    if paths.exists(flow_path):  # written once, before training; kept across resumes
+        results["gradient_flow"] = json.loads(paths.read_text(flow_path))
     if outcome.status == "diverged":
         good = ckpt.latest_step()
         results.update(diverged_at_step=outcome.diverged_at_step,
@@ -366,9 +365,9 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
     if is_main_process() and outcome.final is not None:
         # The pruned network as a sparse artifact: kept weights and their positions.
         results["sparse_params_bytes"] = report.save_sparse_params(
-            os.path.join(workdir, report.SPARSE_PARAMS), **outcome.final)
+            paths.join(workdir, report.SPARSE_PARAMS), **outcome.final)
     if is_main_process() and outcome.status != "stopped":
-        report.write_json(os.path.join(workdir, "results.json"), results)
+        report.write_json(paths.join(workdir, "results.json"), results)
     if outcome.status == "done":
         log(f"done: final test accuracy {results['final_test_accuracy']:.2%}, best "
             f"{results['best_test_accuracy']:.2%}, sparsity {results['sparsity_reached']:.4%}, "

@@ -7,6 +7,10 @@
   holder's PID, host and start time, created exclusively before anything else
   is written. A lock whose process is gone (on this host) is taken over.
 * :func:`prepare` clears an old run when asked and saves the config.
+
+A workdir may be a ``gs://`` or ``s3://`` URL (the hosts of a TPU pod share no
+file system); every file goes through ``experiments.paths``, and on an object
+store the lock is a conditional create (see :func:`paths.create_exclusive`).
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import tempfile
 import time
 from typing import Optional
 
-from experiments import configs
+from experiments import configs, paths
 from experiments.outputs import write_text
 
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
@@ -46,6 +49,13 @@ def unusable(path: str) -> Optional[str]:
     """
     if not path.strip():
         return "is empty"
+    if path.startswith("s3://"):
+        # Orbax 0.12.8's array writer takes a local path or gs:// only (tensorstore's
+        # s3 driver is not wired in), so checkpoints could not be written there.
+        return ("is an s3:// URL: checkpoints (orbax 0.12.8) can be written to a local path "
+                "or gs:// only")
+    if paths.is_url(path):
+        return paths.unusable_url(path)
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     probe_dir = path
@@ -70,11 +80,10 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
     the run-control ones (``configs.RUN_CONTROL_FIELDS``), which do not change
     the training trajectory.
     """
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    path = paths.join(workdir, "config.json")
+    if paths.exists(path):
         try:
-            with open(path) as f:
-                saved = configs.Config.from_dict(json.load(f))
+            saved = configs.Config.from_dict(json.loads(paths.read_text(path)))
         except (OSError, ValueError, TypeError) as e:
             return f"{path} cannot be read ({e})"
         diff = configs.differences(saved, config)
@@ -82,7 +91,7 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
             lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in diff)
             return f"{workdir} holds a run with a different configuration:\n{lines}"
         return None
-    if os.path.exists(os.path.join(workdir, "checkpoints")):
+    if paths.exists(paths.join(workdir, "checkpoints")):
         return f"{workdir} holds checkpoints but no config.json to check them against"
     return None
 
@@ -90,19 +99,15 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
 def clear_run(workdir: str) -> None:
     """Remove the files a run owns (:data:`RUN_FILES`) from ``workdir``, nothing else."""
     for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+        paths.remove_tree(paths.join(workdir, name))
 
 
 def prepare(workdir: str, config: configs.Config, overwrite: bool) -> None:
     """Clear the old run if asked, then save the config (process 0 only)."""
     if overwrite:
         clear_run(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    write_text(os.path.join(workdir, "config.json"), config.to_json())
+    paths.makedirs(workdir)
+    write_text(paths.join(workdir, "config.json"), config.to_json())
 
 
 class LockHeld(RuntimeError):
@@ -123,7 +128,8 @@ class Lock:
     """``<workdir>/run.lock``: one run per workdir.
 
     :meth:`acquire` creates the workdir if needed and the lock file
-    exclusively (``O_EXCL``, atomic on POSIX file systems); it raises LockHeld
+    exclusively (``O_EXCL``, atomic on POSIX file systems; on an object store a
+    write the store refuses once the object exists); it raises LockHeld
     naming the holder when a live process holds it, and takes over a lock
     whose process is gone from this host. :meth:`release` removes it (only if
     it is still ours).
@@ -131,30 +137,27 @@ class Lock:
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK_FILE)
+        self.path = paths.join(workdir, LOCK_FILE)
         self.created_workdir = False
         self.held = False
         self.took_over: Optional[str] = None  # a line describing a stale holder, if any
 
     def _holder(self) -> Optional[dict]:
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            return json.loads(paths.read_text(self.path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}  # being written right now, or damaged
 
     def acquire(self) -> None:
-        if not os.path.isdir(self.workdir):
-            os.makedirs(self.workdir)
+        if not paths.isdir(self.workdir):
+            paths.makedirs(self.workdir)
             self.created_workdir = True
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+            if not paths.create_exclusive(self.path, json.dumps(me).encode()):
                 holder = self._holder()
                 if holder is None:
                     continue  # released in between: try again
@@ -162,11 +165,9 @@ class Lock:
                     self.took_over = (f"took over the lock of process {holder.get('pid')} on "
                                       f"{holder.get('host')} (started {holder.get('started')}), "
                                       "which is gone")
-                    os.remove(self.path)
+                    paths.remove(self.path)
                     continue
                 raise LockHeld(self._describe(holder)) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return
         raise LockHeld(f"{self.path} keeps changing hands; is another run starting there?")
@@ -185,11 +186,13 @@ class Lock:
 
     def release(self) -> None:
         if self.held and (self._holder() or {}).get("pid") == os.getpid():
-            os.remove(self.path)
+            paths.remove(self.path)
         self.held = False
 
     def discard_workdir_if_created(self) -> None:
         """After a refusal: leave no trace of a workdir this lock created."""
         self.release()
+        if paths.is_url(self.workdir):
+            return  # a prefix with no objects under it does not exist
         if self.created_workdir and os.path.isdir(self.workdir) and not os.listdir(self.workdir):
             os.rmdir(self.workdir)

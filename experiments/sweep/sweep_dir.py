@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from experiments import paths
+
 
 def _nearest_existing(path: str) -> str:
     path = os.path.abspath(path)
@@ -23,6 +25,10 @@ def sweep_dir_problem(path: str, *, must_exist: bool = False) -> str | None:
     """
     if not path:
         return "is empty"
+    if paths.is_url(path):
+        # The cells' logs are appended to while they run, and the report reads them back:
+        # both still use local files. A URL is refused rather than made a local folder.
+        return "is a bucket URL: a sweep directory must be a local path for now"
     if os.path.lexists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     if os.path.isdir(path):

@@ -1,0 +1,248 @@
+"""One path layer for every file a run or a sweep touches: local paths, ``gs://`` and ``s3://``.
+
+The hosts of a TPU pod share no file system, so a workdir may be a bucket URL.
+Local paths go through ``os`` exactly as before (byte-for-byte the same files,
+renames for atomicity, ``O_EXCL`` for the lock); URLs go through
+``etils.epath`` (the path library orbax itself uses) on fsspec's ``gcsfs`` /
+``s3fs``. What differs on an object store, and why it is still safe:
+
+* **No directories.** A "directory" is a key prefix: it exists once an object
+  under it does; :func:`makedirs` is a no-op there.
+* **Atomic writes.** An object appears whole or not at all (a single PUT), so
+  :func:`write_bytes_with` builds the bytes in memory and writes them in one
+  request: a reader never sees half a ``results.json``. There is no rename
+  (a "move" is copy + delete of every object); nothing here relies on one.
+* **Create-if-absent.** :func:`create_exclusive` is a conditional write: GCS
+  ``ifGenerationMatch=0``, S3 ``If-None-Match: *``; the store refuses the
+  second writer (HTTP 412), which is what makes the workdir lock atomic.
+
+``EPATH_USE_TF=false`` is set here unless the user set it: etils would
+otherwise reach ``gs://`` through TensorFlow's GCS file system, which has no
+conditional write and knows no ``s3://`` at all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any, BinaryIO, Optional
+
+URL_SCHEMES = ("gs://", "s3://")
+
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+
+def _no_listings_cache() -> None:
+    """Every listing asks the store: a cached one would hide checkpoints that another
+    process (or this one, through orbax) wrote since, and resume from an older step."""
+    try:
+        import fsspec.config
+    except ImportError:  # then no URL can be opened at all, and is_url paths say so
+        return
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listings_cache()
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names an object store (``gs://`` or ``s3://``) rather than a local path."""
+    return str(path).startswith(URL_SCHEMES)
+
+
+def _epath(path: str) -> Any:
+    from etils import epath  # imported on first use: local runs need none of fsspec
+
+    return epath.Path(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """``os.path.join`` for local paths; ``/``-joined keys for URLs."""
+    if not is_url(base):
+        return os.path.join(base, *parts)
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def absolute(path: str) -> str:
+    """The absolute local path, or the URL unchanged (a URL is never made a local folder)."""
+    return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    return _epath(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly under ``path`` (for a URL: objects and prefixes one level down)."""
+    if not is_url(path):
+        return os.listdir(path)
+    return [p.name for p in _epath(path).iterdir()]
+
+
+def makedirs(path: str) -> None:
+    """Create ``path`` and its parents locally; nothing to do on an object store."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file or a directory tree at ``path``, if there is one."""
+    if is_url(path):
+        p = _epath(path)
+        if p.is_dir():
+            p.rmtree()
+        elif p.exists():
+            p.unlink()
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def remove(path: str) -> None:
+    """Remove the file at ``path`` (FileNotFoundError if absent)."""
+    if is_url(path):
+        p = _epath(path)
+        if not p.exists():
+            raise FileNotFoundError(path)
+        p.unlink()
+    else:
+        os.remove(path)
+
+
+def move(src: str, dst: str) -> None:
+    """Move a file or a tree. On an object store a copy of every object, then a delete."""
+    if not is_url(src):
+        shutil.move(src, dst)
+        return
+    fs, _ = _filesystem(src)
+    prefix = src.rstrip("/")
+    objects = fs.find(prefix)  # every object under the prefix, or the object itself
+    for key in objects:
+        relative = key.rstrip("/")[len(fs._strip_protocol(prefix)):].lstrip("/")
+        fs.cp_file(key, join(dst, relative) if relative else dst)
+    fs.rm(objects)
+
+
+def read_bytes(path: str) -> bytes:
+    if is_url(path):
+        p = _epath(path)
+        if not p.exists():
+            raise FileNotFoundError(path)
+        return p.read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode()
+
+
+def write_bytes_with(path: str, writer: Callable[[BinaryIO], Any]) -> None:
+    """``writer(file)``, then the result lands at ``path`` whole or not at all.
+
+    Locally: into ``<path>.tmp-<pid>``, renamed onto ``path``. On an object
+    store: into memory, then one PUT (an object is atomic per write).
+    """
+    if is_url(path):
+        buffer = io.BytesIO()
+        writer(buffer)
+        _epath(path).write_bytes(buffer.getvalue())
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        writer(f)
+    os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    write_bytes_with(path, lambda f: f.write(data))
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Write ``data`` at ``path`` only if nothing is there; False if something is.
+
+    Atomic: locally ``O_CREAT | O_EXCL``; on GCS a write with
+    ``ifGenerationMatch=0``, on S3 one with ``If-None-Match: *`` (fsspec's
+    ``mode="create"``), which the store refuses once the object exists.
+    """
+    if not is_url(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    fs, key = _filesystem(path)
+    try:
+        fs.pipe_file(key, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if _is_precondition_failure(e):
+            return False
+        raise
+    return True
+
+
+def _is_precondition_failure(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e} {getattr(e, 'code', '')}"
+    return "412" in text or "PreconditionFailed" in text or "conditionNotMet" in text
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """(the fsspec file system epath uses for ``url``, the key within it)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    return fsspec.filesystem(protocol), url
+
+
+def unusable_url(url: str) -> Optional[str]:
+    """Why a ``gs://`` or ``s3://`` URL cannot hold a run's files, or None.
+
+    Writes a probe object and removes it, so that no credentials, no such
+    bucket, no network and no permission are all found before anything else
+    is written. The answer is one line naming the cause.
+    """
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        return "names no bucket"
+    probe = join(url, f".write-probe-{os.getpid()}")
+    try:
+        _epath(probe).write_bytes(b"")
+        _epath(probe).unlink()
+    except Exception as e:  # noqa: BLE001 - every client error becomes one line with its cause
+        return f"cannot be written ({describe_error(e, bucket)})"
+    return None
+
+
+def describe_error(e: BaseException, bucket: str) -> str:
+    """One line for a storage client's error: the likely cause first, then the client's words."""
+    text = " ".join(str(e).split())[:200]
+    lowered = f"{type(e).__name__} {text}".lower()
+    no_bucket = "bucket" in lowered and "not" in lowered and "found" in lowered
+    if "nosuchbucket" in lowered or no_bucket or isinstance(e, FileNotFoundError):
+        cause = f"no such bucket {bucket!r}"
+    elif any(w in lowered for w in ("credential", "unauthenticated", "401", "token", "signature")):
+        cause = "no usable credentials"
+    elif any(w in lowered for w in ("403", "forbidden", "accessdenied", "permission")):
+        cause = "permission denied"
+    elif any(w in lowered for w in ("connect", "resolve", "unreachable", "timed out", "timeout",
+                                    "name or service")):
+        cause = "no network connection to the store"
+    else:
+        cause = type(e).__name__
+    return f"{cause}: {text}" if text else cause
