@@ -1,5 +1,5 @@
-"""How the data-dependent criteria (GraSP, SNIP) and the gradient-flow report
-meet the network, the data and the devices.
+"""How the data-dependent criteria (GraSP, SNIP, any core criterion that needs
+g or Hg) and the gradient-flow report meet the network, the data and the devices.
 
 Which images they see (class-balanced draws, or the first training batches),
 in which mode BatchNorm runs (training, each chunk normalized by its own
@@ -10,6 +10,7 @@ several.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -22,10 +23,39 @@ from grasp_jax import data, models
 from grasp_jax.prunable import named_leaves
 
 from experiments import distributed
-from experiments.configs import Config, dataset_info
-from experiments.methods import Context
+from experiments.config_schema import Config, dataset_info
 
 PyTree = Any
+ScoreFn = Callable[[PyTree], PyTree]
+
+
+def never() -> bool:
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a score-function builder may use: the run's config, the network at
+    its initialization, a key for the criterion's own randomness, a logger, and
+    ``stop_requested()``, which long scoring polls between batches (on every
+    process at the same points: it may be a collective) to raise
+    ``signals.Stopped``."""
+
+    config: Config
+    model: nn.Module
+    variables: PyTree  # {"params": ..., "batch_stats": ...}
+    key: jax.Array
+    image_shape: tuple[int, ...]
+    log: Callable[[str], None] = print
+    stop_requested: Callable[[], bool] = never
+
+    @property
+    def params(self) -> PyTree:
+        return self.variables["params"]
+
+    @property
+    def batch_stats(self) -> PyTree:
+        return self.variables.get("batch_stats", {})
 
 # The pmap axis of data-parallel scoring.
 SCORE_AXIS = "score"
@@ -114,11 +144,11 @@ def deal_chunks(batch: dict[str, np.ndarray], num_chunks: int,
     return out
 
 
-def data_parallel_scorer(scorer: Callable[..., PyTree], loss_fn: Callable,
+def data_parallel_scorer(criterion: gj.criteria.Criterion, loss_fn: Callable,
                          batch: dict[str, np.ndarray],
                          num_chunks: int) -> Callable[[PyTree], PyTree]:
-    """``params -> scores`` of ``scorer`` (grasp_scores or snip_scores) over
-    every device of every process.
+    """``params -> scores`` of a data-dependent core ``criterion`` over every device of
+    every process.
 
     Each process puts the chunks of its own devices on them (their positions
     in ``jax.devices()``, the same list on every process); the core sums g and
@@ -132,7 +162,8 @@ def data_parallel_scorer(scorer: Callable[..., PyTree], loss_fn: Callable,
     per_device = chunks_per_device(num_chunks, len(devices))
 
     def score(params, chunks):
-        return scorer(params, loss_fn, chunks, num_microbatches=per_device, axis_name=SCORE_AXIS)
+        return gj.scores(criterion, params, loss_fn, chunks, num_microbatches=per_device,
+                         axis_name=SCORE_AXIS)
 
     p_score = jax.pmap(score, axis_name=SCORE_AXIS, in_axes=(None, 0))
 
@@ -176,16 +207,10 @@ def reinit_dense_kernels(params: PyTree, key: jax.Array, layers: str = "all",
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def data_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree], PyTree]:
-    """``params -> scores`` of a data-dependent core scorer (grasp_scores,
-    snip_scores) on the config's scoring data, chunks and devices."""
+def on_scoring_copy(ctx: Context, scores_of: ScoreFn) -> ScoreFn:
+    """``scores_of``, applied to the re-drawn scoring copy when the config asks for one
+    (``score_reinit_dense``; see :func:`reinit_dense_kernels`)."""
     config = ctx.config
-    if config.score_batches:
-        from experiments import streamed_scoring
-
-        scores_of = streamed_scoring.streamed_scorer(ctx, scorer)
-    else:
-        scores_of = _in_memory_scorer(ctx, scorer)
     if not config.score_reinit_dense:
         return scores_of
     reinit_key = jax.random.fold_in(ctx.key, 1)
@@ -200,8 +225,9 @@ def reinit_note(config: Config) -> str:
     return f", {config.score_reinit_layers} dense layer(s) re-drawn Xavier-normal"
 
 
-def _in_memory_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree], PyTree]:
-    """Class-balanced draws, all in host memory, scored in ``2 * draws`` equal chunks."""
+def in_memory_scorer(ctx: Context, criterion: gj.criteria.Criterion) -> ScoreFn:
+    """``params -> scores`` of a data-dependent core ``criterion`` on the class-balanced
+    draws, all in host memory, in ``2 * draws`` equal chunks."""
     config = ctx.config
     batch = scoring_batch(config)
     k = config.num_score_microbatches
@@ -213,12 +239,12 @@ def _in_memory_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[
     if jax.device_count() > 1:
         ctx.log(f"  data-parallel: {chunks_per_device(k, jax.device_count())} chunk(s) per "
                 f"device on {jax.device_count()} devices")
-        scores_of = data_parallel_scorer(scorer, loss_fn, batch, k)
+        scores_of = data_parallel_scorer(criterion, loss_fn, batch, k)
     else:
         # Left in host memory: the core feeds an eager call chunk by chunk, so
         # the device holds one chunk at a time.
         def scores_of(p):
-            return scorer(p, loss_fn, batch, num_microbatches=k)
+            return gj.scores(criterion, p, loss_fn, batch, num_microbatches=k)
 
     return scores_of
 

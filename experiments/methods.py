@@ -1,14 +1,17 @@
 """The pruning criteria a run can use: one registry entry each.
 
-An entry says everything the runner needs to know about a criterion: its name
-(the ``--method`` choice), which end of its ranking is pruned, the config
-values it implies (GraSP's temperature, SynFlow's rounds) and how it builds
-``params -> scores`` from the network and the data. Adding a criterion is one
-:func:`register` call with its score-function builder::
+An entry points at a core criterion (``grasp_jax.criteria.CRITERIA``: its
+direction, what it needs from the data and how its scores come from g and Hg)
+and adds what only the runner knows: its ``--method`` name, a summary, the
+config values it implies (GraSP's temperature, SynFlow's rounds) and, for a
+data-free criterion, how it builds ``params -> scores`` from the network. A
+data-dependent criterion needs no builder: the runner scores it on the
+config's data, in memory or streamed, on one device or several, in one pass
+or two from what the core entry needs. Adding a criterion is one core entry
+and one line here::
 
-    methods.register(methods.Method(
-        name="my_score", direction="lowest", summary="|θ| + noise",
-        build=lambda ctx: lambda params: my_scores(params, ctx.key)))
+    gj.criteria.register(gj.criteria.Criterion("my_score", "lowest", "gradient", my_from_sums))
+    methods.register(methods.Method("my_score", "my_score", "θ² · |g|"))
 
 The CLI's choices, the sweep's names and the README's method table all come
 from :data:`REGISTRY`.
@@ -19,65 +22,61 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
 
 import grasp_jax as gj
 
+from experiments import ablations, config_schema, data_scoring, streamed_scoring
+from experiments.config_schema import Config
+from experiments.data_scoring import Context, never
 from experiments.signals import Stopped
-
-if TYPE_CHECKING:  # the config imports this registry, not the other way round
-    import flax.linen as nn
-    import jax
-
-    from experiments.configs import Config
 
 PyTree = Any
 ScoreFn = Callable[[PyTree], PyTree]
 
 
-def never() -> bool:
-    return False
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What a score-function builder may use: the run's config, the network at
-    its initialization, a key for the criterion's own randomness, a logger, and
-    ``stop_requested()``, which long scoring polls between batches (on every
-    process at the same points: it may be a collective) to raise
-    ``signals.Stopped``."""
-
-    config: "Config"
-    model: "nn.Module"
-    variables: PyTree  # {"params": ..., "batch_stats": ...}
-    key: "jax.Array"
-    image_shape: tuple[int, ...]
-    log: Callable[[str], None] = print
-    stop_requested: Callable[[], bool] = never
-
-    @property
-    def params(self) -> PyTree:
-        return self.variables["params"]
-
-    @property
-    def batch_stats(self) -> PyTree:
-        return self.variables.get("batch_stats", {})
-
-
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One criterion. ``build`` is None for a method that prunes nothing (dense)."""
+    """One ``--method``: the core criterion it prunes by (None for a method that prunes
+    nothing: dense), a one-line summary for --help and the README, and the config values
+    it implies. ``build`` makes ``params -> scores`` from a :class:`Context`; a
+    data-dependent criterion may leave it out (the runner scores it on the config's data,
+    :func:`data_scorer`), a data-free one must give it."""
 
     name: str
-    direction: Optional[str]  # "highest" or "lowest": the end of the ranking removed
-    summary: str  # one line for --help and the README
+    criterion: Optional[str]  # a name in gj.criteria.CRITERIA
+    summary: str
     build: Optional[Callable[[Context], ScoreFn]] = None
     preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    needs_data: bool = False  # scores on training images (then a scoring batch is read)
 
     @property
     def prunes(self) -> bool:
-        return self.build is not None
+        return self.criterion is not None
+
+    @property
+    def core(self) -> gj.criteria.Criterion:
+        """The core criterion's entry."""
+        return gj.criteria.get(self.criterion)
+
+    @property
+    def direction(self) -> Optional[str]:
+        """The end of the ranking removed: the core criterion's ("highest" or "lowest")."""
+        return self.core.direction if self.prunes else None
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether it scores on training images (then scoring data is read)."""
+        return self.prunes and self.core.needs != "none"
+
+    def score_fn(self, ctx: Context) -> ScoreFn:
+        """``params -> scores`` for a run: the entry's builder, or the core criterion
+        scored on the config's data."""
+        if self.build is not None:
+            return self.build(ctx)
+        return data_scorer(ctx, self.core)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -87,9 +86,14 @@ def register(method: Method) -> Method:
     """Add ``method`` to the registry (a ValueError if its name is taken)."""
     if method.name in REGISTRY:
         raise ValueError(f"a method named {method.name!r} is already registered")
-    if method.prunes and method.direction not in ("highest", "lowest"):
-        raise ValueError(f"method {method.name!r}: direction must be 'highest' or 'lowest', "
-                         f"got {method.direction!r}")
+    if method.prunes:
+        if method.criterion not in gj.criteria.CRITERIA:
+            raise ValueError(f"method {method.name!r}: criterion {method.criterion!r} is not in "
+                             f"grasp_jax.criteria.CRITERIA (register it there first); known: "
+                             f"{sorted(gj.criteria.CRITERIA)}")
+        if method.build is None and not method.needs_data:
+            raise ValueError(f"method {method.name!r}: the data-free criterion "
+                             f"{method.criterion!r} needs a build (params -> scores)")
     REGISTRY[method.name] = method
     return method
 
@@ -115,25 +119,22 @@ def markdown_table() -> str:
 
 
 # --------------------------------------------------------------------------
+# Data-dependent criteria on the config's data.
+
+
+def data_scorer(ctx: Context, criterion: gj.criteria.Criterion) -> ScoreFn:
+    """``params -> scores`` of a data-dependent core criterion on the config's scoring
+    data: streamed over ``score_batches`` training batches when set, else the
+    class-balanced draws in memory; on every device; on the re-drawn copy when set."""
+    if ctx.config.score_batches:
+        scores_of = streamed_scoring.streamed_scorer(ctx, criterion)
+    else:
+        scores_of = data_scoring.in_memory_scorer(ctx, criterion)
+    return data_scoring.on_scoring_copy(ctx, scores_of)
+
+
+# --------------------------------------------------------------------------
 # The criteria of the paper's comparison.
-
-
-def _grasp(ctx: Context) -> ScoreFn:
-    from experiments import data_scoring
-
-    return data_scoring.data_scorer(ctx, gj.grasp_scores)
-
-
-def _grasp_abs(ctx: Context) -> ScoreFn:
-    from experiments import data_scoring
-
-    return data_scoring.data_scorer(ctx, gj.grasp_abs_scores)
-
-
-def _snip(ctx: Context) -> ScoreFn:
-    from experiments import data_scoring
-
-    return data_scoring.data_scorer(ctx, gj.snip_scores)
 
 
 def _synflow(ctx: Context) -> ScoreFn:
@@ -146,36 +147,33 @@ def _synflow(ctx: Context) -> ScoreFn:
     return lambda p: gj.synflow_scores(p, apply_fn, ctx.image_shape)
 
 
-register(Method("grasp", gj.criteria.PRUNE_DIRECTION["grasp"],
-                "S(-θ) = -θ ⊙ Hg (Wang et al., 2020)",
-                _grasp, needs_data=True,
+register(Method("grasp", "grasp", "S(-θ) = -θ ⊙ Hg (Wang et al., 2020)",
                 # pruner/GraSP.py: logits / T with T = 200, scored on a copy with
                 # Xavier-redrawn dense layers (reinit=True).
                 preset=dict(temperature=200.0, score_reinit_dense=True)))
-register(Method("grasp_abs", gj.criteria.PRUNE_DIRECTION["grasp_abs"],
-                "|θ ⊙ Hg|, gradient-norm preservation (Lubana & Dick, 2021)", _grasp_abs,
-                needs_data=True,
+register(Method("grasp_abs", "grasp_abs",
+                "|θ ⊙ Hg|, gradient-norm preservation (Lubana & Dick, 2021)",
                 # Scored exactly as GraSP (T = 200, the re-drawn copy), so that only
                 # the criterion differs in a comparison.
                 preset=dict(temperature=200.0, score_reinit_dense=True)))
-register(Method("snip", gj.criteria.PRUNE_DIRECTION["snip"], "|θ ⊙ g| (Lee et al., 2019)", _snip,
-                needs_data=True))
-register(Method("synflow", gj.criteria.PRUNE_DIRECTION["synflow"],
-                "|θ ⊙ ∂R/∂θ|, data-free (Tanaka et al., 2020)", _synflow,
+register(Method("snip", "snip", "|θ ⊙ g| (Lee et al., 2019)"))
+register(Method("synflow", "synflow", "|θ ⊙ ∂R/∂θ|, data-free (Tanaka et al., 2020)", _synflow,
                 # Tanaka et al., 2020, §6: 100 rounds on the exponential schedule.
                 preset=dict(rounds=100)))
-register(Method("magnitude", gj.criteria.PRUNE_DIRECTION["magnitude"], "|θ|",
-                lambda ctx: gj.magnitude_scores))
-register(Method("random", gj.criteria.PRUNE_DIRECTION["random"], "uniform noise",
+register(Method("magnitude", "magnitude", "|θ|", lambda ctx: gj.magnitude_scores))
+register(Method("random", "random", "uniform noise",
                 lambda ctx: lambda p: gj.random_scores(p, ctx.key)))
 register(Method("dense", None, "no pruning"))
+
+# The config schema offers the registry's names as --method choices.
+config_schema.CHOICE_SOURCES["method"] = names
 
 
 # --------------------------------------------------------------------------
 # From a criterion to masks.
 
 
-def polls_for_stop(config: "Config") -> bool:
+def polls_for_stop(config: Config) -> bool:
     """Whether :func:`compute_masks` checks ``stop_requested()`` while it runs: between
     rounds, or between the batches of a data-dependent criterion's streamed scoring."""
     method = get(config.method)
@@ -183,7 +181,7 @@ def polls_for_stop(config: "Config") -> bool:
                               or (method.needs_data and bool(config.score_batches)))
 
 
-def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: "jax.Array",
+def compute_masks(config: Config, model: nn.Module, variables: PyTree, key: jax.Array,
                   image_shape: tuple[int, ...], log: Callable[[str], None] = print,
                   stop_requested: Callable[[], bool] = never) -> PyTree:
     """Boolean keep-masks with the structure of ``variables['params']``.
@@ -191,20 +189,18 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
     A method that prunes nothing keeps everything; the others prune
     ``config.sparsity`` of the conv/dense kernels in ``config.rounds`` rounds
     (one-shot when 1) on ``config.prune_schedule``, ranked over
-    ``config.scope``. The ``invert`` and ``shuffle`` ablations are the core's
-    (:func:`grasp_jax.ablations.inverted_direction`, :func:`grasp_jax.ablations.shuffle_masks`).
+    ``config.scope``, with the ``invert`` and ``shuffle`` ablations applied
+    (``experiments.ablations``; ``reinit`` comes after, on the variables).
     Raises ``signals.Stopped`` when ``stop_requested()`` turns true between
     rounds (or between the batches of streamed scoring).
     """
-    import jax
-
     method = get(config.method)
     params = variables["params"]
     if not method.prunes:
         return jax.tree_util.tree_map(lambda p: jax.numpy.ones(p.shape, bool), params)
     start = time.time()
-    score_fn = method.build(Context(config, model, variables, key, tuple(image_shape), log,
-                                    stop_requested))
+    score_fn = method.score_fn(Context(config, model, variables, key, tuple(image_shape), log,
+                                       stop_requested))
     every = max(1, config.rounds // 10)
 
     def progress(r: int, s: float, _masks: PyTree) -> None:
@@ -213,9 +209,7 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
         if r < config.rounds and stop_requested():  # after the last round the masks are done
             raise Stopped(f"after round {r} of {config.rounds}")
 
-    direction = method.direction
-    if config.ablation == "invert":
-        direction = gj.ablations.inverted_direction(direction)
+    direction = ablations.pruning_direction(config, method.direction)
     tie_key = jax.random.fold_in(key, 4) if config.tie_break == "random" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -230,8 +224,7 @@ def compute_masks(config: "Config", model: "nn.Module", variables: PyTree, key: 
     for w in caught:  # into the run's log; a collapse is the runner's own check
         if not issubclass(w.category, gj.LayerCollapseWarning):
             log(f"warning: {w.message}")
-    if config.ablation == "shuffle":
-        masks = gj.ablations.shuffle_masks(masks, jax.random.fold_in(key, 2))
+    masks = ablations.ablated_masks(config, masks, key)
     masks = jax.block_until_ready(masks)
     note = "" if config.ablation == "none" else f" (ablation: {config.ablation})"
     log(f"pruned with {config.method}{note} in {time.time() - start:.1f}s")

@@ -31,9 +31,8 @@ import grasp_jax as gj
 from grasp_jax import data
 
 from experiments import distributed
-from experiments.configs import dataset_info
-from experiments.data_scoring import SCORE_AXIS, deal_chunks, make_loss_fn, reinit_note
-from experiments.methods import Context
+from experiments.config_schema import dataset_info
+from experiments.data_scoring import SCORE_AXIS, Context, deal_chunks, make_loss_fn, reinit_note
 from experiments.outputs import format_duration
 from experiments.signals import Stopped
 
@@ -56,16 +55,17 @@ def describe_chunks(sizes: list[int]) -> str:
     return " + ".join(f"{n} x {size}" for size, n in counts.items())
 
 
-def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[PyTree], PyTree]:
-    """``params -> scores`` of ``scorer`` (grasp_scores or snip_scores) over the
-    config's ``score_batches`` training batches, in chunks of ``score_chunk_size``."""
+def streamed_scorer(ctx: Context, criterion: gj.criteria.Criterion) -> Callable[[PyTree], PyTree]:
+    """``params -> scores`` of a data-dependent core ``criterion`` over the config's
+    ``score_batches`` training batches, in chunks of ``score_chunk_size``: one pass (g)
+    when it needs the gradient, two (g, then Hg) when it needs the Hessian-vector product."""
     config = ctx.config
     stream = data.scoring_stream(dataset_info(config), config.score_batches,
                                  config.score_batch_size, seed=config.seed,
                                  data_dir=config.data_dir)
     sizes = chunk_sizes(config.score_batch_size, config.score_chunk_size)
-    finish = FINISH[scorer]
-    passes = "one pass" if finish is gj.scoring.snip_from_gradient else "two passes"
+    num_passes = 2 if criterion.needs == "hvp" else 1
+    passes = "one pass" if num_passes == 1 else "two passes"
     ctx.log(f"scoring with {config.method} on {config.score_batches} batches of "
             f"{config.score_batch_size} training images, each in chunks of "
             f"{describe_chunks(sizes)}, streamed in {passes} (temperature "
@@ -73,16 +73,13 @@ def streamed_scorer(ctx: Context, scorer: Callable[..., PyTree]) -> Callable[[Py
     loss_fn = make_loss_fn(ctx.model, ctx.batch_stats, config.temperature, ctx.key,
                            config.score_bn_mode)
     chunk = config.score_chunk_size or config.score_batch_size
-    watch = PassWatcher(ctx, config.score_batches, passes=1 if passes == "one pass" else 2)
+    watch = PassWatcher(ctx, config.score_batches, passes=num_passes)
     if jax.device_count() == 1:
-        if finish is gj.scoring.snip_from_gradient:
-            return lambda p: finish(p, gj.streaming.gradient_from_batches(
-                p, loss_fn, stream, microbatch_size=chunk, progress=watch))
-        return lambda p: finish(p, gj.streaming.gradient_and_hvp_from_batches(
-            p, loss_fn, stream, microbatch_size=chunk, progress=watch)[1])
+        return lambda p: gj.scores_from_batches(criterion, p, loss_fn, stream,
+                                                microbatch_size=chunk, progress=watch)
     ctx.log(f"  data-parallel over {jax.device_count()} devices: each batch's full chunks "
             "dealt to the devices, the short ones collected and dealt one per device")
-    return _data_parallel_streamed(finish, loss_fn, stream, chunk, watch)
+    return _data_parallel_streamed(criterion, loss_fn, stream, chunk, watch)
 
 
 class PassWatcher:
@@ -109,19 +106,6 @@ class PassWatcher:
             self.started = now
         if (done < self.batches or pass_index < self.passes) and self.ctx.stop_requested():
             raise Stopped(f"scoring {name}, after batch {done} of {self.batches}")
-
-
-def _grasp_abs_from_hvp(params: PyTree, hvp: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(jnp.abs, gj.scoring.grasp_from_hvp(params, hvp))
-
-
-# How each data-dependent core scorer's scores come from the streamed sums:
-# g for SNIP, Hg for the GraSP criteria.
-FINISH: dict[Callable, Callable[[PyTree, PyTree], PyTree]] = {
-    gj.grasp_scores: gj.scoring.grasp_from_hvp,
-    gj.grasp_abs_scores: _grasp_abs_from_hvp,
-    gj.snip_scores: gj.scoring.snip_from_gradient,
-}
 
 
 def _device_groups(stream: Callable[[], Iterator[Batch]], chunk: int,
@@ -176,7 +160,7 @@ def accumulation_step(kind: str, loss_fn: Callable, chunk: int, short: bool) -> 
     return jax.pmap(fn, axis_name=SCORE_AXIS, in_axes=(None, 0, None, 0))
 
 
-def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn: Callable,
+def _data_parallel_streamed(criterion: gj.criteria.Criterion, loss_fn: Callable,
                             stream: Callable[[], Iterator[Batch]], chunk: int,
                             progress: gj.streaming.Progress) -> Callable[[PyTree], PyTree]:
     devices = jax.devices()
@@ -208,8 +192,7 @@ def _data_parallel_streamed(finish: Callable[[PyTree, PyTree], PyTree], loss_fn:
 
     def score_fn(params: PyTree) -> PyTree:
         g = one_pass("gradient", params, None)
-        if finish is gj.scoring.snip_from_gradient:
-            return finish(params, g)
-        return finish(params, one_pass("hvp", params, g))
+        hg = one_pass("hvp", params, g) if criterion.needs == "hvp" else None
+        return gj.scoring.from_sums(criterion, params, g, hg)
 
     return score_fn

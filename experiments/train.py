@@ -34,6 +34,7 @@ import grasp_jax as gj
 from grasp_jax import data, models
 
 from experiments import (
+    ablations,
     checkpointing,
     configs,
     data_scoring,
@@ -135,11 +136,9 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
                                       stop_requested=stop_check(signals))
     check_layer_collapse(config, masks, allow_layer_collapse)
     dense = variables
-    if config.ablation == "reinit":
-        # Same masks, new weights: does the method pick weights or just layer densities?
-        fresh = steps.init_variables(model, jax.random.fold_in(init_key, 1), image_shape)
-        variables = {**fresh, "params": gj.ablations.reinitialized(fresh["params"], masks)}
-        log("ablation reinit: training the kept weights from a fresh initialization")
+    variables = ablations.training_variables(
+        config, variables, masks,
+        lambda: steps.init_variables(model, jax.random.fold_in(init_key, 1), image_shape), log)
     if config.gradient_flow:
         flow = data_scoring.gradient_flow_report(config, model, dense, variables, masks,
                                                  jax.random.fold_in(score_key, 3), log=log)

@@ -11,12 +11,13 @@ The building blocks behind them live in public submodules, each with its own
 ``__all__``, as optax keeps its losses and schedules in submodules:
 
 - ``grasp_jax.scoring``, ``grasp_jax.streaming``: every score function and the
-  finishers from g or Hg (``grasp_from_hvp``, ``snip_from_gradient``),
+  finishers from g or Hg (``from_sums``, ``grasp_from_hvp``, ``snip_from_gradient``),
   ``gradient_from_batches``, ``gradient_and_hvp_from_batches``;
 - ``grasp_jax.accumulate``, ``grasp_jax.chunks``: Σ_c ∇L_c and Σ_c ∇²L_c · v,
   chunk layouts, the memory budget;
 - ``grasp_jax.prunable``: which leaves are θ, their names, split and merge;
-- ``grasp_jax.criteria``: which end each criterion prunes;
+- ``grasp_jax.criteria``: every criterion as one entry (direction, what it
+  needs from the data, its scores from g and Hg), ``register`` for new ones;
 - ``grasp_jax.masks``, ``grasp_jax.budgets``, ``grasp_jax.structured``,
   ``grasp_jax.selection``: the report's types, per-layer budgets (ERK), N:M;
 - ``grasp_jax.pruning``, ``grasp_jax.optim``, ``grasp_jax.export``,
@@ -63,16 +64,25 @@ from grasp_jax.scoring import (
     grasp_scores,
     magnitude_scores,
     random_scores,
+    scores,
     snip_scores,
     synflow_scores,
 )
-from grasp_jax.streaming import grasp_scores_from_batches, snip_scores_from_batches
+from grasp_jax.streaming import (
+    grasp_abs_scores_from_batches,
+    grasp_scores_from_batches,
+    scores_from_batches,
+    snip_scores_from_batches,
+)
 from grasp_jax.structured import nm_masks
 
 __version__ = "0.3.0"
 
 __all__ = [
-    # The scores of each criterion, and of the data-dependent ones over a stream.
+    # The scores of any data-dependent criterion (grasp_jax.criteria.CRITERIA), in
+    # memory and over a stream, and of each criterion by name.
+    "scores",
+    "scores_from_batches",
     "grasp_scores",
     "grasp_abs_scores",
     "snip_scores",
@@ -80,6 +90,7 @@ __all__ = [
     "magnitude_scores",
     "random_scores",
     "grasp_scores_from_batches",
+    "grasp_abs_scores_from_batches",
     "snip_scores_from_batches",
     "gradient_and_hvp",
     "cross_entropy_with_temperature",

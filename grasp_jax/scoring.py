@@ -3,7 +3,7 @@
 Every function here is pure: it takes a params pytree and returns a pytree of
 the same structure holding a score for each prunable weight (zeros at leaves
 that are not prunable). Which end of the ranking is pruned depends on the
-criterion; see :data:`grasp_jax.pruning.PRUNE_DIRECTION`.
+criterion; see :data:`grasp_jax.criteria.CRITERIA`.
 
 GraSP (Wang, Zhang & Grosse, ICLR 2020, eq. 8) scores a weight by how much
 removing it changes the gradient norm ΔL(θ) = gᵀg after one step:
@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from grasp_jax import criteria
 from grasp_jax.accumulate import LossFn, accumulate, gradient_and_hvp_with, scoring_setup
+from grasp_jax.criteria import Criterion
 from grasp_jax.precision import SCORING_PRECISION
 from grasp_jax.prunable import (
     PrunableSpec,
@@ -40,9 +42,10 @@ from grasp_jax.prunable import (
 PyTree = Any
 
 __all__ = [
-    "cross_entropy_with_temperature", "gradient_and_hvp", "grasp_abs_scores", "grasp_from_hvp",
-    "grasp_scores", "magnitude_scores", "random_scores", "snip_from_gradient", "snip_scores",
-    "synflow_scores",
+    "cross_entropy_with_temperature", "from_sums", "gradient_and_hvp", "grasp_abs_scores",
+    "grasp_from_hvp", "grasp_scores", "magnitude_scores", "random_scores", "scores",
+    "snip_from_gradient",
+    "snip_scores", "synflow_scores",
 ]
 
 
@@ -67,48 +70,38 @@ def cross_entropy_with_temperature(
 # Scores from g and Hg.
 
 
-def _theta_map(fn, params, values, flags):
-    """``fn(θ, v)`` at each prunable leaf, zeros elsewhere."""
-    theta, _, _ = split_prunable(params, flags)
-    v, _, _ = split_prunable(values, flags)
-    return scatter_prunable([fn(t, x) for t, x in zip(theta, v)], params, flags)
-
-
-@functools.partial(jax.jit, static_argnames=("flags", "fn"))
-def _combine(params, values, *, flags, fn):
-    return _theta_map(fn, params, values, flags)
-
-
-def _neg_product(t, h):
-    return -t * h
-
-
-def _abs_product(t, g):
-    return jnp.abs(t * g)
+@functools.partial(jax.jit, static_argnames=("flags", "from_sums"))
+def _from_sums(params, g, hg, *, flags, from_sums):
+    return from_sums(params, g, hg, flags)
 
 
 # finish(params, g, hg, flags) for accumulate.gradient_and_hvp_with (static: module level).
-def _grasp_finish(params, g, hg, flags):
-    return _theta_map(_neg_product, params, hg, flags)
-
-
-def _grasp_abs_finish(params, g, hg, flags):
-    return _theta_map(_abs_product, params, hg, flags)
-
-
 def _pair_finish(params, g, hg, flags):
     return g, hg
 
 
+def from_sums(criterion: Criterion | str, params: PyTree, g: PyTree | None, hg: PyTree | None,
+              *, prunable: PrunableSpec = None) -> PyTree:
+    """``criterion``'s scores from summed g and Hg (``None`` where it does not need one),
+    e.g. of streamed or data-parallel sums; zeros off θ."""
+    criterion = criteria.get(criterion)
+    if criterion.needs == "none":
+        raise ValueError(f"criterion {criterion.name!r} is data-free: it has no sums")
+    return _from_sums(params, g, hg, flags=prunable_flags(params, prunable),
+                      from_sums=criterion.from_sums)
+
+
 def grasp_from_hvp(params: PyTree, hvp: PyTree, *, prunable: PrunableSpec = None) -> PyTree:
     """S(-θ) = -θ ⊙ Hg from a summed Hg (e.g. of :func:`accumulate_hvp`), zeros off θ."""
-    return _combine(params, hvp, flags=prunable_flags(params, prunable), fn=_neg_product)
+    return _from_sums(params, None, hvp, flags=prunable_flags(params, prunable),
+                      from_sums=criteria.grasp_from_sums)
 
 
 def snip_from_gradient(params: PyTree, gradient: PyTree, *,
                        prunable: PrunableSpec = None) -> PyTree:
     """|θ ⊙ g| from a summed g (e.g. of :func:`accumulate_gradient`), zeros off θ."""
-    return _combine(params, gradient, flags=prunable_flags(params, prunable), fn=_abs_product)
+    return _from_sums(params, gradient, None, flags=prunable_flags(params, prunable),
+                      from_sums=criteria.snip_from_sums)
 
 
 # --------------------------------------------------------------------------
@@ -138,6 +131,36 @@ def gradient_and_hvp(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
                           batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
     return gradient_and_hvp_with(_pair_finish, params, batch, setup, axis_name=axis_name,
                                  memory_budget_bytes=memory_budget_bytes)
+
+
+def scores(criterion: Criterion | str, params: PyTree, loss_fn: LossFn, batch: PyTree, *,
+           num_microbatches: int | None = None, microbatch_size: int | None = None,
+           prunable: PrunableSpec = None, axis_name: str | None = None,
+           memory_budget_bytes: int | None = None,
+           batch_axis_name: str | None = None,
+           matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
+    """The scores of a data-dependent ``criterion`` (a :class:`~grasp_jax.criteria.Criterion`
+    or a name in :data:`~grasp_jax.criteria.CRITERIA`) on one batch.
+
+    From what the criterion needs: ``"gradient"``, g = Σ_c ∇_θ L(θ; b_c) over
+    the chunks; ``"hvp"``, g and then Hg = Σ_c ∇²_θθ L(θ; b_c) · g. Its scores
+    are ``criterion.from_sums(params, g, Hg, flags)``. Arguments: as in
+    :func:`grasp_scores` (``memory_budget_bytes`` matters only for ``"hvp"``).
+    A data-free criterion (needs ``"none"``) is a ValueError: it has its own
+    function (:func:`synflow_scores`, :func:`magnitude_scores`, :func:`random_scores`).
+    """
+    criterion = criteria.get(criterion)
+    if criterion.needs == "none":
+        raise ValueError(f"criterion {criterion.name!r} is data-free: score it with its own "
+                         "function, not from a batch")
+    setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
+                          microbatch_size=microbatch_size, prunable=prunable,
+                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
+    if criterion.needs == "hvp":
+        return gradient_and_hvp_with(criterion.from_sums, params, batch, setup,
+                                     axis_name=axis_name, memory_budget_bytes=memory_budget_bytes)
+    g = accumulate("gradient", params, batch, None, None, setup, axis_name)
+    return _from_sums(params, g, None, flags=setup.flags, from_sums=criterion.from_sums)
 
 
 def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
@@ -194,11 +217,10 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
       A pytree like ``params``: S(-θ) at prunable leaves, zeros elsewhere.
       GraSP prunes the weights with the **highest** scores.
     """
-    setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
-                          microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
-    return gradient_and_hvp_with(_grasp_finish, params, batch, setup, axis_name=axis_name,
-                                 memory_budget_bytes=memory_budget_bytes)
+    return scores('grasp', params, loss_fn, batch, num_microbatches=num_microbatches,
+                  microbatch_size=microbatch_size, prunable=prunable, axis_name=axis_name,
+                  memory_budget_bytes=memory_budget_bytes,
+                  batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
 
 
 def grasp_abs_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
@@ -219,11 +241,10 @@ def grasp_abs_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
     ``argsort``, the first ``int(ratio · n)``); here it is per weight.
     Arguments and chunking: as in :func:`grasp_scores`.
     """
-    setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
-                          microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
-    return gradient_and_hvp_with(_grasp_abs_finish, params, batch, setup, axis_name=axis_name,
-                                 memory_budget_bytes=memory_budget_bytes)
+    return scores('grasp_abs', params, loss_fn, batch, num_microbatches=num_microbatches,
+                  microbatch_size=microbatch_size, prunable=prunable, axis_name=axis_name,
+                  memory_budget_bytes=memory_budget_bytes,
+                  batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
 
 
 def snip_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
@@ -237,11 +258,9 @@ def snip_scores(params: PyTree, loss_fn: LossFn, batch: PyTree, *,
     |θ ∂L/∂θ|. SNIP prunes the **lowest** scores. Arguments: as in
     :func:`grasp_scores` (g summed across devices with ``axis_name``).
     """
-    setup = scoring_setup(params, loss_fn, batch, num_microbatches=num_microbatches,
-                          microbatch_size=microbatch_size, prunable=prunable,
-                          batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
-    g = accumulate("gradient", params, batch, None, None, setup, axis_name)
-    return _combine(params, g, flags=setup.flags, fn=_abs_product)
+    return scores('snip', params, loss_fn, batch, num_microbatches=num_microbatches,
+                  microbatch_size=microbatch_size, prunable=prunable, axis_name=axis_name,
+                  batch_axis_name=batch_axis_name, matmul_precision=matmul_precision)
 
 
 # --------------------------------------------------------------------------

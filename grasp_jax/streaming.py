@@ -27,18 +27,20 @@ from typing import Any
 
 import jax
 
+from grasp_jax import criteria
 from grasp_jax.accumulate import LossFn, accumulate_gradient, accumulate_hvp
+from grasp_jax.criteria import Criterion
 from grasp_jax.precision import SCORING_PRECISION
 from grasp_jax.prunable import PrunableSpec
-from grasp_jax.scoring import grasp_from_hvp, snip_from_gradient
+from grasp_jax.scoring import from_sums
 
 PyTree = Any
 BatchStream = Callable[[], Iterable[PyTree]]
 Progress = Callable[[str, int], None]
 
 __all__ = [
-    "gradient_and_hvp_from_batches", "gradient_from_batches", "grasp_scores_from_batches",
-    "snip_scores_from_batches",
+    "gradient_and_hvp_from_batches", "gradient_from_batches", "grasp_abs_scores_from_batches",
+    "grasp_scores_from_batches", "scores_from_batches", "snip_scores_from_batches",
 ]
 
 
@@ -102,6 +104,32 @@ def gradient_and_hvp_from_batches(params: PyTree, loss_fn: LossFn, make_batches:
     return g, hg
 
 
+def scores_from_batches(criterion: Criterion | str, params: PyTree, loss_fn: LossFn,
+                        make_batches: BatchStream, *, num_microbatches: int | None = None,
+                        microbatch_size: int | None = None, prunable: PrunableSpec = None,
+                        batch_axis_name: str | None = None, progress: Progress | None = None,
+                        matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
+    """The scores of a data-dependent ``criterion`` over a restartable stream.
+
+    One pass (g) when it needs ``"gradient"``, two (g, then Hg) when it needs
+    ``"hvp"``; then ``criterion.from_sums(params, g, Hg, flags)``. Equal to
+    :func:`grasp_jax.scores` on the batches concatenated, when the chunks are
+    the same.
+    """
+    criterion = criteria.get(criterion)
+    if criterion.needs == "none":
+        raise ValueError(f"criterion {criterion.name!r} is data-free: score it with its own "
+                         "function, not from batches")
+    opts = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size,
+            "prunable": prunable, "batch_axis_name": batch_axis_name, "progress": progress,
+            "matmul_precision": matmul_precision}
+    if criterion.needs == "hvp":
+        g, hg = gradient_and_hvp_from_batches(params, loss_fn, make_batches, **opts)
+    else:
+        g, hg = gradient_from_batches(params, loss_fn, make_batches, **opts), None
+    return from_sums(criterion, params, g, hg, prunable=prunable)
+
+
 def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
                               num_microbatches: int | None = None,
                               microbatch_size: int | None = None, prunable: PrunableSpec = None,
@@ -113,11 +141,24 @@ def grasp_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: Bat
     Equal to :func:`grasp_jax.grasp_scores` on the batches concatenated, when
     the chunks are the same.
     """
-    _, hg = gradient_and_hvp_from_batches(
-        params, loss_fn, make_batches, num_microbatches=num_microbatches,
+    return scores_from_batches(
+        "grasp", params, loss_fn, make_batches, num_microbatches=num_microbatches,
         microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name,
         progress=progress, matmul_precision=matmul_precision)
-    return grasp_from_hvp(params, hg, prunable=prunable)
+
+
+def grasp_abs_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
+                                  num_microbatches: int | None = None,
+                                  microbatch_size: int | None = None,
+                                  prunable: PrunableSpec = None,
+                                  batch_axis_name: str | None = None,
+                                  progress: Progress | None = None,
+                                  matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
+    """|θ ⊙ Hg| (Lubana & Dick, 2021) over a stream (two passes); prune the **lowest**."""
+    return scores_from_batches(
+        "grasp_abs", params, loss_fn, make_batches, num_microbatches=num_microbatches,
+        microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name,
+        progress=progress, matmul_precision=matmul_precision)
 
 
 def snip_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: BatchStream, *,
@@ -127,9 +168,7 @@ def snip_scores_from_batches(params: PyTree, loss_fn: LossFn, make_batches: Batc
                              progress: Progress | None = None,
                              matmul_precision: str | None = SCORING_PRECISION) -> PyTree:
     """SNIP's |θ ⊙ g| over a stream (one pass); prune the **lowest**."""
-    g = gradient_from_batches(params, loss_fn, make_batches, num_microbatches=num_microbatches,
-                              microbatch_size=microbatch_size, prunable=prunable,
-                              batch_axis_name=batch_axis_name, progress=progress,
-                              matmul_precision=matmul_precision)
-    return snip_from_gradient(params, g, prunable=prunable)
-
+    return scores_from_batches(
+        "snip", params, loss_fn, make_batches, num_microbatches=num_microbatches,
+        microbatch_size=microbatch_size, prunable=prunable, batch_axis_name=batch_axis_name,
+        progress=progress, matmul_precision=matmul_precision)

@@ -10,15 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import grasp_jax as gj
+
 from experiments import methods, presets
 
 REPO = Path(__file__).resolve().parents[1]
 
 TOY = textwrap.dedent('''
-    """A toy criterion: one registry entry and one score function."""
+    """A toy data-free criterion: a core entry, a runner entry and its score function."""
     import jax
     import jax.numpy as jnp
 
+    import grasp_jax as gj
     from experiments import methods
 
 
@@ -26,8 +29,9 @@ TOY = textwrap.dedent('''
         return jax.tree_util.tree_map(lambda x: jnp.square(x), params)
 
 
+    gj.criteria.register(gj.criteria.Criterion("toy_squared", "lowest", "none"))
     methods.register(methods.Method(
-        name="toy_squared", direction="lowest", summary="θ²",
+        name="toy_squared", criterion="toy_squared", summary="θ²",
         build=lambda ctx: squared_scores, preset={"rounds": 2}))
 ''')
 
@@ -76,9 +80,27 @@ def test_the_cli_choices_and_presets_come_from_the_registry():
 
 def test_a_taken_name_or_a_bad_direction_is_refused():
     with pytest.raises(ValueError, match="already registered"):
-        methods.register(methods.Method("grasp", "highest", "again", build=lambda ctx: None))
+        methods.register(methods.Method("grasp", "grasp", "again", build=lambda ctx: None))
+    with pytest.raises(ValueError, match="not in grasp_jax.criteria.CRITERIA"):
+        methods.register(methods.Method("sideways", "sideways", "?", build=lambda ctx: None))
+    with pytest.raises(ValueError, match="needs a build"):
+        methods.register(methods.Method("bare_magnitude", "magnitude", "|θ| again"))
     with pytest.raises(ValueError, match="direction"):
-        methods.register(methods.Method("sideways", "middle", "?", build=lambda ctx: None))
+        gj.criteria.Criterion("sideways", "middle", "gradient", lambda p, g, hg, f: g)
+    with pytest.raises(ValueError, match="already registered"):
+        gj.criteria.register(gj.criteria.Criterion("snip", "lowest", "gradient",
+                                                   gj.criteria.snip_from_sums))
+    assert "sideways" not in methods.REGISTRY and "bare_magnitude" not in methods.REGISTRY
+
+
+def test_a_method_takes_its_direction_and_data_needs_from_the_core_criterion():
+    for m in methods.REGISTRY.values():
+        if m.prunes:
+            core = gj.criteria.CRITERIA[m.criterion]
+            assert m.direction == core.direction == gj.criteria.PRUNE_DIRECTION[m.criterion]
+            assert m.needs_data == (core.needs != "none")
+    assert methods.get("grasp").needs_data and not methods.get("synflow").needs_data
+    assert methods.get("dense").direction is None
 
 
 def test_the_readme_method_table_is_the_registrys():

@@ -17,6 +17,7 @@ import grasp_jax as gj
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TOP_LEVEL = {
+    "scores", "scores_from_batches", "grasp_abs_scores_from_batches",
     "grasp_scores", "grasp_abs_scores", "snip_scores", "synflow_scores", "magnitude_scores",
     "random_scores", "grasp_scores_from_batches", "snip_scores_from_batches", "gradient_and_hvp",
     "cross_entropy_with_temperature", "masks_from_scores", "nm_masks", "prune", "apply_masks",

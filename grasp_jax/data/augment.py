@@ -16,15 +16,12 @@ unrounded values, bit for bit as before (``normalize=True`` below).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from grasp_jax.data.seeds import augment_seed
 from grasp_jax.data.sources import FILE, PIXELS
-
-if TYPE_CHECKING:
-    from grasp_jax.data.registry import DatasetInfo
+from grasp_jax.data.spec import DatasetInfo
 
 # Training augmentations a registry entry may name.
 PAD_CROP_FLIP = "pad_crop_flip"  # CIFAR: zero-pad, random crop, horizontal flip

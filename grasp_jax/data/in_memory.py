@@ -17,7 +17,6 @@ process (``tfds.testing.mock_data`` in tests).
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -25,9 +24,7 @@ import tensorflow as tf
 from grasp_jax.data import augment
 from grasp_jax.data.layout import Shard
 from grasp_jax.data.sources import PIXELS, Source, load_source
-
-if TYPE_CHECKING:
-    from grasp_jax.data.registry import DatasetInfo
+from grasp_jax.data.spec import DatasetInfo
 
 _DECODE_BATCH = 2048
 

@@ -37,10 +37,9 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from grasp_jax.data.registry import DatasetInfo
+from grasp_jax.data.spec import DatasetInfo
 
 # Bytes framing each TFRecord record: length (8), its CRC (4), the data's CRC (4).
 RECORD_FRAMING_BYTES = 16

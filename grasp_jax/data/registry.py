@@ -1,4 +1,7 @@
-"""The dataset registry: one ``DatasetInfo`` entry per dataset.
+"""The dataset registry: a table of one ``DatasetInfo`` entry per dataset.
+
+The entry's type lives in ``spec`` (a leaf module), so that the loaders and
+augmentations it names can take a ``DatasetInfo`` without importing this table.
 
 Adding a dataset is one entry here (plus, for a new on-disk format, a loader in
 ``sources.py``). Normalization constants are those of the authors' reference
@@ -15,53 +18,7 @@ from types import MappingProxyType
 
 from grasp_jax.data import sources
 from grasp_jax.data.augment import NORMALIZE_ONLY, PAD_CROP_FLIP, RESIZED_CROP_FLIP
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about one dataset.
-
-    Attributes:
-      name: registry name, also the TFDS name for TFDS datasets.
-      num_classes: number of labels.
-      image_shape: (height, width, channels) of the images a model receives.
-      mean: per-channel mean of pixels in [0, 1], subtracted before dividing by
-        ``std``.
-      std: per-channel divisor.
-      num_train: examples in the full training split.
-      num_test: examples in the full evaluation split.
-      train_split: split name used for training.
-      test_split: split name used for evaluation.
-      source: the loader of a split (``sources.SourceLoader``), e.g.
-        ``sources.tfds_source``.
-      augmentation: training augmentation, one of ``"pad_crop_flip"``,
-        ``"resized_crop_flip"``, ``"normalize_only"``.
-      padding: zero padding (pixels per side) before the random crop.
-      cache_decoded: decode each split once per process and hold its pixels in
-        memory, shared by every pipeline (``in_memory``; small datasets only).
-      shuffle_buffer_size: tf.data shuffle buffer; None means the whole split
-        (an exact uniform permutation per epoch). A smaller one over a split
-        stored in several files also reads the files in a per-epoch seeded
-        order (see ``streams``, "File order").
-      manual_download: TFDS cannot fetch it; the user places archives by hand.
-    """
-
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_train: int
-    num_test: int
-    train_split: str
-    test_split: str
-    source: sources.SourceLoader
-    augmentation: str
-    padding: int = 0
-    cache_decoded: bool = False
-    shuffle_buffer_size: int | None = None
-    manual_download: bool = False
-
+from grasp_jax.data.spec import DatasetInfo
 
 DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
     {

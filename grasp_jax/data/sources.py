@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -22,9 +22,7 @@ import tensorflow_datasets as tfds
 
 from grasp_jax.data.layout import Shard
 from grasp_jax.data.seeds import permutation
-
-if TYPE_CHECKING:
-    from grasp_jax.data.registry import DatasetInfo
+from grasp_jax.data.spec import DatasetInfo
 
 # Image formats a source's ``image`` may hold.
 PIXELS = "pixels"  # uint8 HWC
