@@ -62,7 +62,8 @@ for num_chunks in (6, 3, 2):  # 2 and 1 chunks per device, and devices with only
             np.testing.assert_allclose(g[0], np.asarray(w), rtol=1e-10, atol=1e-14)
         assert np.abs(np.asarray(jax.tree_util.tree_leaves(want)[-1])).max() > 0
         # The runner's helper: the same scores, read back from this process's first device.
-        fn = data_scoring.data_parallel_scorer(scorer, weighted, batch, num_chunks)
+        criterion = gj.criteria.CRITERIA[scorer.__name__.removesuffix("_scores")]
+        fn = data_scoring.data_parallel_scorer(criterion, weighted, batch, num_chunks)
         for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(fn(params))):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-14)
 # Ragged chunks under pmap: 3 examples per device in chunks of 2 + 1, against the
