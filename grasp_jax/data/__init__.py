@@ -7,7 +7,8 @@ handwritten digits that scikit-learn ships inside its wheel (a real dataset
 that needs no download). Nothing is ever downloaded.
 
 Modules
-    registry        one ``DatasetInfo`` entry per dataset; ``get_info(name, image_size=)``
+    spec            ``DatasetInfo``, what the package knows of a dataset (a leaf module)
+    registry        a table, one ``DatasetInfo`` entry each; ``get_info(name, image_size=)``
     sources         loaders of one process's slice of a split (TFDS, folder, arrays)
     integrity       checks of a prepared TFDS dataset's files; damaged ones named
     in_memory       small splits decoded once per process, shared by every pipeline
@@ -35,8 +36,9 @@ Every function taking ``dataset`` accepts a registry name or a ``DatasetInfo``
 """
 
 from grasp_jax.data.layout import Batch, device_batch_layout, shard_batch
-from grasp_jax.data.registry import DATASETS, DatasetInfo, dataset_names, get_info
+from grasp_jax.data.registry import DATASETS, dataset_names, get_info
 from grasp_jax.data.score_batches import first_batches, scoring_batch, scoring_stream
+from grasp_jax.data.spec import DatasetInfo
 from grasp_jax.data.streams import eval_dataset, num_eval_steps, steps_per_epoch, train_dataset
 
 __all__ = [

@@ -20,8 +20,9 @@ import tensorflow as tf
 from grasp_jax.data import augment
 from grasp_jax.data.in_memory import pipeline_source
 from grasp_jax.data.layout import Batch
-from grasp_jax.data.registry import DatasetInfo, resolve
+from grasp_jax.data.registry import resolve
 from grasp_jax.data.seeds import stream_key
+from grasp_jax.data.spec import DatasetInfo
 from grasp_jax.data.streams import (
     deterministic,
     epoch_examples,

@@ -44,9 +44,10 @@ import tensorflow as tf
 from grasp_jax.data import augment
 from grasp_jax.data.in_memory import pipeline_source
 from grasp_jax.data.layout import device_batch_layout, reshape_for_devices, resolve_process
-from grasp_jax.data.registry import DatasetInfo, resolve
+from grasp_jax.data.registry import resolve
 from grasp_jax.data.seeds import file_order_key, shuffle_seed, stream_key
 from grasp_jax.data.sources import Source, load_source
+from grasp_jax.data.spec import DatasetInfo
 
 EpochReader = Callable[[tf.Tensor], tf.data.Dataset]
 
