@@ -60,3 +60,32 @@ def test_dense_has_nothing_to_ablate(tmp_path):
     assert proc.returncode == 2
     assert "--ablation shuffle" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_each_ablation_changes_only_its_own_step():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import ablations, configs
+
+    params = {"dense": {"kernel": jnp.arange(1.0, 13.0).reshape(3, 4), "bias": jnp.ones(4)}}
+    masks = {"dense": {"kernel": jnp.arange(12).reshape(3, 4) % 3 == 0, "bias": jnp.ones(4, bool)}}
+    fresh = {"params": {"dense": {"kernel": -jnp.ones((3, 4)), "bias": jnp.zeros(4)}}}
+    key = jax.random.PRNGKey(0)
+    variables = {"params": params}
+    for ablation in ("none", "invert", "shuffle", "reinit"):
+        config = configs.resolve(dataset="digits", arch="lenet5", method="snip",
+                                 steps_per_epoch=11, ablation=ablation)
+        direction = ablations.pruning_direction(config, "lowest")
+        assert direction == ("highest" if ablation == "invert" else "lowest")
+        shuffled = ablations.ablated_masks(config, masks, key)
+        kept = shuffled["dense"]["kernel"]
+        assert int(kept.sum()) == int(masks["dense"]["kernel"].sum())
+        assert bool(jnp.all(kept == masks["dense"]["kernel"])) == (ablation != "shuffle")
+        start = ablations.training_variables(config, variables, masks, lambda: fresh,
+                                             log=lambda _: None)
+        if ablation == "reinit":
+            np.testing.assert_array_equal(start["params"]["dense"]["kernel"],
+                                          np.where(masks["dense"]["kernel"], -1.0, 0.0))
+        else:
+            assert start is variables
