@@ -207,13 +207,62 @@ def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is 
     assert not (REPO / "s3:").exists()
 
 
-def test_a_bucket_sweep_dir_is_refused_not_made_a_local_folder():
-    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", "gs://b/sweep",
-                        "--methods", "random", "--sparsities", "0.5", "--seeds", "0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    assert "gs://b/sweep" in r.stderr and "must be a local path" in r.stderr
+def _sweep_cli(sweep_dir, *extra):
+    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", sweep_dir, "--quiet",
+           "--methods", "random", "--sparsities", "0.5", "--seeds", "0,1",
+           "--dataset", "digits", "--arch", "mlp", "--batch_size", "32", "--max_steps", "2",
+           *extra]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_two_cell_sweep_on_gs_writes_its_cells_logs_and_report_to_the_bucket(gcs):
+    url = f"gs://{BUCKET}/sweep"
+    r = _sweep_cli(url)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "cell 2/2: random s=0.5 seed=1: done" in r.stdout, r.stdout
+    cells = ["random_s0.5_seed0", "random_s0.5_seed1"]
+    names = _names(gcs, url)
+    assert set(cells) | {"results.md", "results.csv", "accuracy_vs_sparsity.png",
+                         "layer_density.png"} <= set(names), names
+    table = gcs.cat(f"{url}/results.csv").decode().splitlines()
+    assert table[1].startswith("digits,mlp,random,0.5,none,2,0 1,2,"), table
+    for cell in cells:
+        log = gcs.cat(f"{url}/{cell}/log.txt").decode()
+        assert log.startswith("=== ") and log.rstrip().endswith("=== exit status 0"), log[-500:]
+        assert json.loads(gcs.cat(f"{url}/{cell}/results.json"))["status"] == "done"
     assert not (REPO / "gs:").exists()
+
+    # Rerun: every cell is finished and skipped; the logs stay as they were.
+    logs = {c: gcs.cat(f"{url}/{c}/log.txt") for c in cells}
+    again = _sweep_cli(url)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 finished, 0 to run" in again.stdout
+    assert {c: gcs.cat(f"{url}/{c}/log.txt") for c in cells} == logs
+
+    # A cell's results gone: it runs again, its new output appended below the old log.
+    gcs.rm(f"{url}/{cells[1]}/results.json")
+    third = _sweep_cli(url)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "1 finished, 1 to run" in third.stdout
+    log = gcs.cat(f"{url}/{cells[1]}/log.txt")
+    assert log.startswith(logs[cells[1]]) and log.count(b"=== exit status 0") == 2
+
+    report = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", url,
+                             "--report_only"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert f"report of 1 rows in {url}/results.md" in report.stdout
+
+
+def test_a_sweep_dir_in_a_missing_bucket_is_refused_in_one_line(gcs):
+    url = "gs://no-such-sweep-bucket/sweep"
+    r = _sweep_cli(url)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no such bucket 'no-such-sweep-bucket'" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
 
 
 # The CLI with its train step patched to send the process `sig` right after step `at`
