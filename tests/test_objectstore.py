@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_run import DIGITS, REPO, _assert_trees_equal, _cli
+from test_run import DIGITS, REPO, TFDS_DIR, _assert_trees_equal, _cli
 
 pytestmark = pytest.mark.objectstore
 
@@ -263,6 +263,34 @@ def test_a_sweep_dir_in_a_missing_bucket_is_refused_in_one_line(gcs):
     line = [x for x in r.stderr.splitlines() if url in x]
     assert line and "no such bucket 'no-such-sweep-bucket'" in line[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TFDS_DIR.is_dir(), reason="needs the CIFAR-10 copy in ../shared/tfds")
+def test_a_cifar10_run_reads_its_tfds_data_dir_from_the_bucket(gcs, tmp_path, monkeypatch):
+    data_url, version = f"gs://{BUCKET}/tfds", "cifar10/3.0.2"
+    gcs.put(str(TFDS_DIR / "cifar10"), f"{data_url}/cifar10", recursive=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRASP_JAX_DATA_CACHE", str(cache))
+    args = ["--dataset", "cifar10", "--arch", "small_vgg", "--method", "random",
+            "--sparsity", "0.5", "--batch_size", "32", "--max_steps", "2",
+            "--data_dir", data_url]
+    url = f"gs://{BUCKET}/cifar-run"
+    r = _cli(args + ["--workdir", url])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(gcs.cat(f"{url}/results.json"))["status"] == "done"
+    copy = cache / "gs" / BUCKET / "tfds" / version
+    for original in (TFDS_DIR / version).iterdir():  # the local copy is the bucket's bytes
+        assert (copy / original.name).read_bytes() == original.read_bytes(), original.name
+
+    # A shard cut short in the bucket: the copy follows it, and the size check names the file
+    # before the run writes anything.
+    shard = "cifar10-test.tfrecord-00000-of-00001"
+    gcs.pipe(f"{data_url}/{version}/{shard}", (TFDS_DIR / version / shard).read_bytes()[:-100])
+    r = _cli(args + ["--workdir", f"gs://{BUCKET}/cifar-damaged"])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert shard in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not gcs.exists(f"gs://{BUCKET}/cifar-damaged")
 
 
 # The CLI with its train step patched to send the process `sig` right after step `at`

@@ -24,6 +24,9 @@ Two levels, both before a run writes anything:
   is named with its file. Reads the whole split, so it is meant for the splits
   a run reads into memory at start anyway (CIFAR).
 
+A bucket data dir (``gs://``, ``s3://``) is checked in its local copy
+(:mod:`grasp_jax.data.staging`), made before the checks.
+
 A streamed split too large to verify at start (ImageNet) can still meet a
 damaged record mid-run; :func:`damaged_record_message` turns TensorFlow's
 ``DataLossError`` (which names only an offset) into one line naming the file.
@@ -38,6 +41,8 @@ import re
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from grasp_jax.data import staging
 
 if TYPE_CHECKING:
     from grasp_jax.data.registry import DatasetInfo
@@ -59,7 +64,10 @@ def is_tfds(info: DatasetInfo) -> bool:
 
 
 def dataset_root(data_dir: str | None) -> Path:
-    """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~)."""
+    """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~); for a
+    bucket ``data_dir``, its local copy (grasp_jax.data.staging), which is what TFDS reads."""
+    if staging.is_url(data_dir):
+        return staging.cache_dir_for(str(data_dir).rstrip("/"))
     if data_dir is not None:
         return Path(data_dir)
     import tensorflow_datasets as tfds
@@ -244,6 +252,12 @@ def check_dataset(info: DatasetInfo, data_dir: str | None, *, records: bool) -> 
     :func:`verify_records` for both. Nothing to check for other than TFDS sources."""
     if not is_tfds(info):
         return
+    try:
+        # A bucket data dir is copied (or brought up to date) here, before any check: the
+        # checks then read the copy, byte for byte the bucket's files, sizes compared.
+        staging.local_data_dir(data_dir, info.name)
+    except staging.DataDirUnreadable as e:
+        raise DatasetDamaged(f"{info.name}: {e}") from None
     splits = (info.train_split, info.test_split)
     for split in splits:
         check_split_files(info, split, data_dir)
