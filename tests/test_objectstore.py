@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,35 @@ def test_a_missing_bucket_is_refused_in_one_line_before_anything_is_written(gcs)
     assert "Traceback" not in r.stderr
     assert not (REPO / "gs:").exists()
     assert "no-such-bucket-here" not in [b.rstrip("/") for b in gcs.ls("", refresh=True)]
+
+
+def test_an_unreachable_store_is_refused_in_one_line_within_seconds(gcs, monkeypatch):
+    closed = _free_port()  # nothing listens there: the connection is refused at once
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{closed}")
+    url = f"gs://{BUCKET}/unreachable"
+    start = time.monotonic()
+    r = _cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no network connection to the store at http://127.0.0.1:" in line[0], \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
+    assert took < 60, took  # the clients' own retries would take minutes
+    monkeypatch.undo()  # the emulator again, for this process's client
+    assert not gcs.exists(url)
+
+
+def test_a_store_without_credentials_is_refused_in_one_line(gcs, monkeypatch, tmp_path):
+    # No anonymous access asked for, no key file, an empty gcloud config, no metadata server.
+    monkeypatch.delenv("FSSPEC_GS_TOKEN")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    url = f"gs://{BUCKET}/no-credentials"
+    r = _cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no usable credentials" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not gcs.exists(url)
 
 
 def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is asked
