@@ -31,6 +31,15 @@ from typing import Any, BinaryIO, Optional
 
 URL_SCHEMES = ("gs://", "s3://")
 
+# Why a run's (or a sweep's) directory cannot be on s3://, though every other file could:
+# orbax 0.12.8 builds tensorstore's kvstore spec itself and gives only gs:// a remote
+# driver (any other path must be an absolute local one), with no hook for tensorstore's
+# s3 driver; and it would finalize an s3 checkpoint by renaming its directory, which on
+# S3 is a copy and delete of every object, not atomic. See docs/MULTIHOST.md.
+S3_CHECKPOINTS_UNSUPPORTED = (
+    "is an s3:// URL: checkpoints (orbax 0.12.8) can be written to a local path or gs:// "
+    "only; use a gs:// bucket or a local (or mounted) path")
+
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 

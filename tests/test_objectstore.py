@@ -237,6 +237,14 @@ def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is 
     assert not (REPO / "s3:").exists()
 
 
+def test_an_s3_sweep_dir_is_refused_saying_why():  # before any client is asked, no cell run
+    r = _sweep_cli("s3://bucket/sweep")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if "s3://bucket/sweep" in x]
+    assert line and "gs:// only" in line[0] and "cell" not in r.stdout
+    assert not (REPO / "s3:").exists()
+
+
 def _sweep_cli(sweep_dir, *extra):
     cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", sweep_dir, "--quiet",
            "--methods", "random", "--sparsities", "0.5", "--seeds", "0,1",

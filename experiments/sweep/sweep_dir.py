@@ -25,6 +25,8 @@ def sweep_dir_problem(path: str, *, must_exist: bool = False) -> str | None:
     """
     if not path:
         return "is empty"
+    if path.startswith("s3://"):
+        return paths.S3_CHECKPOINTS_UNSUPPORTED  # each cell's workdir would be refused
     if paths.is_url(path):
         # A bucket prefix "exists" once an object is under it; the probe write finds no
         # credentials, no bucket, no network and no permission alike, in one line.
