@@ -24,8 +24,10 @@ Two levels, both before a run writes anything:
   is named with its file. Reads the whole split, so it is meant for the splits
   a run reads into memory at start anyway (CIFAR).
 
-A bucket data dir (``gs://``, ``s3://``) is checked in its local copy
-(:mod:`grasp_jax.data.staging`), made before the checks.
+A bucket data dir (``gs://``, ``s3://``) read from a local copy
+(:mod:`grasp_jax.data.staging`) is checked in that copy, made (or brought up to
+date, sizes compared with the bucket's listing) before the checks; one that
+TensorFlow streams from GCS itself (ImageNet) is not checked.
 
 A streamed split too large to verify at start (ImageNet) can still meet a
 damaged record mid-run; :func:`damaged_record_message` turns TensorFlow's
@@ -65,7 +67,9 @@ def is_tfds(info: DatasetInfo) -> bool:
 
 def dataset_root(data_dir: str | None) -> Path:
     """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~); for a
-    bucket ``data_dir``, its local copy (grasp_jax.data.staging), which is what TFDS reads."""
+    bucket ``data_dir``, its local copy (grasp_jax.data.staging), which is what TFDS reads.
+    A bucket dataset streamed by TensorFlow has no copy there, so its checks find no
+    folder and are skipped."""
     if staging.is_url(data_dir):
         return staging.cache_dir_for(str(data_dir).rstrip("/"))
     if data_dir is not None:
@@ -255,7 +259,7 @@ def check_dataset(info: DatasetInfo, data_dir: str | None, *, records: bool) -> 
     try:
         # A bucket data dir is copied (or brought up to date) here, before any check: the
         # checks then read the copy, byte for byte the bucket's files, sizes compared.
-        staging.local_data_dir(data_dir, info.name)
+        staging.local_data_dir(data_dir, info.name, read_whole=info.cache_decoded)
     except staging.DataDirUnreadable as e:
         raise DatasetDamaged(f"{info.name}: {e}") from None
     splits = (info.train_split, info.test_split)

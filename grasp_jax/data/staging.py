@@ -8,6 +8,11 @@ dataset in a bucket is copied once to a local cache with fsspec's ``gcsfs`` /
 ``s3fs`` (the clients a bucket workdir uses, with the same credentials and
 endpoint settings) and TFDS reads the copy:
 
+* Only datasets a run reads whole into memory at start (``cache_decoded``:
+  CIFAR-10/100) are copied from ``gs://``; a streamed one (ImageNet, ~150 GB)
+  is handed to TFDS as given, and TensorFlow streams it from GCS with its own
+  client (untested here: no emulator can stand in for it). ``s3://`` is always
+  copied: TensorFlow cannot read it at all.
 * Only ``<data_dir>/<name>/`` is copied: the dataset's prepared versions.
 * A file already in the cache with the size the bucket lists is not copied
   again, so a second run (or each cell of a sweep) only lists the bucket.
@@ -17,8 +22,7 @@ endpoint settings) and TFDS reads the copy:
   the bucket's bytes, and every size is compared with the bucket's listing.
 
 The cache is ``$GRASP_JAX_DATA_CACHE``, else ``~/.cache/grasp_jax/datasets``,
-laid out as ``<cache>/<scheme>/<bucket>/<path>``. ImageNet is ~150 GB: give
-each host a cache on a disk that holds it.
+laid out as ``<cache>/<scheme>/<bucket>/<path>``.
 """
 
 from __future__ import annotations
@@ -54,10 +58,16 @@ def cache_dir_for(url: str) -> Path:
     return cache_root() / scheme / rest.strip("/")
 
 
-def local_data_dir(data_dir: str | None, name: str) -> str | None:
-    """``data_dir`` itself when local (or None); for a bucket URL, the local copy of
-    ``<data_dir>/<name>/`` brought up to date (see the module docstring)."""
-    if not is_url(data_dir):
+def is_copied(data_dir: str | None, read_whole: bool) -> bool:
+    """Whether TFDS reads ``data_dir`` from a local copy: a bucket URL holding a dataset
+    read whole at start (``read_whole``), or any ``s3://`` one."""
+    return is_url(data_dir) and (read_whole or str(data_dir).startswith("s3://"))
+
+
+def local_data_dir(data_dir: str | None, name: str, *, read_whole: bool) -> str | None:
+    """The data dir TFDS should read: ``data_dir`` as given, or, where :func:`is_copied`,
+    the local copy of ``<data_dir>/<name>/`` brought up to date (see the module docstring)."""
+    if not is_copied(data_dir, read_whole):
         return data_dir
     return _staged(str(data_dir).rstrip("/"), name)
 
