@@ -31,6 +31,15 @@ from typing import Any, BinaryIO, Optional
 
 URL_SCHEMES = ("gs://", "s3://")
 
+# Why a run's (or a sweep's) directory cannot be on s3://, though every other file could:
+# orbax 0.12.8 builds tensorstore's kvstore spec itself and gives only gs:// a remote
+# driver (any other path must be an absolute local one), with no hook for tensorstore's
+# s3 driver; and it would finalize an s3 checkpoint by renaming its directory, which on
+# S3 is a copy and delete of every object, not atomic. See docs/MULTIHOST.md.
+S3_CHECKPOINTS_UNSUPPORTED = (
+    "is an s3:// URL: checkpoints (orbax 0.12.8) can be written to a local path or gs:// "
+    "only; use a gs:// bucket or a local (or mounted) path")
+
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 
@@ -210,22 +219,103 @@ def _filesystem(url: str) -> tuple[Any, str]:
     return fsspec.filesystem(protocol), url
 
 
+# How long the reachability probe waits for a TCP connection to the store: an unreachable
+# endpoint is refused in seconds, not after the storage clients' minutes of retries.
+CONNECT_TIMEOUT_S = 5.0
+
+
 def unusable_url(url: str) -> Optional[str]:
     """Why a ``gs://`` or ``s3://`` URL cannot hold a run's files, or None.
 
-    Writes a probe object and removes it, so that no credentials, no such
-    bucket, no network and no permission are all found before anything else
-    is written. The answer is one line naming the cause.
+    In order, each refusal one line naming the cause: no bucket named; the
+    store's endpoint unreachable (one TCP connection, bounded by
+    :data:`CONNECT_TIMEOUT_S`); no credentials found (unless anonymous access
+    was asked for); then a probe object is written and removed, which finds
+    no such bucket and no permission. Nothing is left behind.
     """
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     if not bucket:
         return "names no bucket"
+    problem = unreachable_endpoint(url) or missing_credentials(url)
+    if problem:
+        return problem
     probe = join(url, f".write-probe-{os.getpid()}")
     try:
         _epath(probe).write_bytes(b"")
         _epath(probe).unlink()
     except Exception as e:  # noqa: BLE001 - every client error becomes one line with its cause
         return f"cannot be written ({describe_error(e, bucket)})"
+    return None
+
+
+def endpoint(url: str) -> str:
+    """The HTTP endpoint the storage client will talk to for ``url``, as a URL.
+
+    ``gs://``: ``$STORAGE_EMULATOR_HOST`` (gcsfs's setting), else Google's.
+    ``s3://``: fsspec's ``s3`` ``endpoint_url`` setting, ``$AWS_ENDPOINT_URL_S3`` or
+    ``$AWS_ENDPOINT_URL`` (botocore's), else Amazon's.
+    """
+    import fsspec.config
+
+    if url.startswith("gs://"):
+        host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+        if host in ("", "default"):
+            return "https://storage.googleapis.com"
+        return host if host.startswith(("http://", "https://")) else f"http://{host}"
+    conf = fsspec.config.conf.get("s3", {})
+    configured = (conf.get("endpoint_url") or conf.get("client_kwargs", {}).get("endpoint_url")
+                  or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    return configured or "https://s3.amazonaws.com"
+
+
+def unreachable_endpoint(url: str) -> Optional[str]:
+    """"no network connection ..." when no TCP connection to the store opens in
+    :data:`CONNECT_TIMEOUT_S` seconds, else None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = endpoint(url)
+    parts = urlsplit(where)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        return f"cannot be reached (no network connection to the store at {where}: {reason})"
+    return None
+
+
+def missing_credentials(url: str) -> Optional[str]:
+    """"no usable credentials ..." when the store's client would find none, else None.
+
+    Without this, gcsfs falls back to anonymous access and a bucket that needs
+    credentials fails later, mid-run, with an HTTP 401. Anonymous access asked
+    for explicitly (gcsfs's ``token="anon"``, e.g. ``FSSPEC_GS_TOKEN=anon``; s3fs's
+    ``anon=True``) and an explicit token are taken as given.
+    """
+    import fsspec.config
+
+    if url.startswith("gs://"):
+        if fsspec.config.conf.get("gs", {}).get("token") or fsspec.config.conf.get(
+                "gcs", {}).get("token"):
+            return None
+        try:
+            import google.auth
+
+            google.auth.default()
+        except Exception as e:  # noqa: BLE001 - DefaultCredentialsError, or a transport error
+            return (f"cannot be used (no usable credentials: {' '.join(str(e).split())[:160]}; "
+                    "run `gcloud auth application-default login` or set "
+                    "GOOGLE_APPLICATION_CREDENTIALS)")
+        return None
+    conf = fsspec.config.conf.get("s3", {})
+    if conf.get("anon") or conf.get("key"):
+        return None
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        return ("cannot be used (no usable credentials: botocore found none; set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
     return None
 
 

@@ -50,10 +50,7 @@ def unusable(path: str) -> Optional[str]:
     if not path.strip():
         return "is empty"
     if path.startswith("s3://"):
-        # Orbax 0.12.8's array writer takes a local path or gs:// only (tensorstore's
-        # s3 driver is not wired in), so checkpoints could not be written there.
-        return ("is an s3:// URL: checkpoints (orbax 0.12.8) can be written to a local path "
-                "or gs:// only")
+        return paths.S3_CHECKPOINTS_UNSUPPORTED
     if paths.is_url(path):
         return paths.unusable_url(path)
     if os.path.exists(path) and not os.path.isdir(path):

@@ -1,4 +1,5 @@
-"""Workdirs on an object store (``gs://``), against a real GCS emulator on 127.0.0.1.
+"""Workdirs, sweeps and data dirs on an object store, against a GCS emulator and moto's S3
+server on 127.0.0.1 (one of each, shared by the tests of this module).
 
 Everything here talks to 127.0.0.1 only, and is made sure of: the tests run in
 a network namespace that has nothing but loopback (``unshare --net``). The
@@ -16,11 +17,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_run import DIGITS, REPO, _assert_trees_equal, _cli
+from test_run import DIGITS, REPO, TFDS_DIR, _assert_trees_equal, _cli
 
 pytestmark = pytest.mark.objectstore
 
@@ -63,6 +65,8 @@ def test_the_object_store_suite_in_a_loopback_only_network_namespace():
         pytest.skip("unshare --net is unavailable here (needs root or user namespaces)")
     pytest.importorskip("gcp_storage_emulator")
     pytest.importorskip("gcsfs")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
     inner = (f"ip link set lo up && {IN_NAMESPACE}=1 {sys.executable} -m pytest -q -x "
              f"-p no:cacheprovider {Path(__file__).name}")
     r = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO / "tests",
@@ -200,6 +204,35 @@ def test_a_missing_bucket_is_refused_in_one_line_before_anything_is_written(gcs)
     assert "no-such-bucket-here" not in [b.rstrip("/") for b in gcs.ls("", refresh=True)]
 
 
+def test_an_unreachable_store_is_refused_in_one_line_within_seconds(gcs, monkeypatch):
+    closed = _free_port()  # nothing listens there: the connection is refused at once
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{closed}")
+    url = f"gs://{BUCKET}/unreachable"
+    start = time.monotonic()
+    r = _cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no network connection to the store at http://127.0.0.1:" in line[0], \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
+    assert took < 60, took  # the clients' own retries would take minutes
+    monkeypatch.undo()  # the emulator again, for this process's client
+    assert not gcs.exists(url)
+
+
+def test_a_store_without_credentials_is_refused_in_one_line(gcs, monkeypatch, tmp_path):
+    # No anonymous access asked for, no key file, an empty gcloud config, no metadata server.
+    monkeypatch.delenv("FSSPEC_GS_TOKEN")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    url = f"gs://{BUCKET}/no-credentials"
+    r = _cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no usable credentials" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not gcs.exists(url)
+
+
 def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is asked
     r = _cli(DIGITS + ["--max_steps", "2", "--workdir", "s3://bucket/run"])
     assert r.returncode == 2
@@ -207,13 +240,98 @@ def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is 
     assert not (REPO / "s3:").exists()
 
 
-def test_a_bucket_sweep_dir_is_refused_not_made_a_local_folder():
-    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", "gs://b/sweep",
-                        "--methods", "random", "--sparsities", "0.5", "--seeds", "0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    assert "gs://b/sweep" in r.stderr and "must be a local path" in r.stderr
+def test_an_s3_sweep_dir_is_refused_saying_why():  # before any client is asked, no cell run
+    r = _sweep_cli("s3://bucket/sweep")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if "s3://bucket/sweep" in x]
+    assert line and "gs:// only" in line[0] and "cell" not in r.stdout
+    assert not (REPO / "s3:").exists()
+
+
+def _sweep_cli(sweep_dir, *extra):
+    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", sweep_dir, "--quiet",
+           "--methods", "random", "--sparsities", "0.5", "--seeds", "0,1",
+           "--dataset", "digits", "--arch", "mlp", "--batch_size", "32", "--max_steps", "2",
+           *extra]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_two_cell_sweep_on_gs_writes_its_cells_logs_and_report_to_the_bucket(gcs):
+    url = f"gs://{BUCKET}/sweep"
+    r = _sweep_cli(url)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "cell 2/2: random s=0.5 seed=1: done" in r.stdout, r.stdout
+    cells = ["random_s0.5_seed0", "random_s0.5_seed1"]
+    names = _names(gcs, url)
+    assert set(cells) | {"results.md", "results.csv", "accuracy_vs_sparsity.png",
+                         "layer_density.png"} <= set(names), names
+    table = gcs.cat(f"{url}/results.csv").decode().splitlines()
+    assert table[1].startswith("digits,mlp,random,0.5,none,2,0 1,2,"), table
+    for cell in cells:
+        log = gcs.cat(f"{url}/{cell}/log.txt").decode()
+        assert log.startswith("=== ") and log.rstrip().endswith("=== exit status 0"), log[-500:]
+        assert json.loads(gcs.cat(f"{url}/{cell}/results.json"))["status"] == "done"
     assert not (REPO / "gs:").exists()
+
+    # Rerun: every cell is finished and skipped; the logs stay as they were.
+    logs = {c: gcs.cat(f"{url}/{c}/log.txt") for c in cells}
+    again = _sweep_cli(url)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 finished, 0 to run" in again.stdout
+    assert {c: gcs.cat(f"{url}/{c}/log.txt") for c in cells} == logs
+
+    # A cell's results gone: it runs again, its new output appended below the old log.
+    gcs.rm(f"{url}/{cells[1]}/results.json")
+    third = _sweep_cli(url)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "1 finished, 1 to run" in third.stdout
+    log = gcs.cat(f"{url}/{cells[1]}/log.txt")
+    assert log.startswith(logs[cells[1]]) and log.count(b"=== exit status 0") == 2
+
+    report = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", url,
+                             "--report_only"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert f"report of 1 rows in {url}/results.md" in report.stdout
+
+
+def test_a_sweep_dir_in_a_missing_bucket_is_refused_in_one_line(gcs):
+    url = "gs://no-such-sweep-bucket/sweep"
+    r = _sweep_cli(url)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no such bucket 'no-such-sweep-bucket'" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TFDS_DIR.is_dir(), reason="needs the CIFAR-10 copy in ../shared/tfds")
+def test_a_cifar10_run_reads_its_tfds_data_dir_from_the_bucket(gcs, tmp_path, monkeypatch):
+    data_url, version = f"gs://{BUCKET}/tfds", "cifar10/3.0.2"
+    gcs.put(str(TFDS_DIR / "cifar10"), f"{data_url}/cifar10", recursive=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRASP_JAX_DATA_CACHE", str(cache))
+    args = ["--dataset", "cifar10", "--arch", "small_vgg", "--method", "random",
+            "--sparsity", "0.5", "--batch_size", "32", "--max_steps", "2",
+            "--data_dir", data_url]
+    url = f"gs://{BUCKET}/cifar-run"
+    r = _cli(args + ["--workdir", url])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(gcs.cat(f"{url}/results.json"))["status"] == "done"
+    copy = cache / "gs" / BUCKET / "tfds" / version
+    for original in (TFDS_DIR / version).iterdir():  # the local copy is the bucket's bytes
+        assert (copy / original.name).read_bytes() == original.read_bytes(), original.name
+
+    # A shard cut short in the bucket: the copy follows it, and the size check names the file
+    # before the run writes anything.
+    shard = "cifar10-test.tfrecord-00000-of-00001"
+    gcs.pipe(f"{data_url}/{version}/{shard}", (TFDS_DIR / version / shard).read_bytes()[:-100])
+    r = _cli(args + ["--workdir", f"gs://{BUCKET}/cifar-damaged"])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert shard in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not gcs.exists(f"gs://{BUCKET}/cifar-damaged")
 
 
 # The CLI with its train step patched to send the process `sig` right after step `at`
@@ -224,8 +342,8 @@ import jax
 import experiments.steps as t
 at, sig = int(sys.argv[1]), int(sys.argv[2])
 make = t.make_train_step
-def make_train_step(model, tx):
-    step = make(model, tx)
+def make_train_step(model, tx, *args, **kwargs):
+    step = make(model, tx, *args, **kwargs)
     def wrapped(state, batch):
         state, metrics = step(state, batch)
         if int(jax.device_get(state.step)[0]) == at:
@@ -334,3 +452,82 @@ def test_the_namespace_has_loopback_only():
     if os.environ.get(IN_NAMESPACE) != "1":
         pytest.skip("checks the namespace from inside it")
     assert [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+# --------------------------------------------------------------------------
+# s3:// through the path layer, against moto's S3 server on 127.0.0.1. Workdirs on s3://
+# are refused (orbax 0.12.8 cannot checkpoint there); the lock's conditional write, the
+# data-dir copy and the refusals are the path layer's, and work.
+
+
+@pytest.fixture(scope="module")
+def s3():
+    if os.environ.get(IN_NAMESPACE) != "1":
+        pytest.skip("runs inside the loopback-only namespace that the outer test starts")
+    server_module = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE":
+                       "/nonexistent"})
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    try:
+        yield fs
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
+
+
+def test_only_one_of_many_racing_lock_takers_wins_on_s3(s3):
+    from experiments import paths
+
+    url = f"s3://{BUCKET}/race/run.lock"
+    wins, barrier = [], threading.Barrier(8)
+
+    def take(i):
+        barrier.wait()
+        if paths.create_exclusive(url, str(i).encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert s3.cat(url) == str(wins[0]).encode()
+
+
+def test_an_s3_data_dir_is_copied_to_the_local_cache(s3, tmp_path, monkeypatch):
+    from grasp_jax.data import staging
+
+    monkeypatch.setenv(staging.CACHE_ENV, str(tmp_path))
+    s3.pipe({f"{BUCKET}/tfds/toy/1.0.0/dataset_info.json": b"{}",
+             f"{BUCKET}/tfds/toy/1.0.0/toy-train.tfrecord-00000-of-00001": b"r" * 1000})
+    local = staging.local_data_dir(f"s3://{BUCKET}/tfds", "toy", read_whole=False)
+    copy = tmp_path / "s3" / BUCKET / "tfds"
+    assert local == str(copy)
+    assert (copy / "toy/1.0.0/toy-train.tfrecord-00000-of-00001").read_bytes() == b"r" * 1000
+
+
+def test_s3_refusals_name_the_cause(s3, monkeypatch):
+    from experiments import paths
+
+    assert paths.unusable_url(f"s3://{BUCKET}/fine") is None
+    s3.invalidate_cache()
+    assert not any(".write-probe" in k for k in s3.find(BUCKET))  # the probe is removed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    assert "no network connection to the store at http://127.0.0.1:" in paths.unusable_url(
+        f"s3://{BUCKET}/x")
+    monkeypatch.undo()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert "no usable credentials" in paths.unusable_url(f"s3://{BUCKET}/x")

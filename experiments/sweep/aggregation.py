@@ -7,11 +7,11 @@ seeds diverged and at which step, and its figures stay out of every mean.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from experiments import paths
 from experiments.sweep.grid import NO_ABLATION
 from experiments.sweep.results import DIVERGED, RESULTS_JSON, diverged_at, read_json, run_status
 
@@ -66,17 +66,17 @@ def load_results(sweep_dir: str) -> tuple[list[dict], list[str]]:
     taken from its config.json.
     """
     results, unfinished = [], []
-    for name in sorted(os.listdir(sweep_dir)):
-        cell_dir = os.path.join(sweep_dir, name)
-        if not os.path.isdir(cell_dir):
+    for name in sorted(paths.listdir(sweep_dir)):
+        cell_dir = paths.join(sweep_dir, name)
+        if not paths.isdir(cell_dir):
             continue
-        r = read_json(os.path.join(cell_dir, RESULTS_JSON))
+        r = read_json(paths.join(cell_dir, RESULTS_JSON))
         status = run_status(r)
-        config = read_json(os.path.join(cell_dir, "config.json")) or {}
+        config = read_json(paths.join(cell_dir, "config.json")) or {}
         if status == DIVERGED:
             r = {**{k: config[c] for k, c in _FROM_CONFIG if c in config}, **r}
         if status is None or not all(k in r for k in ("method", "seed", "sparsity_target")):
-            if os.path.exists(os.path.join(cell_dir, "config.json")):
+            if paths.exists(paths.join(cell_dir, "config.json")):
                 unfinished.append(name)
             continue
         r = dict(r, cell=name, status=status)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from experiments import paths
 from experiments.sweep.grid import NO_ABLATION, make_grid
 from experiments.sweep.report import write_report
 from experiments.sweep.runner import run_grid
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None, *, cpu_only: bool = False) -> int:
         parser.error(f"--sweep_dir {args.sweep_dir!r} {problem}")
     if args.report_only:
         rows = write_report(args.sweep_dir, args.density_sparsity)
-        print(f"report of {len(rows)} rows in {os.path.join(args.sweep_dir, RESULTS_MD)}")
+        print(f"report of {len(rows)} rows in {paths.join(args.sweep_dir, RESULTS_MD)}")
         return 0
     cells = make_grid(args.methods, args.sparsities, args.seeds, args.ablations)
     forwarded = forwarded_args(args, extra)

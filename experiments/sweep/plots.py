@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from experiments import paths
 from experiments.outputs import pyplot, save_layer_bars, save_png
 from experiments.sweep.aggregation import method_rank
 from experiments.sweep.grid import NO_ABLATION
@@ -95,7 +96,8 @@ def layer_densities(sweep_dir: str, results: Sequence[Mapping[str, Any]],
                 or not math.isclose(float(r["sparsity_target"]), sparsity)):
             continue
         try:
-            with np.load(os.path.join(sweep_dir, r["cell"], "masks.npz")) as masks:
+            masks_npz = io.BytesIO(paths.read_bytes(paths.join(sweep_dir, r["cell"], "masks.npz")))
+            with np.load(masks_npz) as masks:
                 layers = per_method.setdefault(r["method"], {})
                 for name in masks.files:
                     layers.setdefault(name.removesuffix("/kernel"), []).append(

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from experiments import paths
 from experiments.sweep.aggregation import aggregate, load_results
 from experiments.sweep.grid import NO_ABLATION
 from experiments.sweep.plots import (
@@ -29,10 +28,10 @@ def write_report(sweep_dir: str, density_sparsity: float | None = None) -> list[
     results, _ = load_results(sweep_dir)
     rows = aggregate(results)
     plots = []
-    if plot_vs_sparsity(rows, "final_test_accuracy", os.path.join(sweep_dir, ACCURACY_PNG),
+    if plot_vs_sparsity(rows, "final_test_accuracy", paths.join(sweep_dir, ACCURACY_PNG),
                         ylabel="final test accuracy (%)", scale=100.0):
         plots.append(("test accuracy vs sparsity", ACCURACY_PNG))
-    if plot_vs_sparsity(rows, "grad_norm_sq_after", os.path.join(sweep_dir, GRAD_NORM_PNG),
+    if plot_vs_sparsity(rows, "grad_norm_sq_after", paths.join(sweep_dir, GRAD_NORM_PNG),
                         ylabel="‖g‖² after pruning", log_y=True,
                         reference=("grad_norm_sq_before", "before pruning (mean)")):
         plots.append(("gradient norm after pruning vs sparsity", GRAD_NORM_PNG))
@@ -41,7 +40,7 @@ def write_report(sweep_dir: str, density_sparsity: float | None = None) -> list[
     sparsity = density_sparsity if density_sparsity is not None else max(pruned, default=None)
     if sparsity is not None:
         densities = layer_densities(sweep_dir, results, sparsity)
-        path = os.path.join(sweep_dir, DENSITY_PNG)
+        path = paths.join(sweep_dir, DENSITY_PNG)
         if plot_layer_density(densities, sparsity, plot_title(rows), path):
             plots.append((f"remaining density per layer at sparsity {sparsity:.2%}", DENSITY_PNG))
         else:

@@ -10,9 +10,10 @@ writes none (or one marked ``preempted``): it is resumed, not reported.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
+
+from experiments import paths
 
 RESULTS_JSON = "results.json"
 DONE, DIVERGED = "done", "diverged"
@@ -24,8 +25,7 @@ DONE_KEYS = ("method", "seed", "sparsity_target", "steps", "final_test_accuracy"
 def read_json(path: str) -> dict | None:
     """The JSON object in ``path``, or None when it is absent or unreadable."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -61,7 +61,7 @@ def diverged_at(results: Mapping[str, Any]) -> str:
 def cell_state(cell_dir: str, num_steps: int) -> str | None:
     """``DONE`` (reached ``num_steps``; more is fine: a run cannot shrink), ``DIVERGED``
     (whatever its steps: a rerun would diverge again), or None: run it."""
-    results = read_json(os.path.join(cell_dir, RESULTS_JSON))
+    results = read_json(paths.join(cell_dir, RESULTS_JSON))
     status = run_status(results)
     if status == DONE and int(results["steps"]) < num_steps:
         return None

@@ -1,5 +1,6 @@
 """Running the cells: one ``python -m experiments.run`` subprocess each, one after
-another, with their output in ``<cell>/log.txt``; stop signals; resuming.
+another, with their output in ``<cell>/log.txt`` (on a bucket: uploaded whole when the
+cell ends); stop signals; resuming.
 
 A cell dies with the sweep: SIGINT, SIGTERM and SIGHUP are passed on as one
 SIGTERM (the runner saves a checkpoint and exits 143), and a sweep killed
@@ -9,15 +10,18 @@ outright takes its cell with it through the kernel's parent-death signal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
 
+from experiments import paths
 from experiments.outputs import format_duration
 from experiments.sweep.grid import Cell
 from experiments.sweep.report import write_report
@@ -81,16 +85,42 @@ def cell_env() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def cell_log(cell_dir: str) -> Iterator[BinaryIO]:
+    """``<cell_dir>/log.txt`` open for appending.
+
+    On a bucket nothing can be appended to: the log is written to a local
+    temporary file (seeded with the log already there, so an interrupted
+    attempt's output stays above its resume) and uploaded whole, one object
+    write, when the cell ends, however it ends. While a cell runs its output
+    is on the sweep's own stdout, and the bucket holds the previous attempt's log.
+    """
+    path = paths.join(cell_dir, CELL_LOG)
+    if not paths.is_url(cell_dir):
+        os.makedirs(cell_dir, exist_ok=True)
+        with open(path, "ab") as log:
+            yield log
+        return
+    with tempfile.NamedTemporaryFile(prefix="sweep-cell-log-", suffix=".txt") as log:
+        if paths.exists(path):
+            log.write(paths.read_bytes(path))
+        try:
+            yield log
+        finally:
+            log.flush()
+            log.seek(0)
+            paths.write_bytes(path, log.read())
+
+
 def run_cell(cmd: Sequence[str], cell_dir: str, echo: bool, stop: StopSignals) -> int:
     """Run ``cmd``, appending its output to ``<cell_dir>/log.txt`` (and echoing it); exit status.
 
     The process is ``cmd`` itself, started through experiments.sweep.launch so
     that it dies with this one.
     """
-    os.makedirs(cell_dir, exist_ok=True)
     out = getattr(sys.stdout, "buffer", None) if echo else None
     launch = [sys.executable, "-m", "experiments.sweep.launch", str(os.getpid()), *cmd]
-    with open(os.path.join(cell_dir, CELL_LOG), "ab") as log:
+    with cell_log(cell_dir) as log:
         # Appended, not truncated: an interrupted attempt's output stays above its resume.
         header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd)}\n".encode()
         log.write(header)
@@ -116,15 +146,15 @@ def run_cell(cmd: Sequence[str], cell_dir: str, echo: bool, stop: StopSignals) -
 
 def _log_tail(cell_dir: str, lines: int = 15) -> str:
     try:
-        with open(os.path.join(cell_dir, CELL_LOG), errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
+        text = paths.read_bytes(paths.join(cell_dir, CELL_LOG)).decode(errors="replace")
     except OSError:
         return ""
+    return "".join(text.splitlines(keepends=True)[-lines:])
 
 
 def _skipped(state: str, cell_dir: str) -> str:
     if state == DIVERGED:
-        step = diverged_at(read_json(os.path.join(cell_dir, RESULTS_JSON)) or {})
+        step = diverged_at(read_json(paths.join(cell_dir, RESULTS_JSON)) or {})
         return (f"diverged at step {step}, skipped (in the report as diverged; remove its "
                 "directory to rerun it)")
     return "finished, skipped"
@@ -135,11 +165,11 @@ def cell_outcome(cell_dir: str, status: int, took: float, num_steps: int,
     """(done | diverged | stopped | failed, the progress line's end) of a cell that ran."""
     state = cell_state(cell_dir, num_steps)
     if state == DIVERGED:  # the runner exits 1, but the cell is finished: not a failure
-        step = diverged_at(read_json(os.path.join(cell_dir, RESULTS_JSON)) or {})
+        step = diverged_at(read_json(paths.join(cell_dir, RESULTS_JSON)) or {})
         return DIVERGED, (f"DIVERGED at step {step} (non-finite loss) after "
                           f"{format_duration(took)}; reported as diverged, in no mean")
     if status == 0 and state == DONE:
-        acc = read_json(os.path.join(cell_dir, RESULTS_JSON))["final_test_accuracy"]
+        acc = read_json(paths.join(cell_dir, RESULTS_JSON))["final_test_accuracy"]
         acc_text = "none recorded" if acc is None else f"{acc:.2%}"
         return DONE, f"done in {format_duration(took)}, final test accuracy {acc_text}"
     if stop.signum is not None or status in {128 + s for s in STOP_SIGNALS}:
@@ -151,7 +181,7 @@ def cell_outcome(cell_dir: str, status: int, took: float, num_steps: int,
 def run_grid(cells: Sequence[Cell], forwarded: Sequence[str], sweep_dir: str, num_steps: int,
              echo: bool, density_sparsity: float | None = None) -> int:
     """Run the unfinished cells one after another; the sweep's exit status."""
-    states = {c: cell_state(os.path.join(sweep_dir, c.name), num_steps) for c in cells}
+    states = {c: cell_state(paths.join(sweep_dir, c.name), num_steps) for c in cells}
     todo = [c for c in cells if states[c] is None]
     print(f"sweep {sweep_dir}: {len(cells)} cell(s), {len(cells) - len(todo)} finished, "
           f"{len(todo)} to run", flush=True)
@@ -160,7 +190,7 @@ def run_grid(cells: Sequence[Cell], forwarded: Sequence[str], sweep_dir: str, nu
     with StopSignals() as stop:
         for i, cell in enumerate(cells, 1):
             head = f"cell {i}/{len(cells)}: {cell.label}"
-            cell_dir = os.path.join(sweep_dir, cell.name)
+            cell_dir = paths.join(sweep_dir, cell.name)
             if states[cell] is not None:
                 print(f"{head}: {_skipped(states[cell], cell_dir)}", flush=True)
                 continue
@@ -182,7 +212,7 @@ def run_grid(cells: Sequence[Cell], forwarded: Sequence[str], sweep_dir: str, nu
                 stop.signum = stop.signum or signal.SIGTERM
             outcomes.setdefault(kind, []).append(cell.name)
     write_report(sweep_dir, density_sparsity)  # also when stopped or failed: what is done counts
-    print(f"report in {os.path.join(sweep_dir, RESULTS_MD)}", flush=True)
+    print(f"report in {paths.join(sweep_dir, RESULTS_MD)}", flush=True)
     if outcomes[DIVERGED]:
         print(f"{len(outcomes[DIVERGED])} cell(s) diverged: {', '.join(outcomes[DIVERGED])}",
               flush=True)

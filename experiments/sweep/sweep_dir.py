@@ -25,10 +25,14 @@ def sweep_dir_problem(path: str, *, must_exist: bool = False) -> str | None:
     """
     if not path:
         return "is empty"
+    if path.startswith("s3://"):
+        return paths.S3_CHECKPOINTS_UNSUPPORTED  # each cell's workdir would be refused
     if paths.is_url(path):
-        # The cells' logs are appended to while they run, and the report reads them back:
-        # both still use local files. A URL is refused rather than made a local folder.
-        return "is a bucket URL: a sweep directory must be a local path for now"
+        # A bucket prefix "exists" once an object is under it; the probe write finds no
+        # credentials, no bucket, no network and no permission alike, in one line.
+        if must_exist and not paths.isdir(path):
+            return "holds no objects (no sweep there)"
+        return paths.unusable_url(path)
     if os.path.lexists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     if os.path.isdir(path):
@@ -50,8 +54,12 @@ def create_sweep_dir(path: str) -> None:
     """Create ``path`` (and its missing parents) and write and delete a file in it.
 
     Raises OSError when that fails, having removed the directories it created:
-    a refused sweep directory is left as it was found.
+    a refused sweep directory is left as it was found. A bucket URL needs
+    nothing created (a prefix is no object) and was probed by
+    :func:`sweep_dir_problem`.
     """
+    if paths.is_url(path):
+        return
     created = []
     probe = os.path.abspath(path)
     while not os.path.lexists(probe):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from experiments import paths
 from experiments.outputs import write_text
 from experiments.sweep.aggregation import GROUP_KEY, METRICS, aggregate, load_results
 from experiments.sweep.grid import NO_ABLATION
@@ -105,6 +105,6 @@ def write_tables(sweep_dir: str, plots: Sequence[tuple[str, str]] = ()) -> list[
     """results.md and results.csv from the finished cells; the rows."""
     results, unfinished = load_results(sweep_dir)
     rows = aggregate(results)
-    write_text(os.path.join(sweep_dir, RESULTS_MD), to_markdown(rows, unfinished, plots))
-    write_text(os.path.join(sweep_dir, RESULTS_CSV), to_csv(rows))
+    write_text(paths.join(sweep_dir, RESULTS_MD), to_markdown(rows, unfinished, plots))
+    write_text(paths.join(sweep_dir, RESULTS_CSV), to_csv(rows))
     return rows

@@ -10,10 +10,10 @@ here runs for ``--report_only``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
+from experiments import paths
 from experiments.sweep.grid import NO_ABLATION, Cell, covering_cells
 
 # Flags of the runner that the sweep sets per cell; users may not forward them.
@@ -89,7 +89,7 @@ def check_with_runner(cells: Sequence[Cell], forwarded: Sequence[str], sweep_dir
     check_names(cells)
     num_steps = None
     for cell in covering_cells(cells):  # one of each method/ablation pair, seed and sparsity
-        config = parse_cell_config(cell.runner_args(forwarded, os.path.join(sweep_dir, cell.name)))
+        config = parse_cell_config(cell.runner_args(forwarded, paths.join(sweep_dir, cell.name)))
         num_steps = config.num_steps
     assert num_steps is not None  # the grid is never empty
     return num_steps

@@ -24,6 +24,11 @@ Two levels, both before a run writes anything:
   is named with its file. Reads the whole split, so it is meant for the splits
   a run reads into memory at start anyway (CIFAR).
 
+A bucket data dir (``gs://``, ``s3://``) read from a local copy
+(:mod:`grasp_jax.data.staging`) is checked in that copy, made (or brought up to
+date, sizes compared with the bucket's listing) before the checks; one that
+TensorFlow streams from GCS itself (ImageNet) is not checked.
+
 A streamed split too large to verify at start (ImageNet) can still meet a
 damaged record mid-run; :func:`damaged_record_message` turns TensorFlow's
 ``DataLossError`` (which names only an offset) into one line naming the file.
@@ -39,6 +44,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from grasp_jax.data import staging
 from grasp_jax.data.spec import DatasetInfo
 
 # Bytes framing each TFRecord record: length (8), its CRC (4), the data's CRC (4).
@@ -58,7 +64,12 @@ def is_tfds(info: DatasetInfo) -> bool:
 
 
 def dataset_root(data_dir: str | None) -> Path:
-    """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~)."""
+    """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~); for a
+    bucket ``data_dir``, its local copy (grasp_jax.data.staging), which is what TFDS reads.
+    A bucket dataset streamed by TensorFlow has no copy there, so its checks find no
+    folder and are skipped."""
+    if staging.is_url(data_dir):
+        return staging.cache_dir_for(str(data_dir).rstrip("/"))
     if data_dir is not None:
         return Path(data_dir)
     import tensorflow_datasets as tfds
@@ -243,6 +254,12 @@ def check_dataset(info: DatasetInfo, data_dir: str | None, *, records: bool) -> 
     :func:`verify_records` for both. Nothing to check for other than TFDS sources."""
     if not is_tfds(info):
         return
+    try:
+        # A bucket data dir is copied (or brought up to date) here, before any check: the
+        # checks then read the copy, byte for byte the bucket's files, sizes compared.
+        staging.local_data_dir(data_dir, info.name, read_whole=info.cache_decoded)
+    except staging.DataDirUnreadable as e:
+        raise DatasetDamaged(f"{info.name}: {e}") from None
     splits = (info.train_split, info.test_split)
     for split in splits:
         check_split_files(info, split, data_dir)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from grasp_jax.data import staging
 from grasp_jax.data.layout import Shard
 from grasp_jax.data.seeds import permutation
 from grasp_jax.data.spec import DatasetInfo
@@ -96,7 +97,9 @@ def _array_source(
 
 
 def tfds_source(info: DatasetInfo, split: str, data_dir: str | None, shard: Shard) -> Source:
-    """A prepared TFDS dataset named ``info.name``, images kept encoded."""
+    """A prepared TFDS dataset named ``info.name``, images kept encoded; a bucket
+    ``data_dir`` may be read from a local copy (grasp_jax.data.staging)."""
+    data_dir = staging.local_data_dir(data_dir, info.name, read_whole=info.cache_decoded)
     builder = tfds.builder(info.name, data_dir=data_dir)
     subsplit = tfds.split_for_jax_process(
         split,
