@@ -91,3 +91,14 @@ def test_resuming_on_more_devices_is_refused_with_exit_2(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "1 device(s)" in errors[0] and "2 device(s)" in errors[0]
     assert json.loads((tmp_path / "w" / "results.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_diverged_run_reports_the_step_it_went_wrong_at(tmp_path):
+    workdir = tmp_path / "w"
+    r = _cli(DIGITS + ["--lr", "1e6", "--max_steps", "40", "--log_every_steps", "7",
+                       "--workdir", str(workdir)])
+    assert r.returncode == 1, r.stderr[-2000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == results["diverged_at_step"] <= results["detected_at_step"]
+    assert results["detected_at_step"] % 7 == 0 or results["detected_at_step"] == 40
