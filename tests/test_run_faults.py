@@ -174,3 +174,25 @@ def test_a_full_disk_at_start_is_one_line_and_the_workdir_stays_rerunnable(small
     _resize(small_tmpfs, "40m")
     r = _cli(args)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_the_log(
+        tmp_path, capsys, monkeypatch):
+    from experiments import run, train
+
+    def unwritable(config, workdir, *args):
+        raise PermissionError(errno.EACCES, "Permission denied",
+                              os.path.join(workdir, "results.json"))
+
+    monkeypatch.setattr(train, "train_and_evaluate", unwritable)
+    monkeypatch.delenv(faults.DEBUG_ENV, raising=False)
+    workdir = tmp_path / "w"
+    assert run.main(DIGITS + ["--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "results.json" in errors[0] and "Traceback" not in err
+    assert "Traceback" in (workdir / faults.ERRORS_LOG).read_text()
+    assert not (workdir / workdirs.LOCK_FILE).exists()  # the rerun is not blocked
+    monkeypatch.setenv(faults.DEBUG_ENV, "1")
+    assert run.main(DIGITS + ["--workdir", str(workdir)]) == 1
+    assert "Traceback" in capsys.readouterr().err
