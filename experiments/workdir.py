@@ -255,7 +255,9 @@ class Lock:
 
     def _describe(self, holder: dict) -> str:
         if not holder:
-            return f"{self.workdir} is locked ({self.path} exists but cannot be read)"
+            return (f"{self.workdir} is locked ({self.path} exists but cannot be read: a run is "
+                    f"starting, or one failed to; it is taken over once it is "
+                    f"{UNREADABLE_LOCK_STALE_S:.0f} s old)")
         return (f"{self.workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
                 f"(started {holder.get('started')}); wait for it to finish, or stop it. If that "
                 f"process is gone from another host, remove {self.path}")
