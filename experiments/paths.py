@@ -23,9 +23,11 @@ conditional write and knows no ``s3://`` at all.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Optional
 
@@ -166,9 +168,52 @@ def write_bytes_with(path: str, writer: Callable[[BinaryIO], Any]) -> None:
         _epath(path).write_bytes(buffer.getvalue())
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        writer(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            writer(f)
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk, a failed rename or an interrupt leaves no temporary file behind.
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def age_s(path: str) -> Optional[float]:
+    """Seconds since ``path`` was last modified (None if absent or unknown)."""
+    try:
+        if is_url(path):
+            return time.time() - _epath(path).stat().mtime
+        return time.time() - os.path.getmtime(path)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Remove ``*.tmp-<pid>`` files under a local ``directory`` (not below
+    ``checkpoints``, which orbax cleans itself) whose process is gone from this
+    host: what a killed write left. The names removed."""
+    if is_url(directory) or not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in os.listdir(directory):
+        stem, sep, pid = name.rpartition(".tmp-")
+        if not sep or not stem or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -182,17 +227,26 @@ def write_text(path: str, text: str) -> None:
 def create_exclusive(path: str, data: bytes) -> bool:
     """Write ``data`` at ``path`` only if nothing is there; False if something is.
 
-    Atomic: locally ``O_CREAT | O_EXCL``; on GCS a write with
-    ``ifGenerationMatch=0``, on S3 one with ``If-None-Match: *`` (fsspec's
-    ``mode="create"``), which the store refuses once the object exists.
+    Atomic, content included: locally the bytes go to a temporary file first,
+    which is then hard-linked to ``path`` (``link`` fails if ``path`` exists,
+    and never leaves an empty file: a full disk fails on the temporary file,
+    which is removed); on GCS a write with ``ifGenerationMatch=0``, on S3 one
+    with ``If-None-Match: *`` (fsspec's ``mode="create"``), which the store
+    refuses once the object exists.
     """
     if not is_url(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         return True
     fs, key = _filesystem(path)
     try:

@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from experiments import cli, configs
+from experiments import cli, configs, paths
 from experiments import workdir as workdirs
 from experiments.configs import UsageError, setting
 
@@ -59,6 +59,9 @@ class Invocation:
     allow_layer_collapse: bool = setting(
         False, "train even when the masks empty a whole prunable layer (refused by default)",
         group=RUNNING)
+    allow_topology_change: bool = setting(
+        False, "resume a checkpoint saved on another number of devices or processes (refused "
+        "by default: the result then differs from an uninterrupted run)", group=RUNNING)
     compilation_cache: Optional[str] = setting(
         None, "JAX's persistent compilation cache directory, so reruns, resumes and sweep cells "
         "skip compiling ('none' disables; default: $XDG_CACHE_HOME/grasp_jax/jax or "
@@ -276,6 +279,9 @@ def checked_workdir(invocation: Invocation, config: configs.Config) -> str:
     """The workdir, refused (UsageError) when unusable or holding another run."""
     path = invocation.workdir if invocation.workdir is not None else \
         workdirs.default_workdir(config)
+    if not paths.is_url(path):
+        # "x/../y" is y: creating it must not create a stray x on the way.
+        path = os.path.normpath(path)
     problem = workdirs.unusable(path)
     if problem:
         raise UsageError(f"--workdir {path!r} {problem}")
@@ -291,12 +297,14 @@ def checked_workdir(invocation: Invocation, config: configs.Config) -> str:
 
 
 def run(config: configs.Config, workdir: str, overwrite: bool = False,
-        allow_layer_collapse: bool = False) -> tuple[int, dict]:
+        allow_layer_collapse: bool = False,
+        allow_topology_change: bool = False) -> tuple[int, dict]:
     """Train one config in ``workdir``, holding its lock; (exit status, results)."""
     from experiments import session
 
     return session.run(config, workdir, overwrite=overwrite,
-                       allow_layer_collapse=allow_layer_collapse)
+                       allow_layer_collapse=allow_layer_collapse,
+                       allow_topology_change=allow_topology_change)
 
 
 def demo() -> int:
@@ -401,7 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         parser.refuse(str(e))
     status, _ = run(config, path, overwrite=invocation.overwrite,
-                    allow_layer_collapse=invocation.allow_layer_collapse)
+                    allow_layer_collapse=invocation.allow_layer_collapse,
+                    allow_topology_change=invocation.allow_topology_change)
     return status
 
 

@@ -8,16 +8,22 @@ no checkpoint restores, processes disagree on the masks, a damaged record
 of a streamed dataset), 2 refused (locked workdir, collapsing masks), 128 +
 signal when stopped by a signal after saving (or during long pruning, before
 there is anything to save).
+
+Each of these ends in one ``error:`` line naming the cause (``experiments.faults``):
+a full disk, at start or mid-run, names the workdir and the cause and exits 1,
+leaving the workdir rerunnable (the checkpoints saved before survive); any other
+unexpected exception is one line too, its traceback in ``<workdir>/errors.log``
+(and on the console with ``GRASP_JAX_DEBUG=1``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
+from typing import Optional
 
 import numpy as np
 
-from experiments import checkpointing, configs, distributed, paths, train
+from experiments import checkpointing, configs, distributed, faults, paths, train
 from experiments import workdir as workdirs
 from experiments.logging_utils import log
 from experiments.signals import Stopped, StopSignals
@@ -26,11 +32,23 @@ from experiments.steps import SparsityDriftError
 REFUSED, FAILED = 2, 1
 
 
-def _error(message: str) -> None:
+def _error(message: str, e: Optional[BaseException] = None,
+           workdir: Optional[str] = None) -> None:
     import jax
 
     where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
-    print(f"error{where}: {message}", file=sys.stderr, flush=True)
+    faults.report(message, e, workdir, process=where)
+
+
+def _unexpected(e: BaseException, workdir: str, at_start: bool = False) -> None:
+    """One line for an exception nothing else names: a full disk, or its type and message."""
+    if faults.is_disk_full(e):
+        kept = ("nothing was written" if at_start else
+                "the checkpoints saved before are intact")
+        _error(f"no space left on the device of {paths.absolute(workdir)}; {kept}: free some "
+               "space and rerun the same command", e, workdir)
+    else:
+        _error(f"the run in {paths.absolute(workdir)} failed: {faults.describe(e)}", e, workdir)
 
 
 def _agree(status: int) -> int:
@@ -54,7 +72,8 @@ def _sync(name: str) -> None:
 
 
 def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
-        allow_layer_collapse: bool = False) -> tuple[int, dict]:
+        allow_layer_collapse: bool = False,
+        allow_topology_change: bool = False) -> tuple[int, dict]:
     """Train ``config`` in ``workdir``; (exit status, results)."""
     import jax
 
@@ -66,9 +85,15 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
             lock.acquire()
             if lock.took_over:
                 log(lock.took_over)
+            for name in paths.remove_stale_temporaries(workdir):
+                log(f"removed {paths.join(workdir, name)}, left by a write that was killed")
         except workdirs.LockHeld as e:
             _error(str(e))
             status = REFUSED
+        except OSError as e:  # a full disk or a vanished mount before anything is written
+            lock.discard_workdir_if_created()
+            _unexpected(e, workdir, at_start=True)
+            status = FAILED
     status = _agree(status)
     if status:
         return status, {}
@@ -79,8 +104,9 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
         _sync("prepare_workdir")  # the others wait until process 0 has set the workdir up
         log(f"workdir {paths.absolute(workdir)}")
         log("config " + json.dumps(config.to_dict(), sort_keys=True))
-        with StopSignals() as signals:
-            results = train.train_and_evaluate(config, workdir, allow_layer_collapse, signals)
+        with StopSignals() as signals, faults.library_reports_to_log(workdir):
+            results = train.train_and_evaluate(config, workdir, allow_layer_collapse, signals,
+                                               *([True] if allow_topology_change else []))
     except Stopped as e:
         log(f"{signals.name} while pruning ({e}): nothing is saved before the first step; "
             "rerun the same command to prune again")
@@ -91,19 +117,23 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
             workdirs.clear_run(workdir)
             lock.discard_workdir_if_created()
         return REFUSED, {}
+    except train.TopologyChanged as e:
+        _error(str(e))
+        return REFUSED, {}
     except (SparsityDriftError, distributed.MaskMismatchError,
             checkpointing.NoUsableCheckpoint) as e:
-        _error(str(e))
+        _error(str(e), e, workdir)
         return FAILED, {}
     except Exception as e:
         # A damaged record of a streamed split (too large to verify at start) is met
         # mid-run; TF's error names only an offset, so name the file and the fix.
         from grasp_jax.data import integrity
 
-        if not integrity.is_data_loss(e):
-            raise
-        _error(integrity.damaged_record_message(e, configs.dataset_info(config),
-                                                config.data_dir))
+        if integrity.is_data_loss(e):
+            _error(integrity.damaged_record_message(e, configs.dataset_info(config),
+                                                    config.data_dir), e, workdir)
+        else:
+            _unexpected(e, workdir)
         return FAILED, {}
     finally:
         if main:

@@ -60,6 +60,33 @@ class LayerCollapseError(ValueError):
     """The masks empty a whole prunable layer (refused unless allowed)."""
 
 
+class TopologyChanged(ValueError):
+    """A checkpoint saved on another number of devices or processes (refused unless allowed)."""
+
+
+def topology() -> dict:
+    """The device and process counts a run trains on; saved in each checkpoint's meta,
+    since the per-device batches (and batch statistics, dropout keys) depend on them."""
+    return {"devices": jax.device_count(), "processes": jax.process_count()}
+
+
+def check_topology(meta: dict, step: int, allowed: bool) -> None:
+    """TopologyChanged naming both topologies unless the checkpoint's is this one's (or allowed)."""
+    saved = {k: meta.get(k) for k in ("devices", "processes")}
+    now = topology()
+    if None in saved.values() or saved == now:
+        return  # a checkpoint from before topologies were saved: nothing to compare
+    what = (f"the checkpoint at step {step} was saved by {saved['devices']} device(s) in "
+            f"{saved['processes']} process(es); this run has {now['devices']} device(s) in "
+            f"{now['processes']} process(es)")
+    if not allowed:
+        raise TopologyChanged(f"{what}: resuming would train a different trajectory than an "
+                              "uninterrupted run. Rerun on the same topology, or pass "
+                              "--allow_topology_change to resume anyway")
+    log(f"warning: {what} (--allow_topology_change): the result will differ from an "
+        "uninterrupted run")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """When the periodic actions of the loop fire, by step number (1-based, after the step)."""
@@ -110,7 +137,8 @@ def stop_check(signals: StopSignals) -> Callable[[], bool]:
 
 def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir: str,
                     ckpt: checkpointing.Checkpointer, allow_layer_collapse: bool = False,
-                    signals: Optional[StopSignals] = None) -> tuple[TrainState, dict, int]:
+                    signals: Optional[StopSignals] = None,
+                    allow_topology_change: bool = False) -> tuple[TrainState, dict, int]:
     """(state, checkpoint metadata, step): restored, else initialized and pruned.
 
     A stop signal during long pruning raises ``signals.Stopped`` (nothing is saved yet)."""
@@ -122,6 +150,7 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
     restored = ckpt.restore_newest(abstract, log=log, is_main=is_main_process())
     if restored is not None:
         step, state, meta = restored
+        check_topology(meta, step, allow_topology_change)
         log(f"resuming from step {step}")
         return TrainState(**state), meta, step
 
@@ -189,7 +218,8 @@ class Outcome:
 
 
 def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool = False,
-                       signals: Optional[StopSignals] = None) -> dict:
+                       signals: Optional[StopSignals] = None,
+                       allow_topology_change: bool = False) -> dict:
     """Prune, train and evaluate; resume from ``workdir``'s newest intact checkpoint.
 
     Returns the results dict (also written to ``results.json`` unless stopped
@@ -208,7 +238,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     signals = signals or StopSignals()
     try:
         state, meta, step = init_or_restore(config, model, info.image_shape, workdir, ckpt,
-                                            allow_layer_collapse, signals)
+                                            allow_layer_collapse, signals, allow_topology_change)
         writer.truncate_after(step)
         agreed = distributed.check_masks_agree(state.masks)  # every process, the same network
         if agreed:
@@ -304,7 +334,7 @@ def save(ckpt: checkpointing.Checkpointer, step: int, rstate: TrainState, meta: 
          chrono: Chrono) -> None:
     host = distributed.first_replica(rstate.as_dict())
     steps.check_pruned_weights_are_zero(host["params"], host["masks"])
-    meta.update(chrono.as_meta())
+    meta.update(chrono.as_meta(), **topology())
     ckpt.save(step, host, dict(meta))
 
 
@@ -349,7 +379,11 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
         results["gradient_flow"] = json.loads(paths.read_text(flow_path))
     if outcome.status == "diverged":
         good = ckpt.latest_step()
-        results.update(diverged_at_step=outcome.diverged_at_step,
+        # The run went wrong at the first non-finite step; the later steps of its logging
+        # window (where it was noticed) trained nothing worth counting.
+        results.update(steps=outcome.diverged_at_step,
+                       epochs=outcome.diverged_at_step / config.steps_per_epoch,
+                       detected_at_step=outcome.step, diverged_at_step=outcome.diverged_at_step,
                        diverged_in=outcome.diverged_in, last_finite_checkpoint=good)
         log(f"error: the {outcome.diverged_in} loss or gradients are not finite at step "
             f"{outcome.diverged_at_step}: the run diverged (try a lower --lr). The last "

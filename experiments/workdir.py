@@ -29,8 +29,11 @@ from experiments.outputs import write_text
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
 RUN_FILES = ("checkpoints", "checkpoints.damaged", "tensorboard", "config.json", "metrics.jsonl",
              "results.json", "sparsity.md", "density.png", "masks.npz", "gradient_flow.json",
-             "sparse_params.npz")
+             "sparse_params.npz", "errors.log")
 LOCK_FILE = "run.lock"
+# A lock with no readable content this long after it was written was left by a start
+# that failed mid-write (a full disk, a crash): not a holder, so it is taken over.
+UNREADABLE_LOCK_STALE_S = 10.0
 
 
 def default_workdir(config: configs.Config) -> str:
@@ -53,6 +56,8 @@ def unusable(path: str) -> Optional[str]:
         return paths.S3_CHECKPOINTS_UNSUPPORTED
     if paths.is_url(path):
         return paths.unusable_url(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        return "is a symbolic link that leads nowhere (dangling, or a loop)"
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     probe_dir = path
@@ -78,10 +83,19 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
     the training trajectory.
     """
     path = paths.join(workdir, "config.json")
+    damaged = damaged_side_file(workdir)
+    if damaged:
+        return damaged
+    failed = no_usable_checkpoint(workdir)
+    if failed:
+        return failed
     if paths.exists(path):
         try:
-            saved = configs.Config.from_dict(json.loads(paths.read_text(path)))
-        except (OSError, ValueError, TypeError) as e:
+            raw = json.loads(paths.read_text(path))
+            if not isinstance(raw, dict):
+                raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
+            saved = configs.Config.from_dict(raw)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             return f"{path} cannot be read ({e})"
         diff = configs.differences(saved, config)
         if diff:
@@ -91,6 +105,61 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
     if paths.exists(paths.join(workdir, "checkpoints")):
         return f"{workdir} holds checkpoints but no config.json to check them against"
     return None
+
+
+def damaged_side_file(workdir: str) -> Optional[str]:
+    """Why one of the files a resumed run reads is unusable (naming it), or None.
+
+    Checked before anything is written, so a damaged file is a refusal rather than a
+    traceback halfway through the run: ``checkpoints`` must be a directory,
+    ``gradient_flow.json`` a JSON object, each complete line of ``metrics.jsonl`` a
+    JSON object (a last line cut short by a kill is dropped on resume, as before).
+    """
+    checkpoints = paths.join(workdir, "checkpoints")
+    if paths.exists(checkpoints) and not paths.isdir(checkpoints):
+        return f"{checkpoints} is a file, not a directory of checkpoints"
+    flow = paths.join(workdir, "gradient_flow.json")
+    if paths.exists(flow):
+        try:
+            if not isinstance(json.loads(paths.read_text(flow)), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            return f"{flow} cannot be read ({e}); remove it, or pass --overwrite"
+    metrics = paths.join(workdir, "metrics.jsonl")
+    if paths.exists(metrics):
+        try:
+            text = paths.read_text(metrics)
+        except (OSError, ValueError) as e:
+            return f"{metrics} cannot be read ({e}); remove it, or pass --overwrite"
+        for number, line in enumerate(text.splitlines(keepends=True), 1):
+            if not line.endswith("\n"):
+                break  # cut short by a kill: dropped on resume
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                return (f"{metrics} line {number} is not a JSON object ({line.strip()[:60]!r}); "
+                        "remove that line, or pass --overwrite")
+    return None
+
+
+def no_usable_checkpoint(workdir: str) -> Optional[str]:
+    """Why a workdir whose checkpoints were all moved aside as damaged cannot resume.
+
+    Without this a plain rerun would find no checkpoint and silently start over
+    from step 0; it keeps being refused until ``--overwrite`` says to.
+    """
+    damaged = paths.join(workdir, "checkpoints.damaged")
+    checkpoints = paths.join(workdir, "checkpoints")
+    if not paths.isdir(damaged) or not paths.listdir(damaged):
+        return None
+    steps = [n for n in (paths.listdir(checkpoints) if paths.isdir(checkpoints) else [])
+             if n.isdigit()]
+    if steps:
+        return None
+    return (f"no checkpoint in {checkpoints} restores (the damaged ones are in {damaged}); "
+            "rerun with --overwrite to start over")
 
 
 def clear_run(workdir: str) -> None:
@@ -158,6 +227,13 @@ class Lock:
                 holder = self._holder()
                 if holder is None:
                     continue  # released in between: try again
+                if not holder:
+                    age = paths.age_s(self.path)
+                    if age is not None and age > UNREADABLE_LOCK_STALE_S:
+                        self.took_over = (f"took over {self.path}: it has been unreadable for "
+                                          f"{age:.0f} s (left by a start that failed)")
+                        paths.remove(self.path)
+                        continue
                 if self._stale(holder):
                     self.took_over = (f"took over the lock of process {holder.get('pid')} on "
                                       f"{holder.get('host')} (started {holder.get('started')}), "
@@ -176,7 +252,9 @@ class Lock:
 
     def _describe(self, holder: dict) -> str:
         if not holder:
-            return f"{self.workdir} is locked ({self.path} exists but cannot be read)"
+            return (f"{self.workdir} is locked ({self.path} exists but cannot be read: a run is "
+                    f"starting, or one failed to; it is taken over once it is "
+                    f"{UNREADABLE_LOCK_STALE_S:.0f} s old)")
         return (f"{self.workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
                 f"(started {holder.get('started')}); wait for it to finish, or stop it. If that "
                 f"process is gone from another host, remove {self.path}")

@@ -49,6 +49,22 @@ def check_same_structure(
             )
 
 
+def check_mask_dtypes(masks: PyTree, what: str = "masks") -> None:
+    """TypeError naming the first leaf of ``masks`` that is not an array of booleans or
+    real numbers (a keep-mask is read as ``m != 0``; a complex, string or object array,
+    or a leaf that is no array at all, means the wrong tree was passed). Dtypes only."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None and isinstance(leaf, (bool, int, float)):
+            continue  # a Python scalar mask of a scalar leaf
+        if dtype is None:
+            raise TypeError(f"{what} leaf {path_name(path)!r} is a {type(leaf).__name__}, not "
+                            "an array of booleans")
+        if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)
+                or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"{what} leaf {path_name(path)!r} has dtype {dtype}, not bool")
+
+
 class LayerCollapseWarning(UserWarning):
     """Masks leave a prunable layer with no weight at all.
 
@@ -266,6 +282,8 @@ def _apply(params, masks):
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """``params ⊙ masks`` leaf by leaf; pruned weights become exactly 0."""
     check_same_structure(masks, params)
+    check_mask_dtypes(masks)
+    check_mask_dtypes(params, "params")
     return _apply(params, masks)
 
 
@@ -355,6 +373,7 @@ class SparsityReport:
 
 def sparsity_report(masks: PyTree, *, prunable: PrunableSpec = None) -> SparsityReport:
     """Count what ``masks`` keep in each prunable leaf (one device sync for all)."""
+    check_mask_dtypes(masks)
     flags = prunable_flags(masks, prunable)
     named = jax.tree_util.tree_flatten_with_path(masks)[0]
     kept = jax.device_get([jnp.sum(jnp.asarray(m, bool)) for (_, m), f in zip(named, flags) if f])

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grasp_jax.masks import check_same_structure
+from grasp_jax.masks import check_mask_dtypes, check_same_structure
 
 PyTree = Any
 
@@ -39,6 +39,8 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
     ``jnp.where`` is used rather than a product so that a non-finite update of
     a pruned weight cannot turn it into NaN.
     """
+
+    check_mask_dtypes(masks)
 
     def init_fn(params: PyTree) -> MaskedUpdatesState:
         check_same_structure(masks, params, "masks", "params")

@@ -37,8 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from grasp_jax.criteria import Direction, direction_keyword, resolve_direction
-from grasp_jax.masks import TIE_WARN_FRACTION, TieWarning, check_same_structure
-from grasp_jax.prunable import PrunableSpec, path_name, prunable_flags
+from grasp_jax.masks import (
+    TIE_WARN_FRACTION,
+    TieWarning,
+    check_mask_dtypes,
+    check_same_structure,
+)
+from grasp_jax.prunable import PrunableSpec, check_leaf_dtypes, path_name, prunable_flags
 from grasp_jax.scoring import check_finite
 from grasp_jax.selection import removal_key
 
@@ -107,8 +112,10 @@ def nm_masks(
     direction = direction_keyword(direction, prune)
     highest = resolve_direction(direction, criterion) == "highest"
     flags = prunable_flags(scores, prunable)
+    check_leaf_dtypes(scores, flags, what="scores", integers=True)
     if masks is not None:
         check_same_structure(masks, scores, "masks", "scores")
+        check_mask_dtypes(masks)
     check_finite(scores, prunable=prunable)
     named, treedef = jax.tree_util.tree_flatten_with_path(scores)
     old = jax.tree_util.tree_leaves(masks) if masks is not None else [None] * len(named)

@@ -24,10 +24,12 @@ Two levels, both before a run writes anything:
   is named with its file. Reads the whole split, so it is meant for the splits
   a run reads into memory at start anyway (CIFAR).
 
-A bucket data dir (``gs://``, ``s3://``) read from a local copy
-(:mod:`grasp_jax.data.staging`) is checked in that copy, made (or brought up to
-date, sizes compared with the bucket's listing) before the checks; one that
-TensorFlow streams from GCS itself (ImageNet) is not checked.
+A bucket data dir (``gs://``, ``s3://``) that a run reads from a local copy
+(:mod:`grasp_jax.data.staging`: the splits read whole at start, anything on s3) is
+checked in that copy, made (or brought up to date) before the checks; one that
+TensorFlow streams from GCS itself (ImageNet) is checked on the store, through
+``etils.epath`` (the path library TFDS and orbax use): presence, sizes and record
+chains are read from the bucket, not skipped.
 
 A streamed split too large to verify at start (ImageNet) can still meet a
 damaged record mid-run; :func:`damaged_record_message` turns TensorFlow's
@@ -63,18 +65,44 @@ def is_tfds(info: DatasetInfo) -> bool:
     return info.source is sources.tfds_source
 
 
-def dataset_root(data_dir: str | None) -> Path:
-    """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~); for a
-    bucket ``data_dir``, its local copy (grasp_jax.data.staging), which is what TFDS reads.
-    A bucket dataset streamed by TensorFlow has no copy there, so its checks find no
-    folder and are skipped."""
+OBJECT_STORE_SCHEMES = ("gs://", "s3://")
+
+
+def _is_store(path: str) -> bool:
+    return str(path).startswith(OBJECT_STORE_SCHEMES)
+
+
+def _as_path(path: str) -> Any:
+    """A ``pathlib.Path`` for a local path; an ``etils.epath.Path`` for an object-store URL
+    (``pathlib`` would fold ``gs://b/x`` into the local ``gs:/b/x``, which never exists,
+    and the check would pass without looking)."""
+    if _is_store(path):
+        from etils import epath
+
+        return epath.Path(path)
+    return Path(path)
+
+
+def _size_and_mtime_ns(path: Any) -> tuple[int, int]:
+    stat = path.stat()
+    if hasattr(stat, "st_size"):
+        return stat.st_size, stat.st_mtime_ns
+    return int(stat.length), int(float(stat.mtime or 0) * 1e9)  # etils' StatResult
+
+
+def dataset_root(data_dir: str | None) -> Any:
+    """The TFDS data dir: ``data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or ~). For a
+    bucket ``data_dir`` with a local copy (grasp_jax.data.staging), that copy, which is what
+    TFDS reads; without one (a dataset TensorFlow streams from the bucket), the bucket."""
     if staging.is_url(data_dir):
-        return staging.cache_dir_for(str(data_dir).rstrip("/"))
+        copy = staging.cache_dir_for(str(data_dir).rstrip("/"))
+        if copy.is_dir():
+            return copy
     if data_dir is not None:
-        return Path(data_dir)
+        return _as_path(data_dir)
     import tensorflow_datasets as tfds
 
-    return Path(os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR)
+    return _as_path(os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR)
 
 
 def version_dir(info: DatasetInfo, data_dir: str | None) -> Path:
@@ -130,7 +158,7 @@ def split_shards(info: DatasetInfo, split: str, data_dir: str | None
     try:
         split_info = tfds.builder(info.name, data_dir=str(dataset_root(data_dir))
                                   ).info.splits[split]
-        paths = [Path(os.fspath(p)) for p in split_info.filepaths]
+        paths = [_as_path(os.fspath(p)) for p in split_info.filepaths]
         lengths = [int(n) for n in split_info.shard_lengths]
     except Exception as e:  # noqa: BLE001 - tfds raises many types for a bad info file
         raise _damaged(info, data_dir, folder / "dataset_info.json",
@@ -144,9 +172,9 @@ def split_shards(info: DatasetInfo, split: str, data_dir: str | None
 def record_chain_problem(path: Path, records: int) -> str | None:
     """What is wrong with the record framing of one TFRecord file expected to hold
     ``records`` records (headers only: lengths, not CRCs), or None."""
-    size = path.stat().st_size
+    size = _size_and_mtime_ns(path)[0]
     offset, count = 0, 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while offset < size:
             header = f.read(8)
             if len(header) < 8:
@@ -174,11 +202,11 @@ def check_split_files(info: DatasetInfo, split: str, data_dir: str | None) -> No
         if not path.is_file():
             raise _damaged(info, data_dir, path, f"is missing (a shard of split {split!r})")
         try:
-            with open(path, "rb") as f:
+            with path.open("rb") as f:
                 f.read(1)
         except OSError as e:
             raise _damaged(info, data_dir, path, f"cannot be read ({e.strerror or e})") from None
-        size = path.stat().st_size
+        size = _size_and_mtime_ns(path)[0]
         if size < RECORD_FRAMING_BYTES * records:
             raise _damaged(info, data_dir, path, f"has {size} bytes, too few for its {records} "
                            "records")
@@ -211,8 +239,8 @@ def verify_records(info: DatasetInfo, split: str, data_dir: str | None) -> None:
 
 
 def _verify_file(info: DatasetInfo, data_dir: str | None, path: Path, records: int) -> None:
-    stat = path.stat()
-    if _verified(os.fspath(path), stat.st_size, stat.st_mtime_ns, records):
+    size, mtime_ns = _size_and_mtime_ns(path)
+    if _verified(os.fspath(path), size, mtime_ns, records):
         return
     problem = _file_problem(path, records)
     if problem:
@@ -223,7 +251,7 @@ def _verify_file(info: DatasetInfo, data_dir: str | None, path: Path, records: i
 @functools.lru_cache(maxsize=64)
 def _verified(path: str, size: int, mtime_ns: int, records: int) -> bool:
     # Remembered per (file, size, mtime): a sweep checks the same split for every cell.
-    return _file_problem(Path(path), records) is None
+    return _file_problem(_as_path(path), records) is None
 
 
 def _file_problem(path: Path, records: int) -> str | None:
@@ -318,8 +346,8 @@ def _at_offset(info: DatasetInfo, data_dir: str | None, match: re.Match | None) 
 def _record_starts_at(path: Path, offset: int) -> bool:
     """Whether a record of the file's chain starts at ``offset`` (headers only): a
     reader's offset means nothing in a file whose records start elsewhere."""
-    size, at = path.stat().st_size, 0
-    with open(path, "rb") as f:
+    size, at = _size_and_mtime_ns(path)[0], 0
+    with path.open("rb") as f:
         while at < offset and at + 8 <= size:
             f.seek(at)
             (length,) = struct.unpack("<Q", f.read(8))
