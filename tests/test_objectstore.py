@@ -224,8 +224,8 @@ import jax
 import experiments.steps as t
 at, sig = int(sys.argv[1]), int(sys.argv[2])
 make = t.make_train_step
-def make_train_step(model, tx):
-    step = make(model, tx)
+def make_train_step(model, tx, *args, **kwargs):
+    step = make(model, tx, *args, **kwargs)
     def wrapped(state, batch):
         state, metrics = step(state, batch)
         if int(jax.device_get(state.step)[0]) == at:
