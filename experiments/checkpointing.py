@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 import zlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -121,25 +121,62 @@ def _manager(directory: str, **options: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options))
 
 
-class Checkpointer:
-    """A thin wrapper over ``ocp.CheckpointManager`` for (state, meta) pairs."""
+def save_policy(intervals: Sequence[int] = (), steps: Sequence[int] = ()
+                ) -> ocp.checkpoint_managers.SaveDecisionPolicy:
+    """Orbax's decision of when to save: at every multiple of each interval (0 or None:
+    never) and at the given steps.
 
-    def __init__(self, workdir: str, max_to_keep: int = 3) -> None:
+    Spelled out rather than ``save_interval_steps``, whose default policy also saves
+    the first step of a fresh run (``InitialSavePolicy``) and at JAX's preemption sync
+    point. That point is not used: it answers only when JAX's distributed runtime's
+    preemption service is on, its own SIGTERM notifier would stand beside this
+    project's handling of SIGTERM, SIGINT and SIGHUP (experiments.signals), and the
+    processes of a run already agree on stopping at logging steps (train.Cadence).
+    """
+    cm = ocp.checkpoint_managers
+    policies = [cm.FixedIntervalPolicy(int(n)) for n in intervals if n]
+    if steps:
+        policies.append(cm.SpecificStepsPolicy(frozenset(int(s) for s in steps)))
+    return cm.AnySavePolicy(policies)
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` for (state, meta) pairs.
+
+    ``max_to_keep``: the newest checkpoints kept (orbax's ``LatestN`` preservation
+    policy; its ``max_to_keep`` option is deprecated). ``policy``: when
+    :meth:`should_save` says yes (:func:`save_policy`; by default never, so every save
+    is asked for explicitly).
+    """
+
+    def __init__(self, workdir: str, max_to_keep: int = 3,
+                 policy: Optional[ocp.checkpoint_managers.SaveDecisionPolicy] = None) -> None:
         self.workdir = paths.absolute(workdir)
         self.directory = paths.join(self.workdir, "checkpoints")
         self.errors_log = faults.errors_log(self.workdir)
         self.manager = _manager(
-            self.directory, max_to_keep=max_to_keep, create=True,
+            self.directory, create=True,
+            preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+            save_decision_policy=policy or save_policy(),
+            # The decision depends on the step alone: a save still being written in the
+            # background must not make orbax skip the next one.
+            enable_should_save_is_saving_in_progress_check=False,
             # Remove half-written steps left by a killed run.
             cleanup_tmp_directories=True,
             # Host arrays are written in a background thread while training goes on.
             enable_async_checkpointing=True)
 
+    def should_save(self, step: int) -> bool:
+        """Whether the policy saves after ``step`` (never a step already saved)."""
+        return self.manager.should_save(step)
+
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: PyTree, meta: dict, digest: bool = True) -> None:
-        """Save; ``state`` should be host (numpy) arrays so that training may go on.
+        """Save, whatever the policy says (the caller asked: a stop signal, or
+        :meth:`should_save`); ``state`` should be host (numpy) arrays so that training
+        may go on.
 
         The digest is computed here, from the arrays handed to orbax, so it
         describes what was meant to be written (``digest=False`` only for the

@@ -105,7 +105,7 @@ def validate(config: Config) -> None:
     """Raise UsageError naming the first bad value or combination of ``config``.
 
     Every field's own check, then what fields say about each other. Checks that
-    need the data or the devices are ``experiments.run.check_environment``'s.
+    need the data or the devices are ``experiments.run_config.check_environment``'s.
     """
     for f in flag_fields():
         value, meta = getattr(config, f.name), f.metadata

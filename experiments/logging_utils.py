@@ -4,6 +4,11 @@ Only process 0 writes anything (files and console), so a multi-host run logs
 once. A progress bar is shown when stdout is a terminal; otherwise (CI, a
 batch job, a pipe) plain lines are printed at the same moments, so logs stay
 readable.
+
+Why not ``clu.periodic_actions.ReportProgress``: it sends its rate and ETA to the
+work unit's notes (absl logging outside Google's platform) and returns neither, and
+its rate counts evaluation and checkpointing time, which the run clock
+(``experiments.clock.Chrono``) leaves out of the throughput and ETA shown here.
 """
 
 from __future__ import annotations

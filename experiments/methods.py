@@ -173,14 +173,6 @@ config_schema.CHOICE_SOURCES["method"] = names
 # From a criterion to masks.
 
 
-def polls_for_stop(config: Config) -> bool:
-    """Whether :func:`compute_masks` checks ``stop_requested()`` while it runs: between
-    rounds, or between the batches of a data-dependent criterion's streamed scoring."""
-    method = get(config.method)
-    return method.prunes and (config.rounds > 1
-                              or (method.needs_data and bool(config.score_batches)))
-
-
 def compute_masks(config: Config, model: nn.Module, variables: PyTree, key: jax.Array,
                   image_shape: tuple[int, ...], log: Callable[[str], None] = print,
                   stop_requested: Callable[[], bool] = never) -> PyTree:

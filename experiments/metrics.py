@@ -3,9 +3,18 @@
 :class:`MetricsWindow` holds the device metrics of recent steps (fetching
 every step would synchronize host and device) and turns them into means when
 the loop reports; it also finds the first step whose loss or gradients were
-not finite. :class:`MetricWriter` appends to ``metrics.jsonl`` and TensorBoard
-event files, and on resume drops from both what a killed run wrote after its
-last checkpoint, so every step has one record.
+not finite. :class:`MetricWriter` appends to ``metrics.jsonl`` and, through
+clu's ``metric_writers.SummaryWriter``, to TensorBoard event files; on resume
+it drops from both what a killed run wrote after its last checkpoint, so
+every step has one record.
+
+Why the events past the checkpoint are dropped here rather than left to
+TensorBoard: its loader (2.21) purges "orphaned" steps of a restarted run only
+at a ``SessionLog.START`` event in files of version 2 (the only kind TF2's
+summary writers, clu's included, produce, and they never write that event), so
+a resumed run's repeated steps would show twice. A resumed run's writer opens a
+new event file beside the old ones (clu names each by its start time); the old
+ones are rewritten without the events past the checkpoint.
 
 On an object store (a ``gs://`` or ``s3://`` workdir) nothing can be appended
 to: the writer keeps ``metrics.jsonl``'s lines in memory and rewrites the
@@ -74,7 +83,10 @@ class MetricsWindow:
 class MetricWriter:
     """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only).
 
-    One JSON object per line: ``{"step": ..., "<split>/<name>": value, ...}``.
+    One JSON object per line: ``{"step": ..., "<split>/<name>": value, ...}``. The
+    file is our own, beside clu's writers, because resuming needs one record per step
+    that can be cut back to the checkpoint and read by the sweep; TensorBoard's event
+    files are clu's (``metric_writers.SummaryWriter``).
     """
 
     def __init__(self, workdir: str) -> None:
@@ -89,17 +101,9 @@ class MetricWriter:
 
     def _writer(self):
         if self._tb is None:
-            # TensorFlow (a dependency already, for the data) writes the event
-            # files; the `tensorboard` package is needed only to view them.
-            import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
+            from clu import metric_writers
 
-            self._tf = tf
-            self._tb = tf.summary.create_file_writer(self._local_tb or self.tb_dir)
-            # What tf.summary.scalar attaches, spelled out so that writing does not
-            # import the tensorboard package (tensorflow-cpu does not install it).
-            self._scalar_metadata = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+            self._tb = metric_writers.SummaryWriter(self._local_tb or self.tb_dir)
         return self._tb
 
     def truncate_after(self, step: int) -> None:
@@ -139,13 +143,10 @@ class MetricWriter:
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
         self._append(json.dumps(record) + "\n")
-        writer = self._writer()
-        tf = self._tf
-        with writer.as_default(step=int(step)):
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    tf.summary.write(k, tf.constant(float(v), tf.float32),
-                                     metadata=self._scalar_metadata)
+        scalars = {k: float(v) for k, v in record.items()
+                   if k in metrics and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars:
+            self._writer().write_scalars(int(step), scalars)
 
     def flush(self) -> None:
         if self._tb is not None:

@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -53,6 +53,11 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum else ""
 
     @property
+    def response(self) -> str:
+        """What a first signal is answered with now."""
+        return self._response
+
+    @property
     def exit_status(self) -> int:
         return 128 + int(self.signum) if self.signum else 0
 
@@ -62,6 +67,30 @@ class StopSignals:
         before, self._response = self._response, response
         try:
             yield
+        finally:
+            self._response = before
+
+    @contextlib.contextmanager
+    def polled(self, response: str, agree: Callable[[bool], bool] = bool
+               ) -> Iterator[Callable[[], bool]]:
+        """``() -> bool`` for work that polls for a stop (long pruning), within the block.
+
+        Polling is what makes the promise: from its first call on, a first signal is
+        answered with ``response`` (what the poller will do), so work that never polls
+        leaves the answer as it was. ``agree`` turns this process's flag into the run's
+        (a collective with several processes: call the poller at the same points on each).
+        """
+        before = self._response
+
+        def requested() -> bool:
+            self._response = response
+            if agree(self.signum is not None):
+                self.stop_with_others()
+                return True
+            return False
+
+        try:
+            yield requested
         finally:
             self._response = before
 

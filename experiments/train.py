@@ -15,19 +15,34 @@ A run ends in one of three ways, ``results["status"]``: ``done``;
 ``diverged``: a non-finite loss or gradient stopped it before any checkpoint
 of non-finite values was written (results.json says so, and claims no
 accuracy).
+
+The flow of one run, each step in its module:
+
+1. ``session.run``: the workdir's lock, the config saved, the exit status.
+2. ``train_and_evaluate`` (here): the dataset's info, the networks
+   (``grasp_jax.models``), the checkpointer (``checkpointing``) and the metric
+   writers (``metrics``), each made once and passed down.
+3. ``init_or_restore``: the newest intact checkpoint (``checkpointing``), or
+   a fresh network (``steps.init_variables``) pruned by the method
+   (``methods.compute_masks``, polling for a stop), its gradient-flow report
+   (``data_scoring``), and the optimizer with the masks (``steps.make_optimizer``).
+4. ``write_pruning_outputs``: sparsity.md, density.png, masks.npz (``report``).
+5. ``train_loop``: the pmapped steps (``steps``), evaluation every epoch,
+   metrics (``metrics``) and checkpoints on ``Cadence``; the run's metadata
+   (:class:`RunMeta`) goes into every checkpoint and comes back on resume.
+6. ``finish``: results.json and the sparse parameters (``report``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import jax_utils
 
 import grasp_jax as gj
@@ -89,9 +104,11 @@ def check_topology(meta: dict, step: int, allowed: bool) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Cadence:
-    """When the periodic actions of the loop fire, by step number (1-based, after the step)."""
+    """When the periodic actions of the loop fire, by step number (1-based, after the step).
+    Checkpoints follow the checkpointer's orbax save policy (:func:`save_policy`)."""
 
     config: Config
+    ckpt: checkpointing.Checkpointer
 
     def epoch_end(self, step: int) -> bool:
         return step % self.config.steps_per_epoch == 0
@@ -106,8 +123,7 @@ class Cadence:
         return step % self.config.log_every_steps == 0 or self.evaluate(step)
 
     def checkpoint(self, step: int) -> bool:
-        every = self.config.checkpoint_every_steps
-        return self.evaluate(step) or bool(every and step % every == 0)
+        return self.ckpt.should_save(step)
 
     def stop(self, step: int, signals: StopSignals) -> bool:
         # Saving is collective across processes, so they must agree on stopping:
@@ -120,30 +136,66 @@ class Cadence:
         return False
 
 
-def stop_check(signals: StopSignals) -> Callable[[], bool]:
-    """``() -> bool`` for pruning: whether any process has a stop signal. A collective
-    with several processes, so pruning calls it at the same points on each."""
-    def requested() -> bool:
-        if distributed.any_process(signals.signum is not None):
-            signals.stop_with_others()
-            return True
-        return False
-    return requested
+PRUNING_STOP = ("stopping at the end of the current batch or round of pruning; nothing is "
+                "saved before the first step")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+    """What a run has learned about itself, saved with every checkpoint and restored on
+    resume: the best test accuracy and its step, the gradient-flow report made at
+    pruning (None when not measured), and the run clock (``experiments.clock``)."""
+
+    best_test_accuracy: Optional[float] = None
+    best_step: Optional[int] = None
+    gradient_flow: Optional[dict] = None
+    clock: dict = dataclasses.field(default_factory=dict)
+
+    def after_eval(self, step: int, accuracy: float) -> "RunMeta":
+        if self.best_test_accuracy is not None and accuracy <= self.best_test_accuracy:
+            return self
+        return dataclasses.replace(self, best_test_accuracy=accuracy, best_step=step)
+
+    def as_json(self, chrono: Chrono) -> dict:
+        """The checkpoint's meta item (flat: the clock's fields beside the others)."""
+        out = {"best_test_accuracy": self.best_test_accuracy, "best_step": self.best_step,
+               **chrono.as_meta()}
+        if self.gradient_flow is not None:
+            out["gradient_flow"] = self.gradient_flow
+        return out
+
+    @classmethod
+    def from_json(cls, meta: dict) -> "RunMeta":
+        clock = {k: meta[k] for k in Chrono(None).as_meta() if k in meta}
+        return cls(meta.get("best_test_accuracy"), meta.get("best_step"),
+                   meta.get("gradient_flow"), clock)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where training starts: the state, its optimizer, the run's metadata and step."""
+
+    state: TrainState
+    tx: optax.GradientTransformation
+    meta: RunMeta
+    step: int
 
 
 # --------------------------------------------------------------------------
 # Start: a fresh, pruned state or the newest checkpoint that restores.
 
 
-def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir: str,
+def init_or_restore(config: Config, model, image_shape: tuple[int, ...],
                     ckpt: checkpointing.Checkpointer, allow_layer_collapse: bool = False,
                     signals: Optional[StopSignals] = None,
-                    allow_topology_change: bool = False) -> tuple[TrainState, dict, int]:
-    """(state, checkpoint metadata, step): restored, else initialized and pruned.
+                    allow_topology_change: bool = False) -> Start:
+    """Restored, else initialized and pruned; the optimizer is made here, once, for the
+    masks the run trains with.
 
     A stop signal during long pruning raises ``signals.Stopped`` (nothing is saved yet)."""
     init_key, score_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     variables = steps.init_variables(model, init_key, image_shape)
+    # Shapes only: the optimizer's state has the same structure whatever the masks hold.
     ones = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), variables["params"])
     abstract = jax.eval_shape(lambda: steps.create_state(
         variables, ones, steps.make_optimizer(config, ones), step_key)).as_dict()
@@ -152,29 +204,27 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...], workdir
         step, state, meta = restored
         check_topology(meta, step, allow_topology_change)
         log(f"resuming from step {step}")
-        return TrainState(**state), meta, step
+        return Start(TrainState(**state), steps.make_optimizer(config, state["masks"]),
+                     RunMeta.from_json(meta), step)
 
     signals = signals or StopSignals()
-    # Pruning that polls stops between batches or rounds; the rest runs to its end and the
-    # first step saves.
-    with (signals.responding("stopping at the end of the current batch or round of pruning; "
-                             "nothing is saved before the first step")
-          if methods.polls_for_stop(config)
-          else contextlib.nullcontext()):
+    # Pruning that polls says, from its first poll, that a signal stops it there; the rest
+    # runs to its end and the first step saves.
+    with signals.polled(PRUNING_STOP, agree=distributed.any_process) as stop_requested:
         masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log,
-                                      stop_requested=stop_check(signals))
+                                      stop_requested=stop_requested)
     check_layer_collapse(config, masks, allow_layer_collapse)
     dense = variables
     variables = ablations.training_variables(
         config, variables, masks,
         lambda: steps.init_variables(model, jax.random.fold_in(init_key, 1), image_shape), log)
+    flow = None
     if config.gradient_flow:
         flow = data_scoring.gradient_flow_report(config, model, dense, variables, masks,
                                                  jax.random.fold_in(score_key, 3), log=log)
-        if is_main_process():
-            report.write_json(paths.join(workdir, "gradient_flow.json"), flow)
-    state = steps.create_state(variables, masks, steps.make_optimizer(config, masks), step_key)
-    return state, {"best_test_accuracy": None, "best_step": None}, 0
+    tx = steps.make_optimizer(config, masks)
+    return Start(steps.create_state(variables, masks, tx, step_key), tx,
+                 RunMeta(gradient_flow=flow), 0)
 
 
 def check_layer_collapse(config: Config, masks: PyTree, allowed: bool) -> None:
@@ -191,14 +241,18 @@ def check_layer_collapse(config: Config, masks: PyTree, allowed: bool) -> None:
 
 
 def write_pruning_outputs(workdir: str, config: Config, masks: PyTree,
-                          order: Sequence[str] = ()) -> gj.masks.SparsityReport:
-    """sparsity.md, density.png and masks.npz, layers in ``order`` (network order)."""
+                          order: Sequence[str] = (),
+                          gradient_flow: Optional[dict] = None) -> gj.masks.SparsityReport:
+    """sparsity.md, density.png and masks.npz, layers in ``order`` (network order), and
+    gradient_flow.json when the run measured it."""
     sparsity = report.in_network_order(gj.sparsity_report(masks), order)
     if is_main_process():
         report.write_sparsity_markdown(paths.join(workdir, "sparsity.md"), sparsity, config)
         report.save_density_plot(paths.join(workdir, "density.png"), sparsity, config)
         report.save_masks(paths.join(workdir, "masks.npz"), masks,
                           [layer.name for layer in sparsity.layers])
+        if gradient_flow is not None:
+            report.write_json(paths.join(workdir, "gradient_flow.json"), gradient_flow)
     return sparsity
 
 
@@ -210,6 +264,7 @@ def write_pruning_outputs(workdir: str, config: Config, masks: PyTree,
 class Outcome:
     status: str = "done"  # done | stopped | diverged
     step: int = 0  # the steps trained when the loop ended
+    meta: RunMeta = dataclasses.field(default_factory=RunMeta)  # as of the loop's end
     diverged_at_step: Optional[int] = None
     diverged_in: str = ""  # "training" or "evaluation"
     last_eval: dict = dataclasses.field(default_factory=dict)
@@ -233,48 +288,51 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     # mantissa would reorder close ones. Only the train and eval steps compute in that dtype.
     model = models.get_model(config.arch, info.num_classes)
     train_model = steps.training_model(config, info.num_classes)
-    ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+    # Saved where evaluated (every epoch and the last step), and every
+    # --checkpoint_every_steps.
+    ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints, checkpointing.save_policy(
+        (config.steps_per_epoch, config.checkpoint_every_steps), (config.num_steps,)))
     writer = MetricWriter(workdir)
     signals = signals or StopSignals()
     try:
-        state, meta, step = init_or_restore(config, model, info.image_shape, workdir, ckpt,
-                                            allow_layer_collapse, signals, allow_topology_change)
-        writer.truncate_after(step)
-        agreed = distributed.check_masks_agree(state.masks)  # every process, the same network
+        start = init_or_restore(config, model, info.image_shape, ckpt, allow_layer_collapse,
+                                signals, allow_topology_change)
+        writer.truncate_after(start.step)
+        agreed = distributed.check_masks_agree(start.state.masks)  # every process, one network
         if agreed:
             log(agreed)
-        sparsity = write_pruning_outputs(workdir, config, state.masks,
-                                         models.layer_order(model, info.image_shape))
+        sparsity = write_pruning_outputs(workdir, config, start.state.masks,
+                                         models.layer_order(model, info.image_shape),
+                                         start.meta.gradient_flow)
         log(f"{sparsity}\nsparsity {sparsity.sparsity:.4%} of {sparsity.total:,} prunable "
             f"weights ({sparsity.kept:,} kept; {sparsity.dense_params:,} other parameters dense)")
-        chrono = Chrono(meta, session_start=started)
-        outcome = train_loop(config, train_model, state, step, meta, chrono, ckpt, writer, signals)
+        chrono = Chrono(start.meta.clock, session_start=started)
+        outcome = train_loop(config, info, train_model, start, chrono, ckpt, writer, signals)
     finally:
         ckpt.close()
         writer.close()
-    return finish(config, workdir, outcome, meta, chrono, sparsity, ckpt)
+    return finish(config, workdir, outcome, chrono, sparsity, ckpt)
 
 
-def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, chrono: Chrono,
+def train_loop(config: Config, info: Any, model, start: Start, chrono: Chrono,
                ckpt: checkpointing.Checkpointer, writer: MetricWriter,
                signals: StopSignals) -> Outcome:
-    """Train from ``step`` to ``config.num_steps``, evaluating and saving on ``Cadence``."""
-    tx = steps.make_optimizer(config, state.masks)
-    info = configs.dataset_info(config)
+    """Train from ``start.step`` to ``config.num_steps``, evaluating and saving on ``Cadence``."""
+    step, meta = start.step, start.meta
     pixel_stats = (info.mean, info.std)  # the batches are uint8: the steps normalize them
-    p_train = steps.make_train_step(model, tx, pixel_stats)
+    p_train = steps.make_train_step(model, start.tx, pixel_stats)
     p_eval = steps.make_eval_step(model, pixel_stats)
     # Named like the pmap axis: pmap's outputs carry that mesh, so inputs that
     # match it spare a second compilation of the train step at step 2.
-    rstate = jax_utils.replicate(state, axis_name=AXIS)
-    del state
+    rstate = jax_utils.replicate(start.state, axis_name=AXIS)
+    del start
     eval_ds = data.eval_dataset(info, global_batch_size=config.batch_size,
                                 data_dir=config.data_dir)
     batches = devices.prefetch_to_device(data.train_dataset(
         info, global_batch_size=config.batch_size, seed=config.seed,
         data_dir=config.data_dir, start_step=step).as_numpy_iterator(), axis_name=AXIS)
     lr = steps.learning_rate_schedule(config)
-    cadence, window, outcome = Cadence(config), MetricsWindow(), Outcome()
+    cadence, window, outcome = Cadence(config, ckpt), MetricsWindow(), Outcome()
 
     def evaluate() -> dict:
         return steps.evaluate(p_eval, rstate, devices.prefetch_to_device(
@@ -294,14 +352,15 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
             if cadence.log(step) or stopping or cadence.checkpoint(step):
                 bad = report_window(config, step, window, chrono, lr, writer, progress)
                 if bad is not None:
-                    return dataclasses.replace(outcome, status="diverged", step=step,
+                    return dataclasses.replace(outcome, status="diverged", step=step, meta=meta,
                                                diverged_at_step=bad, diverged_in="training")
             if cadence.evaluate(step):
                 with chrono.paused():
                     outcome.last_eval = evaluate()
                 if not np.isfinite(outcome.last_eval["test/loss"]):
-                    return dataclasses.replace(outcome, status="diverged", step=step,
+                    return dataclasses.replace(outcome, status="diverged", step=step, meta=meta,
                                                diverged_at_step=step, diverged_in="evaluation")
+                meta = meta.after_eval(step, outcome.last_eval["test/accuracy"])
                 log_epoch(config, step, outcome.last_eval, window.epoch(), meta, chrono, lr,
                           writer)
             if cadence.checkpoint(step) or stopping:
@@ -310,11 +369,11 @@ def train_loop(config: Config, model, state: TrainState, step: int, meta: dict, 
             if stopping and not cadence.last(step):
                 log(f"{signals.name}: saved a checkpoint at step {step} in {ckpt.directory}; "
                     "rerun the same command to resume")
-                return dataclasses.replace(outcome, status="stopped", step=step)
+                return dataclasses.replace(outcome, status="stopped", step=step, meta=meta)
     if not outcome.last_eval:  # resumed a finished run: evaluate the restored state
         outcome.last_eval = evaluate()
     final = distributed.first_replica({"params": rstate.params, "masks": rstate.masks})
-    return dataclasses.replace(outcome, step=step, final=final,
+    return dataclasses.replace(outcome, step=step, meta=meta, final=final,
                                zero_fraction=steps.prunable_zero_fraction(final["params"]))
 
 
@@ -330,27 +389,24 @@ def report_window(config: Config, step: int, window: MetricsWindow, chrono: Chro
     return bad
 
 
-def save(ckpt: checkpointing.Checkpointer, step: int, rstate: TrainState, meta: dict,
+def save(ckpt: checkpointing.Checkpointer, step: int, rstate: TrainState, meta: RunMeta,
          chrono: Chrono) -> None:
     host = distributed.first_replica(rstate.as_dict())
     steps.check_pruned_weights_are_zero(host["params"], host["masks"])
-    meta.update(chrono.as_meta(), **topology())
-    ckpt.save(step, host, dict(meta))
+    ckpt.save(step, host, {**meta.as_json(chrono), **topology()})
 
 
-def log_epoch(config: Config, step: int, last_eval: dict, epoch: dict, meta: dict,
+def log_epoch(config: Config, step: int, last_eval: dict, epoch: dict, meta: RunMeta,
               chrono: Chrono, lr, writer: MetricWriter) -> None:
     acc = last_eval["test/accuracy"]
-    if meta["best_test_accuracy"] is None or acc > meta["best_test_accuracy"]:
-        meta["best_test_accuracy"], meta["best_step"] = acc, step
     spe = config.steps_per_epoch
     writer.write(step, {"epoch": step / spe, **last_eval,
-                        "test/best_accuracy": meta["best_test_accuracy"], **epoch})
+                        "test/best_accuracy": meta.best_test_accuracy, **epoch})
     writer.flush()
     log(f"epoch {step / spe:.4g}/{config.epochs} (step {step}): "
         f"train loss {epoch['train/epoch_loss']:.4f} acc {epoch['train/epoch_accuracy']:.2%} | "
         f"test loss {last_eval['test/loss']:.4f} acc {acc:.2%} "
-        f"(best {meta['best_test_accuracy']:.2%}) | lr {float(lr(step - 1)):.4g} | "
+        f"(best {meta.best_test_accuracy:.2%}) | lr {float(lr(step - 1)):.4g} | "
         f"elapsed {format_duration(chrono.wall_time_s)}")
 
 
@@ -358,7 +414,7 @@ def log_epoch(config: Config, step: int, last_eval: dict, epoch: dict, meta: dic
 # Results.
 
 
-def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: Chrono,
+def finish(config: Config, workdir: str, outcome: Outcome, chrono: Chrono,
            sparsity: gj.masks.SparsityReport, ckpt: checkpointing.Checkpointer) -> dict:
     """The results dict; written to results.json unless the run was stopped by a signal."""
     results = {
@@ -374,9 +430,9 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
         "ablation": config.ablation, "preempted": outcome.status == "stopped",
         "compute_dtype": config.compute_dtype,
     }
-    flow_path = paths.join(workdir, "gradient_flow.json")
-    if paths.exists(flow_path):  # written once, before training; kept across resumes
-        results["gradient_flow"] = json.loads(paths.read_text(flow_path))
+    meta = outcome.meta
+    if meta.gradient_flow is not None:  # measured once, before training; carried by checkpoints
+        results["gradient_flow"] = meta.gradient_flow
     if outcome.status == "diverged":
         good = ckpt.latest_step()
         # The run went wrong at the first non-finite step; the later steps of its logging
@@ -394,7 +450,7 @@ def finish(config: Config, workdir: str, outcome: Outcome, meta: dict, chrono: C
             prunable_zero_fraction=outcome.zero_fraction,
             final_test_accuracy=outcome.last_eval.get("test/accuracy"),
             final_test_loss=outcome.last_eval.get("test/loss"),
-            best_test_accuracy=meta["best_test_accuracy"], best_step=meta["best_step"])
+            best_test_accuracy=meta.best_test_accuracy, best_step=meta.best_step)
     if is_main_process() and outcome.final is not None:
         # The pruned network as a sparse artifact: kept weights and their positions.
         results["sparse_params_bytes"] = report.save_sparse_params(

@@ -19,7 +19,7 @@ from test_run import TFDS_DIR, _assert_trees_equal, _cli, _refused
 import grasp_jax as gj
 from grasp_jax import models
 
-from experiments import checkpointing, configs, run, steps
+from experiments import checkpointing, configs, run, run_config, steps
 
 
 def _floating_dtypes(tree):
@@ -43,10 +43,10 @@ def test_other_compute_dtypes_are_refused_at_parse_time(capsys, tmp_path, value,
 
 
 def test_a_saved_config_records_the_compute_dtype_and_old_ones_read_as_float32():
-    config = run.parse_config(["--dataset", "digits", "--compute_dtype", "bfloat16"])
+    config = run_config.parse_config(["--dataset", "digits", "--compute_dtype", "bfloat16"])
     assert config.compute_dtype == "bfloat16"
     assert json.loads(config.to_json())["compute_dtype"] == "bfloat16"
-    assert run.parse_config(["--dataset", "digits"]).compute_dtype == "float32"
+    assert run_config.parse_config(["--dataset", "digits"]).compute_dtype == "float32"
     # A workdir written before the setting existed holds the paper's float32 run.
     old = {k: v for k, v in config.to_dict().items() if k != "compute_dtype"}
     assert configs.Config.from_dict(old).compute_dtype == "float32"

@@ -158,11 +158,33 @@ def test_evaluation_waits_for_each_step_before_the_next(monkeypatch):
 
 
 def test_pruning_polls_for_a_stop_only_where_it_loops():
-    from experiments import methods
+    import jax
 
-    imagenet = dict(dataset="imagenet2012", arch="resnet50")  # preset: 150 streamed batches
-    assert methods.polls_for_stop(_resolve(**imagenet, method="grasp"))
-    assert not methods.polls_for_stop(_resolve(**imagenet, method="synflow", rounds=1))
-    assert not methods.polls_for_stop(_resolve(**imagenet, method="dense"))
-    assert methods.polls_for_stop(_resolve("cifar10", "vgg19", method="magnitude", rounds=5))
-    assert not methods.polls_for_stop(_resolve("cifar10", "vgg19", method="grasp"))
+    from grasp_jax import models
+
+    from experiments import methods, steps
+
+    model = models.get_model("lenet5", 10)
+    variables = steps.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+    for rounds, polls in ((1, 0), (3, 2)):  # between rounds, never after the last one
+        calls = []
+        config = _resolve("digits", "lenet5", method="magnitude", sparsity=0.5, rounds=rounds)
+        methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
+                              log=lambda _: None,
+                              stop_requested=lambda c=calls: c.append(1) or False)
+        assert len(calls) == polls
+
+
+def test_a_poller_promises_its_stop_from_its_first_poll():
+    import signal
+
+    from experiments.signals import StopSignals
+
+    signals = StopSignals()
+    with signals.polled("stopping after this batch") as poll:
+        assert signals.response == StopSignals.SAVING  # nothing polled yet: the run's answer
+        assert poll() is False
+        assert signals.response == "stopping after this batch"
+        signals.signum = signal.SIGINT
+        assert poll() is True
+    assert signals.response == StopSignals.SAVING

@@ -68,9 +68,9 @@ def test_a_registered_toy_criterion_runs_end_to_end(tmp_path):
 
 
 def test_the_cli_choices_and_presets_come_from_the_registry():
-    from experiments import run
+    from experiments import run_config
 
-    method_action = next(a for a in run.build_parser()._actions if a.dest == "method")
+    method_action = next(a for a in run_config.build_parser()._actions if a.dest == "method")
     assert tuple(method_action.choices) == methods.names()
     for m in methods.REGISTRY.values():
         p = presets.preset("cifar10", "vgg19", m.name)

@@ -9,7 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
-from experiments import run
+from experiments import run_config
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "MULTIHOST.md"
 # Flags that say how processes join: the pod finds its layout itself, one machine names it.
@@ -68,7 +68,7 @@ def test_the_pod_and_the_local_smoke_tests_run_the_same_flags(tmp_path):
 
 def test_the_runner_accepts_both_command_lines(tmp_path):
     for argv in (local_argv(tmp_path), pod_argv(tmp_path)):
-        config = run.parse_config(argv)
+        config = run_config.parse_config(argv)
         assert (config.dataset, config.arch, config.max_steps) == ("digits", "lenet5", 8)
         assert config.checkpoint_every_steps == 4
     assert not (tmp_path / "w").exists()  # parsing writes nothing

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import checkpointing, configs, run
+from experiments import checkpointing, configs, run, run_config
 from experiments import workdir as workdirs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,8 +245,8 @@ def test_batch_size_must_divide_over_the_devices(capsys, tmp_path, monkeypatch):
 
 def _saved_run(workdir, **overrides):
     """A workdir as a run of DIGITS (with overrides) leaves it, minus the training."""
-    parser = run.build_parser()
-    config = run.config_from_args(parser, parser.parse_args(DIGITS + [
+    parser = run_config.build_parser()
+    config = run_config.config_from_args(parser, parser.parse_args(DIGITS + [
         x for k, v in overrides.items() for x in (f"--{k}", str(v))]))
     workdirs.prepare(str(workdir), config, overwrite=False)
     return config
@@ -302,7 +302,7 @@ def test_run_control_flags_may_change_on_resume(tmp_path, monkeypatch):
 
 
 def test_help_documents_every_flag(capsys):
-    parser = run.build_parser()
+    parser = run_config.build_parser()
     for action in parser._actions:
         assert action.help, action.dest
     with pytest.raises(SystemExit) as e:

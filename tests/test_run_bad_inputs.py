@@ -7,7 +7,7 @@ import time
 import pytest
 from test_run import DIGITS, _refused
 
-from experiments import jax_cache, run
+from experiments import jax_cache, run_config
 
 
 def test_a_cpu_device_count_beyond_the_limit_is_refused_before_any_device_is_made(
@@ -15,7 +15,7 @@ def test_a_cpu_device_count_beyond_the_limit_is_refused_before_any_device_is_mad
     workdir = tmp_path / "w"
     start = time.monotonic()
     _refused(capsys, DIGITS + ["--num_cpu_devices", "100000", "--workdir", str(workdir)],
-             "--num_cpu_devices", "'100000'", str(run.MAX_CPU_DEVICES))
+             "--num_cpu_devices", "'100000'", str(run_config.MAX_CPU_DEVICES))
     assert time.monotonic() - start < 30  # refused at parse time, not after setting devices up
     assert not workdir.exists()
 
@@ -28,7 +28,7 @@ def test_a_cpu_device_count_beyond_the_limit_is_refused_before_any_device_is_mad
 def test_batches_larger_than_host_memory_are_refused_naming_the_flag(capsys, tmp_path, flags,
                                                                      needles, monkeypatch):
     # A host of 1 GiB makes the limit independent of the machine running the test.
-    monkeypatch.setattr(run, "host_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(run_config, "host_memory_bytes", lambda: 2**30)
     workdir = tmp_path / "w"
     _refused(capsys, ["--dataset", "digits", "--arch", "lenet5", *flags,
                       "--workdir", str(workdir)], *needles, "1.0 GiB")
@@ -36,9 +36,9 @@ def test_batches_larger_than_host_memory_are_refused_naming_the_flag(capsys, tmp
 
 
 def test_a_batch_that_fits_host_memory_is_not_refused(monkeypatch):
-    monkeypatch.setattr(run, "host_memory_bytes", lambda: 2**30)
-    config = run.config_from_overrides(dict(dataset="digits", arch="lenet5", batch_size=32))
-    run.check_host_memory(config)
+    monkeypatch.setattr(run_config, "host_memory_bytes", lambda: 2**30)
+    config = run_config.config_from_overrides(dict(dataset="digits", arch="lenet5", batch_size=32))
+    run_config.check_host_memory(config)
 
 
 def test_an_unknown_fast_conv_setting_is_refused_naming_the_variable(capsys, tmp_path,

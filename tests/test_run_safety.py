@@ -95,6 +95,43 @@ def test_tensorboard_keeps_one_event_per_step_after_a_resume(tmp_path):
     assert [m["step"] for m in _metrics(tmp_path)] == list(range(1, 13))
 
 
+@pytest.mark.slow
+def test_the_gradient_flow_report_survives_a_resume_in_the_checkpoint_metadata(tmp_path):
+    workdir = tmp_path / "w"
+    args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "6",
+                     "--checkpoint_every_steps", "3", "--workdir", str(workdir)]
+    r = _cli(args, signal_at=(4, signal.SIGTERM))
+    assert r.returncode == 143, r.stdout[-2000:] + r.stderr[-2000:]
+    written = json.loads((workdir / "gradient_flow.json").read_text())
+    assert {"before", "after"} <= set(written)
+    step, _ = checkpointing.load_state(str(workdir))
+    assert step == 4
+    # The report is in the checkpoint's metadata, not read back from the file.
+    (workdir / "gradient_flow.json").unlink()
+    r = _cli(args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resuming from step 4" in r.stdout
+    assert json.loads((workdir / "results.json").read_text())["gradient_flow"] == written
+    assert json.loads((workdir / "gradient_flow.json").read_text()) == written  # written again
+
+
+def test_checkpoints_are_saved_on_the_policy_steps_and_the_newest_kept(tmp_path):
+    policy = checkpointing.save_policy((4, 0, None), (10,))
+    ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2, policy=policy)
+    state = {"w": np.arange(3.0)}
+    saved = []
+    for step in range(1, 11):
+        if ckpt.should_save(step):
+            ckpt.save(step, state, {"step": step})
+            saved.append(step)
+    ckpt.close()
+    assert saved == [4, 8, 10]
+    assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [8, 10]
+    never = checkpointing.Checkpointer(str(tmp_path / "other"))  # no policy: only asked saves
+    assert not any(never.should_save(step) for step in range(1, 20))
+    never.close()
+
+
 # --------------------------------------------------------------------------
 # Damaged checkpoints.
 

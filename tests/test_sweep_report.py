@@ -98,6 +98,27 @@ def test_aggregate_groups_and_math():
     assert table[0]["seeds"] == "0 1 2" and table[3]["grad_norm_sq_after_mean"] == ""
 
 
+def test_aggregate_never_averages_runs_of_two_compute_dtypes(tmp_path):
+    older = results_json("grasp", 0.9, 0, 0.50)  # before --compute_dtype: float32
+    rows = sweep.aggregate([older, {**results_json("grasp", 0.9, 1, 0.70),
+                                    "compute_dtype": "float32"},
+                            {**results_json("grasp", 0.9, 0, 0.30), "compute_dtype": "bfloat16"}])
+    assert [(r["compute_dtype"], r["seeds"]) for r in rows] == [("float32", [0, 1]),
+                                                               ("bfloat16", [0])]
+    assert rows[0]["final_test_accuracy_mean"] == pytest.approx(0.6)
+    assert rows[1]["final_test_accuracy_mean"] == pytest.approx(0.3)
+    md = sweep.to_markdown(rows)
+    assert "| digits | mlp (bfloat16) | grasp | none | 90.00% | 1 |" in md
+    table = list(csv.DictReader(io.StringIO(sweep.to_csv(rows))))
+    assert [t["compute_dtype"] for t in table] == ["float32", "bfloat16"]
+    # A cell directory's results.json without the field is float32 on loading, too.
+    cell = tmp_path / "grasp_s0"
+    cell.mkdir()
+    (cell / "results.json").write_text(json.dumps({**older, "status": "done"}))
+    loaded, _ = sweep.load_results(str(tmp_path))
+    assert loaded[0]["compute_dtype"] == "float32"
+
+
 def test_cells_names_and_runner_args():
     cells = sweep.make_grid(["grasp", "dense"], [0.9, 0.98], [0, 1], ["none", "invert"])
     assert len(cells) == 2 * 2 * 2 + 2  # dense: once per seed, no sparsity or ablation

@@ -15,7 +15,9 @@ from experiments import paths
 from experiments.sweep.grid import NO_ABLATION
 from experiments.sweep.results import DIVERGED, RESULTS_JSON, diverged_at, read_json, run_status
 
-GROUP_KEY = ("dataset", "arch", "method", "sparsity", "ablation")
+GROUP_KEY = ("dataset", "arch", "method", "sparsity", "ablation", "compute_dtype")
+# What a run trained in when its results.json predates --compute_dtype.
+DEFAULT_COMPUTE_DTYPE = "float32"
 
 # The order of methods in tables and plots: the registry's (experiments.methods),
 # restated because importing the registry loads JAX, which --report_only must not.
@@ -81,6 +83,8 @@ def load_results(sweep_dir: str) -> tuple[list[dict], list[str]]:
             continue
         r = dict(r, cell=name, status=status)
         r["ablation"] = r.get("ablation") or config.get("ablation") or NO_ABLATION
+        r["compute_dtype"] = (r.get("compute_dtype") or config.get("compute_dtype")
+                              or DEFAULT_COMPUTE_DTYPE)
         results.append(r)
     return results, unfinished
 
@@ -101,7 +105,8 @@ def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None]:
 
 def _sort_key(row: Mapping[str, Any]) -> tuple:
     return (row["dataset"], row["arch"], method_rank(row["method"]), row["method"],
-            row["sparsity"], row["ablation"] != NO_ABLATION, row["ablation"])
+            row["sparsity"], row["ablation"] != NO_ABLATION, row["ablation"],
+            row["compute_dtype"] != DEFAULT_COMPUTE_DTYPE, row["compute_dtype"])
 
 
 def _steps(members: Sequence[Mapping[str, Any]]) -> str:
@@ -112,9 +117,11 @@ def _steps(members: Sequence[Mapping[str, Any]]) -> str:
 
 
 def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, arch, method, sparsity, ablation) over the seeds.
+    """One row per (dataset, arch, method, sparsity, ablation, compute_dtype) over the seeds:
+    runs trained in bfloat16 are never averaged with float32 ones.
 
-    ``results`` are results.json dicts (``ablation`` defaults to "none").
+    ``results`` are results.json dicts (``ablation`` defaults to "none",
+    ``compute_dtype`` to "float32").
     A row has the group key, ``seeds`` (the done seeds, sorted), ``steps``
     ("N", or "lo-hi" when the seeds differ; "" when none is done),
     ``<metric>_mean`` / ``<metric>_std`` over the done seeds for each of
@@ -124,7 +131,8 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in results:
         key = (str(r.get("dataset", "")), str(r.get("arch", "")), r["method"],
-               float(r["sparsity_target"]), r.get("ablation") or NO_ABLATION)
+               float(r["sparsity_target"]), r.get("ablation") or NO_ABLATION,
+               r.get("compute_dtype") or DEFAULT_COMPUTE_DTYPE)
         groups.setdefault(key, []).append(r)
     rows = []
     for key, members in groups.items():

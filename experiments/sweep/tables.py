@@ -9,7 +9,13 @@ from typing import Any
 
 from experiments import paths
 from experiments.outputs import write_text
-from experiments.sweep.aggregation import GROUP_KEY, METRICS, aggregate, load_results
+from experiments.sweep.aggregation import (
+    DEFAULT_COMPUTE_DTYPE,
+    GROUP_KEY,
+    METRICS,
+    aggregate,
+    load_results,
+)
 from experiments.sweep.grid import NO_ABLATION
 
 RESULTS_MD, RESULTS_CSV = "results.md", "results.csv"
@@ -66,7 +72,11 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], unfinished: Sequence[str] = (
              "| " + " | ".join(head + columns) + " |",
              "|" + "---|" * 4 + "---:|" * (len(head) - 4 + len(columns))]
     for r in rows:
-        cells = [r["dataset"], r["arch"], r["method"], r["ablation"], f"{r['sparsity']:.2%}",
+        # A network trained in another dtype than float32 is named with it: its row
+        # is a group of its own (aggregation.GROUP_KEY).
+        arch = r["arch"] if r["compute_dtype"] == DEFAULT_COMPUTE_DTYPE else \
+            f"{r['arch']} ({r['compute_dtype']})"
+        cells = [r["dataset"], arch, r["method"], r["ablation"], f"{r['sparsity']:.2%}",
                  str(len(r["seeds"])), r["steps"] or "–"]
         cells += [_pm(r[f"{key}_mean"], r[f"{key}_std"], fmt) for _, key, fmt in MD_COLUMNS]
         cells.append(str(len(r["diverged"])))

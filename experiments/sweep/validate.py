@@ -1,8 +1,9 @@
 """The runner-facing checks: every cell's command line must be one the runner accepts,
 before the sweep writes anything.
 
-Everything the sweep asks of experiments.run (its method and ablation names,
-``experiments.run.parse_config`` with its checks) goes through
+Everything the sweep asks of the runner (its method and ablation names,
+``experiments.run_config.parse_config`` with its checks: the runner's parser as a
+library, not its CLI entry module) goes through
 :func:`registry_names` and :func:`parse_cell_config`, so that a change of the
 runner's interface is a change of those two functions only. Importing the runner loads JAX: nothing
 here runs for ``--report_only``.
@@ -34,10 +35,10 @@ def registry_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
 def parse_cell_config(argv: Sequence[str]) -> Any:
     """The runner's ``experiments.configs.Config`` for one cell's argv, with every check the
     runner makes before writing; ``SweepUsageError`` naming the problem otherwise."""
-    from experiments import configs, run
+    from experiments import configs, run_config
 
     try:
-        return run.parse_config(list(argv))
+        return run_config.parse_config(list(argv))
     except configs.UsageError as e:
         raise SweepUsageError(f"flags forwarded to experiments.run: {e}") from None
 
