@@ -1,27 +1,29 @@
-"""benchmarks.gpu, the script for a lent GPU, run on this CPU at --tiny sizes in a subprocess:
-it exits 0 and writes both marked sections of its page (a temporary one, never docs/GPU.md),
-and a spent time budget skips work instead of running past it."""
+"""benchmarks.gpu, the script for a lent GPU, run on this CPU at --tiny sizes (its main in this
+process, its sweep's cells in their own): it exits 0 and writes both marked sections of its
+page (a temporary one, never docs/GPU.md), and a spent time budget skips work instead of
+running past it."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import contextlib
+import io
 
 import pytest
 
 from benchmarks import gpu
+from tests.helpers.paths import REPO
+from tests.helpers.runs import Finished
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _run(tmp_path, *flags):
+def _run(tmp_path, monkeypatch, *flags):
     out = tmp_path / "GPU.md"
     out.write_text("# hand-written title\n\nprose kept across reruns\n")
-    cmd = [sys.executable, "-m", "benchmarks.gpu", "--tiny", "--out", str(out),
-           "--sweep_dir", str(tmp_path / "sweep"), *flags]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    return p, out.read_text()
+    argv = ["--tiny", "--out", str(out), "--sweep_dir", str(tmp_path / "sweep"), *flags]
+    # main sets these for its sweep's cells if unset; set here, they are restored after.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = gpu.main(argv)
+    return Finished(code, stdout.getvalue(), stderr.getvalue()), out.read_text()
 
 
 def _section(page: str, name: str) -> str:
@@ -31,11 +33,11 @@ def _section(page: str, name: str) -> str:
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_both_tables(tmp_path):
+def test_tiny_run_writes_both_tables(tmp_path, monkeypatch):
     repo_page = REPO / "docs" / "GPU.md"
     before = repo_page.read_bytes() if repo_page.exists() else None
     # One method keeps it to one sweep cell (each cell is a fresh process: ~15 s here).
-    p, page = _run(tmp_path, "--methods", "grasp")
+    p, page = _run(tmp_path, monkeypatch, "--methods", "grasp")
     assert p.returncode == 0, p.stdout + p.stderr
     assert page.startswith("# hand-written title\n\nprose kept across reruns\n")
 
@@ -55,8 +57,8 @@ def test_tiny_run_writes_both_tables(tmp_path):
     assert after == before
 
 
-def test_spent_budget_skips_every_model_and_the_sweep(tmp_path):
-    p, page = _run(tmp_path, "--bench_budget_s", "0", "--budget_s", "0")
+def test_spent_budget_skips_every_model_and_the_sweep(tmp_path, monkeypatch):
+    p, page = _run(tmp_path, monkeypatch, "--bench_budget_s", "0", "--budget_s", "0")
     assert p.returncode == 0, p.stdout + p.stderr
     bench = _section(page, gpu.BENCH_SECTION)
     assert bench.count("| lenet5 | skipped: time budget spent |") == 2, bench

@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -72,8 +73,7 @@ def test_masks_from_scores_with_erk_scope_removes_the_budget_from_each_layer():
         assert s[~m].max() <= s[m].min()
     uniform = gj.masks_from_scores(scores, 0.9, scope="uniform", prune="lowest")
     layerwise = gj.masks_from_scores(scores, 0.9, scope="layerwise", prune="lowest")
-    for a, b in zip(jax.tree_util.tree_leaves(uniform), jax.tree_util.tree_leaves(layerwise)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(uniform, layerwise)
 
 
 def test_iterative_erk_pruning_only_adds_to_the_masks():
@@ -82,8 +82,8 @@ def test_iterative_erk_pruning_only_adds_to_the_masks():
     masks = gj.prune(params, gj.magnitude_scores, 0.95, criterion="magnitude", rounds=6,
                      scope="erk", callback=lambda r, s, m: seen.append(m))
     for before, after in zip(seen, seen[1:]):
-        for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
-            assert not np.any(np.asarray(b) & ~np.asarray(a))
+        added = jax.tree_util.tree_map(lambda a, b: np.asarray(b) & ~np.asarray(a), before, after)
+        chex.assert_trees_all_equal(added, jax.tree_util.tree_map(np.zeros_like, added))
     report = gj.sparsity_report(masks)
     assert [l.total - l.kept for l in report.layers] == layer_removal_counts(SHAPES, 0.95, "erk")
 

@@ -6,35 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
-from test_scoring import convbn_setup, make_batch, mlp_loss, mlp_params, prunable_vector
 
 import grasp_jax as gj
+
+from tests.helpers.tiny_models import (
+    convbn_setup,
+    cut,
+    explicit_over_chunks,
+    make_batch,
+    mlp_loss,
+    mlp_params,
+    prunable_vector,
+)
 
 # memory_budget_bytes=0 forces the one-chunk-at-a-time path; None lets the
 # small test models take the path that linearizes every chunk at once.
 PATHS = {"in_memory": None, "one_chunk_at_a_time": 0}
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def explicit_over_chunks(params, loss_fn, chunks):
-    """θ, Σ_c ∇L_c and Σ_c H_c g over an explicit list of chunks, H from jax.hessian."""
-    flags = gj.prunable_flags(params)
-    theta, rest, treedef = gj.split_prunable(params, flags)
-    flat, unravel = ravel_pytree(theta)
-
-    def loss_flat(v, chunk):
-        return loss_fn(gj.merge_prunable(unravel(v), rest, flags, treedef), chunk)
-
-    grad, hess = jax.jit(jax.grad(loss_flat)), jax.jit(jax.hessian(loss_flat))
-    g = sum(grad(flat, c) for c in chunks)
-    hg = sum(hess(flat, c) @ g for c in chunks)
-    return flat, g, hg
+# Every test here compares against explicit float64 sums.
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +34,6 @@ def ragged():
     with jax.enable_x64(True):
         params, loss, batch = convbn_setup(n=10)
         return (params, loss, batch) + explicit_over_chunks(params, loss, cut(batch, [4, 4, 2]))
-
-
-def cut(batch, sizes):
-    starts = np.cumsum([0] + list(sizes))
-    return [jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], batch)
-            for a, b in zip(starts, starts[1:])]
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))

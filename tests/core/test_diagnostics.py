@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from test_scoring import make_batch, mlp_loss, mlp_params
 
 import grasp_jax as gj
 from grasp_jax.diagnostics import gradient_flow
+
+from tests.helpers.tiny_models import make_batch, mlp_loss, mlp_params
 
 
 def test_gradient_flow_matches_explicit_hessian():

@@ -2,6 +2,7 @@
 
 import io
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +24,10 @@ def params(seed=0):
 
 
 def assert_bit_exact(got, want):
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))  # bits, incl. -0.0
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    # Compared as bytes, so -0.0 and 0.0 (equal as numbers) differ.
+    as_bytes = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a).view(np.uint8), tree)
+    chex.assert_trees_all_equal(as_bytes(got), as_bytes(want))
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99])

@@ -5,26 +5,22 @@ README used to ask (split, a fresh copy of the non-param state merged inside
 the loss, the modes set on it) and against an explicit float64 Hessian.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_scoring import explicit_g_hg, prunable_vector
 
 import grasp_jax as gj
 import grasp_jax.nnx as gnnx
 
+from tests.helpers.tiny_models import explicit_g_hg, prunable_vector
+
 # nnx.BatchNorm keeps float32 running averages whatever the param dtype; the
 # float64 tests' (thrown-away) updates of them make jax warn about the cast.
 pytestmark = pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 class Net(nnx.Module):
@@ -77,18 +73,6 @@ def by_hand(model, *, train=True):
     return params, loss, apply_eval
 
 
-def assert_states_close(a, b, **tol):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, **tol)
-
-
-def assert_states_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(x, y)
-
-
 # --------------------------------------------------------------------------
 # Agreement with the functional API and with explicit math (float64).
 
@@ -102,7 +86,7 @@ def test_grasp_scores_agree_with_functional_api_and_explicit_hessian(x64, num_mi
     params, loss, _ = by_hand(model)
     expected = gj.grasp_scores(params, loss, batch, num_microbatches=num_microbatches)
     assert prunable_vector(scores).dtype == jnp.float64
-    assert_states_close(scores, expected, rtol=1e-12, atol=1e-15)
+    chex.assert_trees_all_close(scores, expected, rtol=1e-12, atol=1e-15)
     theta, _, hg, _ = explicit_g_hg(params, loss, batch, num_microbatches=num_microbatches)
     np.testing.assert_allclose(prunable_vector(scores), -theta * hg, rtol=1e-9, atol=1e-13)
     # Training-mode BatchNorm: these are not the scores with running averages.
@@ -116,7 +100,7 @@ def test_snip_scores_agree_with_functional_api(x64):
     model = Net(nnx.Rngs(1), jnp.float64)
     batch = make_batch(jnp.float64)
     params, loss, _ = by_hand(model)
-    assert_states_close(gnnx.snip_scores(model, loss_fn, batch, num_microbatches=2),
+    chex.assert_trees_all_close(gnnx.snip_scores(model, loss_fn, batch, num_microbatches=2),
                         gj.snip_scores(params, loss, batch, num_microbatches=2),
                         rtol=1e-12, atol=1e-15)
 
@@ -126,7 +110,7 @@ def test_batch_norm_eval_scores_with_running_averages(x64):
     model.bn.mean[...] = jnp.array([0.5, -1.0, 2.0])  # so that eval and train differ
     batch = make_batch(jnp.float64)
     params, loss, _ = by_hand(model, train=False)
-    assert_states_close(gnnx.grasp_scores(model, loss_fn, batch, batch_norm="eval"),
+    chex.assert_trees_all_close(gnnx.grasp_scores(model, loss_fn, batch, batch_norm="eval"),
                         gj.grasp_scores(params, loss, batch), rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="batch_norm must be 'train' or 'eval', got 'test'"):
         gnnx.grasp_scores(model, loss_fn, batch, batch_norm="test")
@@ -137,7 +121,7 @@ def test_synflow_scores_agree_with_functional_api_in_eval_mode(x64):
     model.train()  # the helper scores in evaluation mode whatever the module is set to
     params, _, apply_eval = by_hand(model)
     scores = gnnx.synflow_scores(model, (5, 5, 2))
-    assert_states_close(scores, gj.synflow_scores(params, apply_eval, (5, 5, 2)),
+    chex.assert_trees_all_close(scores, gj.synflow_scores(params, apply_eval, (5, 5, 2)),
                         rtol=1e-12, atol=1e-15)
     assert float(jnp.min(scores["conv"]["kernel"][...])) >= 0.0
     assert float(jnp.max(scores["conv"]["kernel"][...])) > 0.0
@@ -188,7 +172,7 @@ def test_scoring_leaves_batch_stats_rng_counts_and_modes_unchanged():
     gnnx.grasp_scores(model, loss_fn, batch, rngs=0, num_microbatches=2)
     gnnx.snip_scores(model, loss_fn, batch, rngs=nnx.Rngs(dropout=1))
     gnnx.synflow_scores(model, (5, 5, 2))
-    assert_states_equal(before, host_state(model))
+    chex.assert_trees_all_equal(before, host_state(model))
     assert model.bn.use_running_average is True and model.drop.deterministic is True
     # The check above can fail: a training-mode forward of the module itself moves them.
     model.train()
@@ -305,4 +289,4 @@ def test_iterative_prune_rescoring_the_masked_module():
     report = gj.sparsity_report(masks)
     assert report.total - report.kept == round(0.8 * report.total)
     assert seen[0] == 0.0 and seen[-1] > 0.0  # later rounds see the pruned weights at 0
-    assert_states_equal(before, host_state(model))
+    chex.assert_trees_all_equal(before, host_state(model))

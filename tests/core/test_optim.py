@@ -117,10 +117,7 @@ def test_state_round_trips_through_orbax(tmp_path):
         restored = ckptr.restore(tmp_path / "state", state)
     masked_state = restored[1]
     assert isinstance(masked_state, gj.MaskedUpdatesState)
-    leaves = jax.tree_util.tree_leaves
-    for a, b in zip(leaves(masked_state.masks), leaves(masks)):
-        assert a.dtype == jnp.bool_
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(masked_state.masks, masks, strict=True)  # dtype bool too
 
 
 def test_works_under_pmap():

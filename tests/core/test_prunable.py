@@ -2,6 +2,7 @@
 
 import collections
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +24,7 @@ def test_split_then_merge_is_the_identity_and_theta_is_the_prunable_leaves():
     assert [t.shape for t in theta] == [(3, 3, 2, 4), (4, 2)]
     assert sorted(r.shape for r in rest) == [(4,), (4,)]
     back = gj.merge_prunable(theta, rest, flags, treedef)
-    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
-    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(back, params)
     # New θ values land at the prunable leaves only.
     moved = gj.merge_prunable([t + 1 for t in theta], rest, flags, treedef)
     np.testing.assert_array_equal(moved["head"]["kernel"], params["head"]["kernel"] + 1)

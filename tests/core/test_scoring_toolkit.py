@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_scoring import convbn_setup, prunable_vector
-from test_scoring_chunks import cut, explicit_over_chunks
 
 import grasp_jax as gj
+
+from tests.helpers.tiny_models import convbn_setup, cut, explicit_over_chunks, prunable_vector
 
 
 class ConvAxisBN(nn.Module):

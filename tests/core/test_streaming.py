@@ -4,10 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_scoring import convbn_setup, make_batch, mlp_loss, mlp_params, prunable_vector
-from test_scoring_chunks import cut, explicit_over_chunks
 
 import grasp_jax as gj
+
+from tests.helpers.tiny_models import (
+    convbn_setup,
+    cut,
+    explicit_over_chunks,
+    make_batch,
+    mlp_loss,
+    mlp_params,
+    prunable_vector,
+)
 
 
 def counted_stream(batch, batch_size):

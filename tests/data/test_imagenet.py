@@ -13,11 +13,12 @@ import tarfile
 
 import numpy as np
 import pytest
-from data_helpers import ONE_DEVICE, assert_batches_equal, eval_batches, take, train_batches
-from fake_datasets import write_imagenet2012
 
 from grasp_jax import data
 from grasp_jax.data import seeds, sources, streams
+
+from tests.helpers.data import ONE_DEVICE, assert_batches_equal, eval_batches, take, train_batches
+from tests.helpers.fake_datasets import write_imagenet2012
 
 SMALL = data.get_info("imagenet2012", image_size=32)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import digits_train
 
 from grasp_jax import data
 from grasp_jax.data import layout
+
+from tests.helpers.data import digits_train
 
 
 def test_device_batch_layout():

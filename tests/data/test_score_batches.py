@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import assert_batches_equal, take, train_batches, unsharded
 
 from grasp_jax import data
+
+from tests.helpers.data import assert_batches_equal, take, train_batches, unsharded
 
 
 def test_scoring_batch_is_class_balanced_and_ordered():

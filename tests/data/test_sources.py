@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import ONE_DEVICE, eval_batches, train_batches
-from fake_datasets import write_tiny_imagenet
 
 from grasp_jax import data
 from grasp_jax.data import sources
+
+from tests.helpers.data import ONE_DEVICE, eval_batches, train_batches
+from tests.helpers.fake_datasets import write_tiny_imagenet
 
 
 def test_digits_split_is_fixed_and_stratified():

@@ -12,7 +12,11 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from data_helpers import (
+
+from grasp_jax import data
+from grasp_jax.data import in_memory, sources
+
+from tests.helpers.data import (
     DIGITS_STEPS,
     ONE_DEVICE,
     SHARED_TFDS,
@@ -24,9 +28,6 @@ from data_helpers import (
     train_batches,
     unsharded,
 )
-
-from grasp_jax import data
-from grasp_jax.data import in_memory, sources
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from test_run import _cli
+
+from tests.helpers.runs import run_in_process
 
 ARGS = ["--dataset", "digits", "--arch", "lenet5", "--method", "snip", "--sparsity", "0.9",
         "--max_steps", "2", "--batch_size", "32",
@@ -14,7 +15,7 @@ ARGS = ["--dataset", "digits", "--arch", "lenet5", "--method", "snip", "--sparsi
 
 def _run(tmp_path, ablation):
     workdir = tmp_path / ablation
-    proc = _cli([*ARGS, "--ablation", ablation, "--workdir", str(workdir)])
+    proc = run_in_process([*ARGS, "--ablation", ablation, "--workdir", str(workdir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     masks = dict(np.load(workdir / "masks.npz"))
@@ -55,7 +56,7 @@ def test_ablations_and_gradient_flow(tmp_path):
 
 
 def test_dense_has_nothing_to_ablate(tmp_path):
-    proc = _cli(["--dataset", "digits", "--method", "dense", "--ablation", "shuffle",
+    proc = run_in_process(["--dataset", "digits", "--method", "dense", "--ablation", "shuffle",
                  "--workdir", str(tmp_path / "w")])
     assert proc.returncode == 2
     assert "--ablation shuffle" in proc.stderr

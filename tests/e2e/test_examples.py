@@ -1,26 +1,37 @@
 """Each script in examples/ runs as a user would run it and prints its sparsity report.
 
-Few training steps, so that each stays a few seconds (most of it importing jax
-and compiling); CI runs them as they are.
+Each script runs as ``__main__`` with its command line in ``sys.argv``, in this process (no
+interpreter start-up: jax is already imported), for few training steps; CI runs them as they
+are.
 """
 
-import os
+import contextlib
+import io
 import re
-import subprocess
+import runpy
 import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from tests.helpers.paths import REPO
+
+EXAMPLES = REPO / "examples"
 
 
-def run_example(name: str, *flags: str) -> str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--steps", "3", *flags],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+def run_example(monkeypatch, name: str, *flags: str) -> str:
+    """What ``python examples/NAME --steps 3 FLAGS`` prints."""
+    path = EXAMPLES / name
+    monkeypatch.setattr(sys, "argv", [str(path), "--steps", "3", *flags])
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # the script's folder, as python puts it first
+    had_digits = "digits" in sys.modules  # examples/digits.py, which every example imports
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        if not had_digits:
+            sys.modules.pop("digits", None)
+    return out.getvalue()
 
 
 def reported_density(stdout: str) -> list[float]:
@@ -28,18 +39,16 @@ def reported_density(stdout: str) -> list[float]:
     return [float(d) / 100 for d in re.findall(r"^all prunable\s.*?([\d.]+)%$", stdout, re.M)]
 
 
-@pytest.mark.slow  # a fresh interpreter importing jax
 @pytest.mark.parametrize("name,method", [("nnx_cnn.py", "grasp"), ("dict_mlp.py", "snip")])
-def test_example_prunes_trains_and_reports(name, method):
-    out = run_example(name, "--method", method, "--sparsity", "0.8")
+def test_example_prunes_trains_and_reports(monkeypatch, name, method):
+    out = run_example(monkeypatch, name, "--method", method, "--sparsity", "0.8")
     assert reported_density(out) == [pytest.approx(0.2, abs=5e-3)]
     assert re.search(r"^step\s+3\s+loss [\d.]+$", out, re.M)
     assert "pruned weights still exactly 0: True" in out
 
 
-@pytest.mark.slow  # a fresh interpreter importing jax
-def test_linen_resnet_example_reports_ties_and_prunes_every_layer():
-    out = run_example("linen_resnet.py", "--sparsity", "0.9")
+def test_linen_resnet_example_reports_ties_and_prunes_every_layer(monkeypatch):
+    out = run_example(monkeypatch, "linen_resnet.py", "--sparsity", "0.9")
     # Zero-initialized BatchNorm scales: most scores are exactly 0, the masks
     # from them are decided by ties and empty whole layers ...
     zeros = float(re.search(r"scores exactly 0 at initialization: ([\d.]+)%", out).group(1))

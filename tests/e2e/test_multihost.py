@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 
 from experiments import checkpointing, distributed
+from tests.helpers.paths import REPO, SHARED_TFDS
 
-REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--dataset", "digits", "--arch", "lenet5", "--batch_size", "32", "--method", "grasp",
         "--sparsity", "0.9", "--log_every_steps", "1", "--no-gradient_flow"]
-SHARED_TFDS = REPO.parent / "shared" / "tfds"
 CIFAR_ARGS = ["--dataset", "cifar10", "--arch", "small_vgg", "--data_dir", str(SHARED_TFDS),
               *ARGS[4:]]
 

@@ -8,77 +8,22 @@ the one test that needs the real CIFAR-10 copy in ../shared/tfds.
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
 
 from experiments import checkpointing, configs, run
 from experiments import workdir as workdirs
-
-REPO = Path(__file__).resolve().parents[1]
-TFDS_DIR = REPO.parent / "shared" / "tfds"
-
-# Runs the CLI after patching the train step so that the process sends itself
-# `sig` right after finishing step `at` (a SIGKILL mid-epoch, or a SIGTERM),
-# once a checkpoint is on disk (checkpoints are written in the background).
-_SELF_SIGNAL = """
-import os, sys, time
-import jax
-import experiments.steps as t
-at, sig = int(sys.argv[1]), int(sys.argv[2])
-ckpts = os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints")
-make = t.make_train_step
-def make_train_step(model, tx):
-    step = make(model, tx)
-    def wrapped(state, batch):
-        state, metrics = step(state, batch)
-        if int(jax.device_get(state.step)[0]) == at:
-            deadline = time.time() + 120
-            while not any(n.isdigit() for n in os.listdir(ckpts)) and time.time() < deadline:
-                time.sleep(0.05)  # a finished checkpoint is renamed to its bare step number
-            os.kill(os.getpid(), sig)
-        return state, metrics
-    return wrapped
-t.make_train_step = make_train_step
-from experiments.run import main
-sys.exit(main(sys.argv[3:]))
-"""
-
-
-def _cli(args, *, devices=1, signal_at=None, timeout=600):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if signal_at is None:
-        cmd = [sys.executable, "-m", "experiments.run", *args]
-    else:
-        at, sig = signal_at
-        cmd = [sys.executable, "-c", _SELF_SIGNAL, str(at), str(int(sig)), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _metrics(workdir):
-    return [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
-
-
-def _assert_trees_equal(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_trees_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_trees_equal(x, y, f"{path}/{i}")
-    else:
-        np.testing.assert_array_equal(a, b, err_msg=path)
-
-
-DIGITS = ["--dataset", "digits", "--arch", "lenet5", "--batch_size", "32"]
-
+from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
+from tests.helpers.runs import (
+    DIGITS,
+    assert_refused,
+    read_metrics,
+    run_cli,
+    run_in_process,
+    saved_run,
+)
 
 # --------------------------------------------------------------------------
 # Whole runs.
@@ -88,7 +33,7 @@ DIGITS = ["--dataset", "digits", "--arch", "lenet5", "--batch_size", "32"]
 @pytest.mark.skipif(not TFDS_DIR.is_dir(), reason="needs the CIFAR-10 copy in ../shared/tfds")
 def test_cifar10_end_to_end_writes_every_output(tmp_path):
     workdir = tmp_path / "cifar"
-    r = _cli(["--dataset", "cifar10", "--arch", "small_vgg", "--method", "grasp",
+    r = run_in_process(["--dataset", "cifar10", "--arch", "small_vgg", "--method", "grasp",
               "--sparsity", "0.95", "--batch_size", "64", "--max_steps", "24",
               "--log_every_steps", "8", "--data_dir", str(TFDS_DIR), "--workdir", str(workdir)])
     assert r.returncode == 0, r.stdout + r.stderr
@@ -117,7 +62,7 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
     assert configs.Config.from_dict(saved).sparsity == 0.95
     assert (workdir / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **all prunable** |" in (workdir / "sparsity.md").read_text()
-    metrics = _metrics(workdir)
+    metrics = read_metrics(workdir)
     assert [m["step"] for m in metrics if "train/loss" in m] == [8, 16, 24]
     assert metrics[-1]["step"] == 24 and "test/accuracy" in metrics[-1]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -127,7 +72,7 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
 
 def test_a_one_step_run_reports_no_throughput_rather_than_nan(tmp_path):
     # The first step compiles and is not training time, so one step times no images.
-    r = _cli(DIGITS + ["--max_steps", "1", "--log_every_steps", "1",
+    r = run_in_process(DIGITS + ["--max_steps", "1", "--log_every_steps", "1",
                        "--workdir", str(tmp_path / "one")])
     assert r.returncode == 0, r.stdout + r.stderr
     done = [line for line in r.stdout.splitlines() if line.startswith("done:")]
@@ -145,27 +90,27 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
             "random", "--sparsity", "0.5", "--max_steps", "60", "--checkpoint_every_steps", "10",
             "--log_every_steps", "5"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = _cli(args + ["--workdir", str(straight)])
+    r = run_in_process(args + ["--workdir", str(straight)])
     assert r.returncode == 0, r.stderr
 
-    r = _cli(args + ["--workdir", str(broken)], signal_at=(15, signal.SIGKILL))
+    r = run_cli(args + ["--workdir", str(broken)], signal_at=(15, signal.SIGKILL))
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert checkpointing.load_state(str(broken))[0] == 10
-    r = _cli(args + ["--workdir", str(broken)], signal_at=(27, signal.SIGTERM))
+    r = run_cli(args + ["--workdir", str(broken)], signal_at=(27, signal.SIGTERM))
     assert r.returncode == 143, r.stderr
     assert "resuming from step 10" in r.stdout
     assert "SIGTERM: saved a checkpoint at step 27" in r.stdout
     assert not (broken / "results.json").exists()
-    r = _cli(args + ["--workdir", str(broken)])  # crosses the epoch boundary at step 44
+    r = run_in_process(args + ["--workdir", str(broken)])  # crosses the epoch boundary at 44
     assert r.returncode == 0, r.stderr
     assert "resuming from step 27" in r.stdout
 
     (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
     assert s1 == s2 == 60
-    _assert_trees_equal(a, b)
+    chex.assert_trees_all_equal(a, b)
     # The resumed run's log holds no step twice (lines written after the last
     # checkpoint by the killed run were dropped) and its evaluations match.
-    ma, mb = _metrics(straight), _metrics(broken)
+    ma, mb = read_metrics(straight), read_metrics(broken)
     train_steps = [m["step"] for m in mb if "train/loss" in m]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 60
     evals = [[(m["step"], m["test/accuracy"], m["test/loss"]) for m in ms if "test/loss" in m]
@@ -181,11 +126,11 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
 def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
     args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "12",
                      "--log_every_steps", "1"]
-    one = _cli(args + ["--workdir", str(tmp_path / "one")], devices=1)
-    four = _cli(args + ["--workdir", str(tmp_path / "four")], devices=4)
+    one = run_in_process(args + ["--workdir", str(tmp_path / "one")])
+    four = run_cli(args + ["--workdir", str(tmp_path / "four")], devices=4)
     assert one.returncode == 0, one.stderr
     assert four.returncode == 0, four.stderr
-    losses = [[m["train/loss"] for m in _metrics(tmp_path / d) if "train/loss" in m]
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / d) if "train/loss" in m]
               for d in ("one", "four")]
     assert len(losses[0]) == 12
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
@@ -196,16 +141,6 @@ def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
 
 # --------------------------------------------------------------------------
 # Flags and workdirs: every refusal is exit status 2, names the bad value, writes nothing.
-
-
-def _refused(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as e:
-        run.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.mark.parametrize(
@@ -229,7 +164,7 @@ def _refused(capsys, argv, *needles):
 )
 def test_bad_flags_fail_at_parse_time(capsys, tmp_path, argv, needles):
     workdir = tmp_path / "w"
-    _refused(capsys, argv + ["--workdir", str(workdir)], *needles)
+    assert_refused(capsys, argv + ["--workdir", str(workdir)], *needles)
     assert not workdir.exists()
 
 
@@ -238,26 +173,17 @@ def test_batch_size_must_divide_over_the_devices(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: 4)
     workdir = tmp_path / "w"
-    _refused(capsys, DIGITS[:4] + ["--batch_size", "30", "--workdir", str(workdir)],
+    assert_refused(capsys, DIGITS[:4] + ["--batch_size", "30", "--workdir", str(workdir)],
              "--batch_size 30", "device count 4")
     assert not workdir.exists()
 
 
-def _saved_run(workdir, **overrides):
-    """A workdir as a run of DIGITS (with overrides) leaves it, minus the training."""
-    parser = run.build_parser()
-    config = run.config_from_args(parser, parser.parse_args(DIGITS + [
-        x for k, v in overrides.items() for x in (f"--{k}", str(v))]))
-    workdirs.prepare(str(workdir), config, overwrite=False)
-    return config
-
-
 def test_conflicting_workdir_is_refused_and_left_alone(capsys, tmp_path):
     workdir = tmp_path / "w"
-    _saved_run(workdir, sparsity=0.9)
+    saved_run(workdir, sparsity=0.9)
     (workdir / "checkpoints").mkdir()
     before = {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()}
-    _refused(capsys, DIGITS + ["--sparsity", "0.5", "--workdir", str(workdir)],
+    assert_refused(capsys, DIGITS + ["--sparsity", "0.5", "--workdir", str(workdir)],
              "different configuration", "sparsity: 0.9 in the workdir, 0.5 now", "--overwrite")
     assert {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()} == before
 
@@ -265,14 +191,14 @@ def test_conflicting_workdir_is_refused_and_left_alone(capsys, tmp_path):
 def test_checkpoints_without_config_are_refused(capsys, tmp_path):
     workdir = tmp_path / "w"
     (workdir / "checkpoints").mkdir(parents=True)
-    _refused(capsys, DIGITS + ["--workdir", str(workdir)], "no config.json")
+    assert_refused(capsys, DIGITS + ["--workdir", str(workdir)], "no config.json")
 
 
 def test_overwrite_replaces_the_run_but_nothing_else(tmp_path, monkeypatch):
     from experiments import train
 
     workdir = tmp_path / "w"
-    _saved_run(workdir, sparsity=0.9)
+    saved_run(workdir, sparsity=0.9)
     (workdir / "checkpoints").mkdir()
     (workdir / "notes.txt").write_text("mine")
     seen = {}
@@ -294,7 +220,7 @@ def test_run_control_flags_may_change_on_resume(tmp_path, monkeypatch):
     from experiments import train
 
     workdir = tmp_path / "w"
-    _saved_run(workdir, max_steps=10)
+    saved_run(workdir, max_steps=10)
     monkeypatch.setattr(train, "train_and_evaluate", lambda c, wd, *a: {"status": "done"})
     assert run.main(DIGITS + ["--max_steps", "20", "--log_every_steps", "3",
                               "--workdir", str(workdir)]) == 0

@@ -1,4 +1,4 @@
-"""A run never reports garbage or loses work (issue 13): divergence, stop signals,
+"""A run never reports garbage or loses work: divergence, stop signals,
 damaged checkpoints, the workdir lock, refusals before anything is written,
 layer collapse, TensorBoard on resume."""
 
@@ -12,13 +12,22 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
-from test_run import DIGITS, _assert_trees_equal, _cli, _metrics, _refused, _saved_run
 
 from experiments import checkpointing, run, train
 from experiments import workdir as workdirs
 from experiments.metrics import MetricWriter
+from tests.helpers.paths import REPO
+from tests.helpers.runs import (
+    DIGITS,
+    assert_refused,
+    read_metrics,
+    run_cli,
+    run_in_process,
+    saved_run,
+)
 
 
 def _tb_steps(workdir, tag="train/loss"):
@@ -40,8 +49,8 @@ def _tb_steps(workdir, tag="train/loss"):
 @pytest.mark.slow
 def test_a_diverging_run_exits_1_and_claims_no_accuracy(tmp_path):
     workdir = tmp_path / "w"
-    r = _cli(DIGITS + ["--lr", "1e6", "--max_steps", "40", "--log_every_steps", "5",
-                       "--workdir", str(workdir)])
+    r = run_in_process(DIGITS + ["--lr", "1e6", "--max_steps", "40", "--log_every_steps", "5",
+                                 "--workdir", str(workdir)])
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["status"] == "diverged"
@@ -63,19 +72,19 @@ def test_sigint_saves_and_the_resumed_run_is_bit_exact(tmp_path):
     args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "30",
                      "--checkpoint_every_steps", "10", "--log_every_steps", "3"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert _cli(args + ["--workdir", str(straight)]).returncode == 0
-    r = _cli(args + ["--workdir", str(broken)], signal_at=(14, signal.SIGINT))
+    assert run_in_process(args + ["--workdir", str(straight)]).returncode == 0
+    r = run_cli(args + ["--workdir", str(broken)], signal_at=(14, signal.SIGINT))
     assert r.returncode == 128 + signal.SIGINT, r.stderr[-3000:]
     assert "SIGINT: saved a checkpoint at step 14" in r.stdout
     assert "Traceback" not in r.stderr
     assert checkpointing.load_state(str(broken))[0] == 14
     assert not (broken / "results.json").exists()
-    r = _cli(args + ["--workdir", str(broken)])
+    r = run_in_process(args + ["--workdir", str(broken)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step 14" in r.stdout
     (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
     assert s1 == s2 == 30
-    _assert_trees_equal(a, b)
+    chex.assert_trees_all_equal(a, b)
     # One TensorBoard event per step (the stopped run also logged its partial window at 14).
     tb = _tb_steps(broken)
     assert tb == sorted(set(tb)) and set(_tb_steps(straight)) <= set(tb)
@@ -92,7 +101,7 @@ def test_tensorboard_keeps_one_event_per_step_after_a_resume(tmp_path):
         writer.write(step, {"train/loss": float(step)})
     writer.close()
     assert _tb_steps(tmp_path) == list(range(1, 13))
-    assert [m["step"] for m in _metrics(tmp_path)] == list(range(1, 13))
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
 
 
 # --------------------------------------------------------------------------
@@ -168,15 +177,15 @@ def test_a_run_resumes_from_the_checkpoint_before_a_damaged_one_bit_exactly(tmp_
     args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--checkpoint_every_steps", "5",
                      "--log_every_steps", "5"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert _cli(args + ["--max_steps", "25", "--workdir", str(straight)]).returncode == 0
-    assert _cli(args + ["--max_steps", "20", "--workdir", str(broken)]).returncode == 0
+    assert run_in_process(args + ["--max_steps", "25", "--workdir", str(straight)]).returncode == 0
+    assert run_in_process(args + ["--max_steps", "20", "--workdir", str(broken)]).returncode == 0
     _damage(broken / "checkpoints" / "20", "truncated")
-    r = _cli(args + ["--max_steps", "25", "--workdir", str(broken)])
+    r = run_in_process(args + ["--max_steps", "25", "--workdir", str(broken)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint 20 cannot be restored" in r.stdout and "resuming from step 15" in r.stdout
     (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
     assert s1 == s2 == 25
-    _assert_trees_equal(a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 # --------------------------------------------------------------------------
@@ -196,7 +205,7 @@ def _no_training(monkeypatch):
 
 def test_a_locked_workdir_is_refused_and_left_alone(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "w"
-    _saved_run(workdir)
+    saved_run(workdir)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (workdir / workdirs.LOCK_FILE).write_text(json.dumps(
@@ -215,7 +224,7 @@ def test_a_locked_workdir_is_refused_and_left_alone(tmp_path, capsys, monkeypatc
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "w"
-    _saved_run(workdir)
+    saved_run(workdir)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (workdir / workdirs.LOCK_FILE).write_text(json.dumps(
@@ -241,23 +250,23 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys, monkeypatch):
 ])
 def test_bad_flags_are_refused_with_nothing_written(capsys, tmp_path, argv, needles):
     workdir = tmp_path / "w"
-    _refused(capsys, DIGITS + argv + ["--workdir", str(workdir)], *needles)
+    assert_refused(capsys, DIGITS + argv + ["--workdir", str(workdir)], *needles)
     assert not workdir.exists()
 
 
 def test_unusable_workdirs_are_refused(capsys, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    _refused(capsys, DIGITS + ["--workdir", ""], "--workdir", "''")
-    _refused(capsys, DIGITS + ["--workdir", str(a_file)], str(a_file), "not a directory")
-    _refused(capsys, DIGITS + ["--workdir", str(a_file / "sub")], "cannot be created")
-    _refused(capsys, DIGITS + ["--workdir", "/proc/grasp_jax_run"], "/proc/grasp_jax_run")
+    assert_refused(capsys, DIGITS + ["--workdir", ""], "--workdir", "''")
+    assert_refused(capsys, DIGITS + ["--workdir", str(a_file)], str(a_file), "not a directory")
+    assert_refused(capsys, DIGITS + ["--workdir", str(a_file / "sub")], "cannot be created")
+    assert_refused(capsys, DIGITS + ["--workdir", "/proc/grasp_jax_run"], "/proc/grasp_jax_run")
     assert sorted(os.listdir(tmp_path)) == ["file"] and a_file.read_text() == "x"
 
 
 def test_a_sparsity_that_removes_every_weight_is_refused(capsys, tmp_path):
     workdir = tmp_path / "w"
-    _refused(capsys, DIGITS + ["--sparsity", "0.9999999", "--workdir", str(workdir)],
+    assert_refused(capsys, DIGITS + ["--sparsity", "0.9999999", "--workdir", str(workdir)],
              "--sparsity 0.9999999", "removes all 21,150 prunable weights")
     assert not workdir.exists()
 
@@ -319,7 +328,7 @@ def test_a_stop_signal_during_long_pruning_exits_promptly_and_the_rerun_prunes_a
     workdir = tmp_path / "w"
     args = DIGITS + flags + ["--sparsity", "0.5", "--max_steps", "4", "--workdir", str(workdir)]
     r = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_PRUNING, where, str(at), *args],
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       cwd=REPO, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert r.returncode == 128 + signal.SIGINT, r.stdout[-2000:] + r.stderr[-3000:]
     assert f"SIGINT while pruning ({said}): nothing is saved" in r.stdout
@@ -329,7 +338,7 @@ def test_a_stop_signal_during_long_pruning_exits_promptly_and_the_rerun_prunes_a
     assert not (workdir / "results.json").exists()
     ckpts = workdir / "checkpoints"
     assert not ckpts.exists() or not [n for n in os.listdir(ckpts) if n.isdigit()]
-    r = _cli(args)
+    r = run_in_process(args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "resuming" not in r.stdout and "pruned with" in r.stdout
     if where == "batch":  # the passes report their progress
@@ -350,7 +359,7 @@ def test_a_second_stop_signal_exits_at_once():
               "    time.sleep(30)\n")
     start = time.time()
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=60, cwd=Path(__file__).resolve().parents[1])
+                       timeout=60, cwd=REPO)
     assert r.returncode == 128 + signal.SIGINT and time.time() - start < 20
     assert "first handled" in r.stdout
     assert "SIGINT again: exiting now" in r.stderr

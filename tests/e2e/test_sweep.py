@@ -1,8 +1,11 @@
 """Real sweeps on scikit-learn's digits (no download), through the CLI: a 4-cell sweep,
-its rerun (nothing new runs, same table) and a resumed cell; a sweep killed with SIGKILL
-takes its running cell with it."""
+its rerun (nothing new runs, same table) and a resumed cell, with the sweep in this process
+and each cell a process of its own; a sweep (a process) killed with SIGKILL takes its running
+cell with it, and Ctrl-C reaches the cell once."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -15,21 +18,27 @@ from pathlib import Path
 import pytest
 
 from experiments import sweep
-
-REPO = Path(__file__).resolve().parents[1]
-
+from experiments.sweep import cli as sweep_cli
+from tests.helpers.paths import REPO
+from tests.helpers.runs import Finished, exit_code
 
 # --------------------------------------------------------------------------
 # A real sweep, its rerun and a resumed cell.
 
 
-def _sweep(out, *extra):
-    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", str(out), "--quiet",
-           "--methods", "magnitude,random", "--sparsities", "0.9", "--seeds", "0,1",
-           "--dataset", "digits", "--arch", "mlp", "--batch_size", "32", "--max_steps", "2",
-           *extra, "--", "--scope", "layerwise"]  # global magnitude 90% empties mlp's classifier
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def _sweep(out, *extra) -> Finished:
+    """The sweep's command line run in this process; its cells are processes of their own."""
+    argv = ["--sweep_dir", str(out), "--quiet",
+            "--methods", "magnitude,random", "--sparsities", "0.9", "--seeds", "0,1",
+            "--dataset", "digits", "--arch", "mlp", "--batch_size", "32", "--max_steps", "2",
+            *extra, "--", "--scope", "layerwise"]  # global magnitude 90% empties mlp's classifier
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = sweep_cli.main(argv)
+        except SystemExit as e:
+            code = exit_code(e)
+    return Finished(code, stdout.getvalue(), stderr.getvalue())
 
 
 def _stat(path):

@@ -1,15 +1,14 @@
-"""Helpers shared by the tests of grasp_jax.data (tests/test_data_*.py)."""
+"""Helpers shared by the tests of grasp_jax.data (tests/data/) and its users."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
+import chex
 import pytest
 
 from grasp_jax import data
 
-SHARED_TFDS = Path(__file__).parents[1].parent / "shared" / "tfds"
+from tests.helpers.paths import SHARED_TFDS
+
 needs_cifar10 = pytest.mark.skipif(
     not (SHARED_TFDS / "cifar10").is_dir(), reason=f"no CIFAR-10 copy at {SHARED_TFDS}"
 )
@@ -26,11 +25,8 @@ def take(iterator, n):
 
 
 def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+    """Two lists of batches hold the same batches, key for key and bit for bit."""
+    chex.assert_trees_all_equal(a, b)
 
 
 def train_batches(dataset, **kwargs):

@@ -22,12 +22,8 @@ from grasp_jax.models.conv import (
     uses_fast_path,
 )
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    # Float64 makes agreement a check of the math, not of rounding.
-    with jax.enable_x64(True):
-        yield
+# Float64 makes agreement a check of the math, not of rounding.
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _spec(layout: str, sizes: dict[str, int]) -> tuple[int, ...]:

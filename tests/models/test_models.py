@@ -25,8 +25,9 @@ INPUTS = {
     "small_vgg": ((32, 32, 3), 10),
 }
 
-# (all params incl. BN scale/bias, params in conv/dense kernels): the issue and torchvision
-# totals; the ImageNet kernel counts are those totals less BN scale/bias and biases.
+# (all params incl. BN scale/bias, params in conv/dense kernels): the paper's (VGG19,
+# ResNet-32) and torchvision's totals; the ImageNet kernel counts are those totals less BN
+# scale/bias and biases.
 PINNED = {
     "vgg19": (20_035_018, 20_024_000),
     "resnet32": (1_860_522, 1_855_584),

@@ -40,7 +40,7 @@ def test_paper_presets(dataset, arch, epochs, wd, spc, draws, micro):
 
 
 def test_imagenet_preset():
-    # The paper's ImageNet protocol (issue 14): 150 epochs, lr / 10 at 50 and 100,
+    # The paper's ImageNet protocol: 150 epochs, lr / 10 at 50 and 100,
     # scored on 150 batches of 250 in chunks of 20 (12 x 20 + 10 per batch).
     c = _resolve("imagenet2012", "resnet50")
     assert (c.epochs, c.batch_size, c.lr, c.weight_decay) == (150, 256, 0.1, 1e-4)

@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import data_scoring
+from tests.helpers.paths import REPO
 
 
 def test_deal_chunks_gives_each_device_whole_chunks_and_pads_with_weight_zero():
@@ -33,11 +33,11 @@ def test_deal_chunks_gives_each_device_whole_chunks_and_pads_with_weight_zero():
 
 
 _FOUR_DEVICES = """
-import jax, jax.numpy as jnp, numpy as np
+import chex, jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
 import grasp_jax as gj
 from experiments import data_scoring
-from test_scoring import convbn_setup
+from tests.helpers.tiny_models import convbn_setup
 
 assert jax.device_count() == 4
 params, loss, batch = convbn_setup(jnp.float64, n=12)
@@ -56,15 +56,13 @@ for num_chunks in (6, 3, 2):  # 2 and 1 chunks per device, and devices with only
         per_device = -(-num_chunks // 4)
         score = lambda p, b: scorer(p, weighted, b, num_microbatches=per_device, axis_name="d")
         got = jax.pmap(score, axis_name="d", in_axes=(None, 0))(params, dealt)
-        for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
-            g = np.asarray(g)
-            assert np.all(g == g[:1]), "devices disagree"
-            np.testing.assert_allclose(g[0], np.asarray(w), rtol=1e-10, atol=1e-14)
+        on_device = [jax.tree_util.tree_map(lambda g, d=d: g[d], got) for d in range(4)]
+        chex.assert_trees_all_equal(*on_device)  # every device holds the same sums
+        chex.assert_trees_all_close(on_device[0], want, rtol=1e-10, atol=1e-14)
         assert np.abs(np.asarray(jax.tree_util.tree_leaves(want)[-1])).max() > 0
         # The runner's helper: the same scores, read back from this process's first device.
         fn = data_scoring.data_parallel_scorer(scorer, weighted, batch, num_chunks)
-        for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(fn(params))):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-14)
+        chex.assert_trees_all_close(fn(params), want, rtol=1e-10, atol=1e-14)
 # Ragged chunks under pmap: 3 examples per device in chunks of 2 + 1, against the
 # same chunks streamed on one device (4 batches of 3, microbatch_size=2).
 stream = lambda: iter([{k: v[3 * d:3 * d + 3] for k, v in batch.items()} for d in range(4)])
@@ -73,16 +71,15 @@ want = gj.grasp_from_hvp(params, hg)
 per_device = {k: v.reshape((4, 3) + v.shape[1:]) for k, v in batch.items()}
 got = jax.pmap(lambda p, b: gj.grasp_scores(p, plain, b, microbatch_size=2, axis_name="d"),
                axis_name="d", in_axes=(None, 0))(params, per_device)
-for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
-    np.testing.assert_allclose(np.asarray(g)[3], np.asarray(w), rtol=1e-10, atol=1e-14)
+chex.assert_trees_all_close(jax.tree_util.tree_map(lambda g: g[3], got), want,
+                            rtol=1e-10, atol=1e-14)
 print("ok")
 """
 
 
 def test_pmap_scores_over_four_devices_equal_the_single_device_scores():
-    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(paths)}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(_FOUR_DEVICES)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -6,14 +6,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from data_helpers import digits_train, take
 
 from experiments.devices import prefetch_to_device
+from tests.helpers.data import digits_train, take
+from tests.helpers.paths import REPO
 
 
 def test_prefetch_to_device_single_device():
@@ -53,6 +53,6 @@ def test_four_fake_devices_in_a_subprocess():
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).parents[1],
+        cwd=REPO,
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

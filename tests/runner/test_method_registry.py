@@ -1,18 +1,17 @@
-"""A criterion added through the method registry alone runs end to end (issue 12)."""
+"""A criterion added through the method registry alone runs end to end: one ``register``
+call in a plugin module named in $GRASP_JAX_PLUGINS makes it a ``--method`` of the runner."""
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
 
 from experiments import methods, presets
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+from tests.helpers.runs import run_in_process
 
 TOY = textwrap.dedent('''
     """A toy criterion: one registry entry and one score function."""
@@ -32,17 +31,23 @@ TOY = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow
-def test_a_registered_toy_criterion_runs_end_to_end(tmp_path):
+@pytest.fixture
+def toy_plugin(tmp_path, monkeypatch):
+    """TOY as a module named in $GRASP_JAX_PLUGINS; its entry is gone from the registry after."""
     (tmp_path / "toy_method.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRASP_JAX_PLUGINS", "toy_method")
+    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
+    yield
+    sys.modules.pop("toy_method", None)
+
+
+@pytest.mark.slow
+def test_a_registered_toy_criterion_runs_end_to_end(tmp_path, toy_plugin):
     workdir = tmp_path / "w"
-    env = dict(os.environ, GRASP_JAX_PLUGINS="toy_method", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
-    r = subprocess.run([sys.executable, "-m", "experiments.run", "--dataset", "digits",
-                        "--arch", "lenet5", "--method", "toy_squared", "--sparsity", "0.5",
-                        "--scope", "layerwise",
-                        "--batch_size", "32", "--max_steps", "3", "--workdir", str(workdir)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = run_in_process(["--dataset", "digits", "--arch", "lenet5", "--method", "toy_squared",
+                        "--sparsity", "0.5", "--scope", "layerwise",
+                        "--batch_size", "32", "--max_steps", "3", "--workdir", str(workdir)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "round 2/2" in r.stdout  # the entry's own preset (2 rounds) was applied
     results = json.loads((workdir / "results.json").read_text())
@@ -57,9 +62,7 @@ def test_a_registered_toy_criterion_runs_end_to_end(tmp_path):
 
     _, state = checkpointing.load_state(str(workdir))
     sparse = gj.load_sparse(workdir / "sparse_params.npz")
-    for name in state["params"]:
-        for leaf in state["params"][name]:
-            np.testing.assert_array_equal(sparse[name][leaf], state["params"][name][leaf])
+    chex.assert_trees_all_equal(sparse, state["params"])
     assert results["sparse_params_bytes"] == (workdir / "sparse_params.npz").stat().st_size
 
 

@@ -1,4 +1,4 @@
-"""The toolkit's choices as run settings (issue 15): N:M masks, per-layer budgets,
+"""The toolkit's choices as run settings: N:M masks, per-layer budgets,
 a seeded random tie-break and BatchNorm's mode while scoring, through
 ``experiments.methods.compute_masks``."""
 

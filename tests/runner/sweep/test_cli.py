@@ -2,18 +2,15 @@
 naming the problem, with nothing written."""
 
 import os
+import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_sweep_report import fake_cell, results_json
 
 from experiments import sweep
 from experiments.sweep.sweep_dir import sweep_dir_problem
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.helpers.sweep_cells import fake_cell, results_json
 
 # --------------------------------------------------------------------------
 # Bad flags: exit status 2, the bad value named, nothing written.
@@ -53,11 +50,13 @@ def test_bad_forwarded_flags_exit_2(tmp_path, capsys, flags, named):
     assert not out.exists()
 
 
-def test_cli_exit_status_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir",
-                        str(tmp_path / "s"), "--sparsities", "0.99,2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "'2' is not a number in [0, 1)" in p.stderr
+def test_cli_exit_status_2(tmp_path, capsys, monkeypatch):
+    # `python -m experiments.sweep`, its __main__ run as Python runs it.
+    monkeypatch.setattr(sys, "argv", ["experiments.sweep", "--sweep_dir", str(tmp_path / "s"),
+                                      "--sparsities", "0.99,2"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("experiments.sweep", run_name="__main__", alter_sys=True)
+    assert e.value.code == 2 and "'2' is not a number in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 
