@@ -1,4 +1,5 @@
-"""One script for a lent accelerator: ``python -m benchmarks.gpu`` (issue 16, "GPU and TPU ready").
+"""One script for a lent accelerator: ``python -m benchmarks.gpu`` (the benchmark table and a
+reduced reproduction, so that one short loan of a GPU or TPU yields both).
 
 On one GPU, within about ten minutes, in this order:
 
