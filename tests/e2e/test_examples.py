@@ -47,6 +47,7 @@ def test_example_prunes_trains_and_reports(monkeypatch, name, method):
     assert "pruned weights still exactly 0: True" in out
 
 
+@pytest.mark.slow
 def test_linen_resnet_example_reports_ties_and_prunes_every_layer(monkeypatch):
     out = run_example(monkeypatch, "linen_resnet.py", "--sparsity", "0.9")
     # Zero-initialized BatchNorm scales: most scores are exactly 0, the masks

@@ -1,8 +1,8 @@
 """The experiment runner end to end: CLI validation, outputs, kill/resume, 1 vs 4 devices.
 
-Whole runs go through subprocesses (a kill, fake devices, a clean JAX per run);
-flag checks run in-process. Runs use scikit-learn's digits (no download) except
-the one test that needs the real CIFAR-10 copy in ../shared/tfds.
+Whole runs call the runner's main in this process, except where a kill, a signal or four
+fake devices need a fresh one; flag checks run in-process too. Runs use scikit-learn's digits
+(no download) except the one test that needs the real CIFAR-10 copy in ../shared/tfds.
 """
 
 import json
