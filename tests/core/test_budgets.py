@@ -62,6 +62,7 @@ def test_apportion_respects_lower_and_upper_bounds():
         apportion([1.0, 1.0], 2, [2, 1], [9, 9])
 
 
+@pytest.mark.slow
 def test_masks_from_scores_with_erk_scope_removes_the_budget_from_each_layer():
     scores = scores_for(SHAPES)
     masks = gj.masks_from_scores(scores, 0.9, scope="erk", prune="lowest")

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import grasp_jax as gj
@@ -11,6 +12,7 @@ from grasp_jax.diagnostics import gradient_flow
 from tests.helpers.tiny_models import make_batch, mlp_loss, mlp_params
 
 
+@pytest.mark.slow
 def test_gradient_flow_matches_explicit_hessian():
     with jax.enable_x64(True):
         params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float64)

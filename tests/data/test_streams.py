@@ -207,6 +207,7 @@ def test_imagenet_mock_small_images():
 # Real CIFAR-10.
 
 
+@pytest.mark.slow
 @needs_cifar10
 def test_cifar10_batches_and_normalization():
     batch = next(

@@ -39,7 +39,8 @@ def reported_density(stdout: str) -> list[float]:
     return [float(d) / 100 for d in re.findall(r"^all prunable\s.*?([\d.]+)%$", stdout, re.M)]
 
 
-@pytest.mark.parametrize("name,method", [("nnx_cnn.py", "grasp"), ("dict_mlp.py", "snip")])
+@pytest.mark.parametrize("name,method", [
+    pytest.param("nnx_cnn.py", "grasp", marks=pytest.mark.slow), ("dict_mlp.py", "snip")])
 def test_example_prunes_trains_and_reports(monkeypatch, name, method):
     out = run_example(monkeypatch, name, "--method", method, "--sparsity", "0.8")
     assert reported_density(out) == [pytest.approx(0.2, abs=5e-3)]

@@ -42,6 +42,7 @@ def test_the_papers_chunk_layout():
     assert streamed_scoring.chunk_sizes(128, 0) == [128]
 
 
+@pytest.mark.slow
 def test_only_the_last_dense_layer_is_redrawn_on_imagenet():
     # VGG16 for ImageNet has three Linear layers; pruner/GraSP_ImageNet.py redraws fc_layers[-1].
     model = models.VGGImageNet(cfg=(8, "M"), num_classes=5)

@@ -77,6 +77,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_pmap_scores_over_four_devices_equal_the_single_device_scores():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}

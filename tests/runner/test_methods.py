@@ -16,7 +16,9 @@ def lenet():
     return model, steps.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
 
 
-@pytest.mark.parametrize("method", methods.names())
+# GraSP compiles a Hessian-vector product: the one method over ~10 s here.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "grasp" else m
+                                    for m in methods.names()])
 def test_each_method_prunes_exactly(lenet, method):
     model, variables = lenet
     config = configs.resolve(dataset="digits", arch="lenet5", method=method, steps_per_epoch=11,
@@ -60,6 +62,7 @@ def test_only_grasp_scores_a_reinitialized_copy_by_default():
         assert c.score_reinit_dense == (method in ("grasp", "grasp_abs"))
 
 
+@pytest.mark.slow
 def test_gradient_flow_report_compiles_once_and_ignores_running_averages():
     # small_vgg has BatchNorm; its running averages must not change a training-mode loss.
     model = models.get_model("small_vgg", 10)
