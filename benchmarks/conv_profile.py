@@ -49,7 +49,8 @@ from grasp_jax import models
 from benchmarks import sections
 from experiments import jax_cache
 
-# arch -> batch: the paper's CIFAR-10 batch sizes for the two networks of issue 16.
+# arch -> batch: the paper's CIFAR-10 batch sizes for the two networks the CPU training targets
+# are set for (benchmarks/vs_pytorch.py).
 BATCHES = {"resnet32": 128, "vgg19": 64}
 CONVS = {"auto": models.Conv, "native": models.NativeConv}
 

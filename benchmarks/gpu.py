@@ -1,4 +1,5 @@
-"""One script for a lent accelerator: ``python -m benchmarks.gpu``.
+"""One script for a lent accelerator: ``python -m benchmarks.gpu`` (the benchmark table and a
+reduced reproduction, so that one short loan of a GPU or TPU yields both).
 
 On one GPU (or a TPU VM, on all its local chips), within about ten minutes, in this order:
 

@@ -1,4 +1,4 @@
-"""Host memory and time of streamed GraSP scoring as the number of batches grows (issue 14).
+"""Host memory and time of streamed GraSP scoring as the number of batches grows.
 
     python -m benchmarks.streamed_scoring [--num_batches 10,50,150] [--image_size 32]
         [--batch_size 50] [--microbatch_size 20] [--data_dir DIR]

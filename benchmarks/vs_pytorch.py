@@ -44,7 +44,7 @@ from experiments import jax_cache
 
 # arch -> training batch (the paper's CIFAR-10 batch sizes)
 ARCHS = {"resnet32": 128, "vgg19": 64}
-TARGETS = {"resnet32": 3.0, "vgg19": 1.5}  # training-gradient ratio, issue 16
+TARGETS = {"resnet32": 3.0, "vgg19": 1.5}  # training-gradient time over PyTorch's, at most
 SCORING_IMAGES, TEMPERATURE = 100, 200.0
 
 
@@ -168,7 +168,7 @@ def render(results: dict[str, dict], start: str, end: str, argv: list[str],
                      f"{g['jax_first_s']:.1f} s | | | |")
         if "grasp" in r:
             q = r["grasp"]
-            # Issue 16: first call at most 1.5x the authors' cold, no slower warm.
+            # Target: a first call at most 1.5x the authors' with no cache, no slower warm.
             which, target = ("with the compilation cache", 1.0) if cached else ("no cache", 1.5)
             lines.append(f"| GraSP, {arch}, CIFAR-10 preset, first call ({which}) | "
                          f"{q['jax_first_s']:.1f} s | {q['torch_first_s']:.1f} s | "

@@ -21,7 +21,7 @@ DEFAULT_COMPUTE_DTYPE = "float32"
 
 # The order of methods in tables and plots: the registry's (experiments.methods),
 # restated because importing the registry loads JAX, which --report_only must not.
-# tests/test_sweep_report.py checks that it agrees; a method not listed here
+# tests/runner/sweep/test_report.py checks that it agrees; a method not listed here
 # sorts after these, by name, and dense comes last.
 METHOD_ORDER = ("grasp", "snip", "synflow", "magnitude", "random")
 

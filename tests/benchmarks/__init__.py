@@ -1,0 +1,1 @@
+"""Checks of the benchmark scripts that tests can run on CPU."""

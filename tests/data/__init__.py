@@ -1,0 +1,1 @@
+"""Tests of grasp_jax.data, one module per library module."""

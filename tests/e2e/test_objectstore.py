@@ -1,0 +1,538 @@
+"""Workdirs, sweeps and data dirs on an object store, against a GCS emulator and moto's S3
+server on 127.0.0.1 (one of each, shared by the tests of this module).
+
+Everything here talks to 127.0.0.1 only, and is made sure of: the tests run in
+a network namespace that has nothing but loopback (``unshare --net``). The
+outer test re-runs this file inside one; the inner tests skip anywhere else.
+Every client's credential discovery is off (see :data:`CLIENT_ENV`): tensorstore
+gets a fake token, gcsfs is anonymous, the GCE metadata server is an unusable
+loopback port.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+
+from tests.helpers.paths import REPO
+from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
+from tests.helpers.runs import DIGITS, run_cli
+
+pytestmark = pytest.mark.objectstore
+
+IN_NAMESPACE = "GRASP_JAX_LOOPBACK_NAMESPACE"
+BUCKET = "grasp-test"
+
+
+def _client_env(port: int) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    return {
+        "EPATH_USE_TF": "false",                      # epath through gcsfs, not TensorFlow
+        "STORAGE_EMULATOR_HOST": url,                 # gcsfs
+        "TENSORSTORE_GCS_HTTP_URL": url,              # tensorstore, i.e. orbax's arrays
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",      # tensorstore: no credential lookup
+        "FSSPEC_GS_TOKEN": "anon",                    # gcsfs: no credential lookup
+        "FSSPEC_GS_PROJECT": "test",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no bucket-type lookup over gRPC
+        "NO_GCE_CHECK": "true",
+        "GCE_METADATA_HOST": "127.0.0.1:1",
+        "GCE_METADATA_IP": "127.0.0.1:1",
+        "GOOGLE_APPLICATION_CREDENTIALS": "",
+    }
+
+
+# --------------------------------------------------------------------------
+# The outer test: the suite inside a loopback-only network namespace.
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    r = subprocess.run(["unshare", "--net", "--", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get(IN_NAMESPACE) == "1", reason="already inside")
+def test_the_object_store_suite_in_a_loopback_only_network_namespace():
+    if not _unshare_works():
+        pytest.skip("unshare --net is unavailable here (needs root or user namespaces)")
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    inner = (f"ip link set lo up && {IN_NAMESPACE}=1 {sys.executable} -m pytest -q -x "
+             f"-p no:cacheprovider {Path(__file__).name}")
+    r = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO / "tests",
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    # Everything but this outer test itself ran (none skipped for want of the server).
+    assert " passed, 1 skipped in " in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+
+
+# --------------------------------------------------------------------------
+# The inner tests, against the emulator.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A GCS emulator on 127.0.0.1 with one bucket; the clients' env pointed at it."""
+    if os.environ.get(IN_NAMESPACE) != "1":
+        pytest.skip("runs inside the loopback-only namespace that the outer test starts")
+    port = _free_port()
+    emulator = Path(__file__).resolve().parents[1] / "helpers" / "gcs_emulator.py"
+    server = subprocess.Popen([sys.executable, str(emulator),
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert server.stdout.readline().strip() == b"ready"
+    saved = dict(os.environ)
+    os.environ.update(_client_env(port))
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    try:
+        yield fs
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _names(fs, url):
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url, detail=False, refresh=True))
+
+
+def test_a_digits_run_on_gs_writes_every_output_and_nothing_local(gcs, tmp_path):
+    url = f"gs://{BUCKET}/run1"
+    r = run_cli(DIGITS + ["--method", "grasp", "--sparsity", "0.9", "--max_steps", "12",
+                       "--checkpoint_every_steps", "6", "--log_every_steps", "4",
+                       "--workdir", url])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = _names(gcs, url)
+    assert {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "sparsity.md",
+            "density.png", "masks.npz", "gradient_flow.json", "sparse_params.npz",
+            "results.json"} <= set(names), names
+    assert "run.lock" not in names and not any(".tmp-" in n for n in names)
+    assert not (REPO / "gs:").exists()  # a URL is never turned into a local folder
+    results = json.loads(gcs.cat(f"{url}/results.json"))
+    assert results["status"] == "done" and results["steps"] == 12
+    steps = [json.loads(line)["step"] for line in gcs.cat(f"{url}/metrics.jsonl").splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 12  # the train and eval records of 12
+    assert _names(gcs, f"{url}/checkpoints") == ["12", "6"]
+    assert any(n.startswith("events.out.tfevents.") for n in _names(gcs, f"{url}/tensorboard"))
+
+    # The same command again: the run is finished, so it resumes at 12 and trains nothing.
+    again = run_cli(DIGITS + ["--method", "grasp", "--sparsity", "0.9", "--max_steps", "12",
+                           "--checkpoint_every_steps", "6", "--log_every_steps", "4",
+                           "--workdir", url])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from step 12" in again.stdout
+
+    # --overwrite removes the run's objects and starts over.
+    fresh = run_cli(DIGITS + ["--method", "grasp", "--sparsity", "0.9", "--max_steps", "6",
+                           "--checkpoint_every_steps", "6", "--workdir", url, "--overwrite"])
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert _names(gcs, f"{url}/checkpoints") == ["6"]
+
+
+def test_a_locked_workdir_on_gs_is_refused_naming_the_holder(gcs):
+    url = f"gs://{BUCKET}/locked"
+    holder = {"pid": 4242, "host": "tpu-host-7", "started": "2026-01-01 00:00:00 UTC"}
+    gcs.pipe(f"{url}/run.lock", json.dumps(holder).encode())
+    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "process 4242 on tpu-host-7" in r.stderr and f"remove {url}/run.lock" in r.stderr
+    assert _names(gcs, url) == ["run.lock"]  # nothing else was written
+
+
+def test_a_stale_lock_on_gs_from_this_host_is_taken_over(gcs):
+    from experiments import workdir as workdirs
+
+    url = f"gs://{BUCKET}/stale"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    gcs.pipe(f"{url}/run.lock", json.dumps(
+        {"pid": gone.pid, "host": socket.gethostname(), "started": "earlier"}).encode())
+    lock = workdirs.Lock(url)
+    lock.acquire()
+    assert lock.took_over and f"process {gone.pid}" in lock.took_over
+    assert json.loads(gcs.cat(f"{url}/run.lock"))["pid"] == os.getpid()
+    lock.release()
+    assert not gcs.exists(f"{url}/run.lock")
+
+
+def test_only_one_of_many_racing_lock_takers_wins(gcs):
+    from experiments import paths
+
+    url = f"gs://{BUCKET}/race/run.lock"
+    wins, barrier = [], threading.Barrier(8)
+
+    def take(i):
+        barrier.wait()
+        if paths.create_exclusive(url, str(i).encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert gcs.cat(url) == str(wins[0]).encode()  # the winner's content, never overwritten
+
+
+def test_a_missing_bucket_is_refused_in_one_line_before_anything_is_written(gcs):
+    url = "gs://no-such-bucket-here/run"
+    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no such bucket 'no-such-bucket-here'" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (REPO / "gs:").exists()
+    assert "no-such-bucket-here" not in [b.rstrip("/") for b in gcs.ls("", refresh=True)]
+
+
+def test_an_unreachable_store_is_refused_in_one_line_within_seconds(gcs, monkeypatch):
+    closed = _free_port()  # nothing listens there: the connection is refused at once
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{closed}")
+    url = f"gs://{BUCKET}/unreachable"
+    start = time.monotonic()
+    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no network connection to the store at http://127.0.0.1:" in line[0], \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
+    assert took < 60, took  # the clients' own retries would take minutes
+    monkeypatch.undo()  # the emulator again, for this process's client
+    assert not gcs.exists(url)
+
+
+def test_a_store_without_credentials_is_refused_in_one_line(gcs, monkeypatch, tmp_path):
+    # No anonymous access asked for, no key file, an empty gcloud config, no metadata server.
+    monkeypatch.delenv("FSSPEC_GS_TOKEN")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    url = f"gs://{BUCKET}/no-credentials"
+    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no usable credentials" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not gcs.exists(url)
+
+
+def test_an_s3_workdir_is_refused_saying_why():  # refused before any client is asked
+    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", "s3://bucket/run"])
+    assert r.returncode == 2
+    assert "s3://bucket/run" in r.stderr and "gs:// only" in r.stderr
+    assert not (REPO / "s3:").exists()
+
+
+def test_an_s3_sweep_dir_is_refused_saying_why():  # before any client is asked, no cell run
+    r = _sweep_cli("s3://bucket/sweep")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if "s3://bucket/sweep" in x]
+    assert line and "gs:// only" in line[0] and "cell" not in r.stdout
+    assert not (REPO / "s3:").exists()
+
+
+def _sweep_cli(sweep_dir, *extra):
+    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", sweep_dir, "--quiet",
+           "--methods", "random", "--sparsities", "0.5", "--seeds", "0,1",
+           "--dataset", "digits", "--arch", "mlp", "--batch_size", "32", "--max_steps", "2",
+           *extra]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_two_cell_sweep_on_gs_writes_its_cells_logs_and_report_to_the_bucket(gcs):
+    url = f"gs://{BUCKET}/sweep"
+    r = _sweep_cli(url)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "cell 2/2: random s=0.5 seed=1: done" in r.stdout, r.stdout
+    cells = ["random_s0.5_seed0", "random_s0.5_seed1"]
+    names = _names(gcs, url)
+    assert set(cells) | {"results.md", "results.csv", "accuracy_vs_sparsity.png",
+                         "layer_density.png"} <= set(names), names
+    table = gcs.cat(f"{url}/results.csv").decode().splitlines()
+    assert table[1].startswith("digits,mlp,random,0.5,none,2,0 1,2,"), table
+    for cell in cells:
+        log = gcs.cat(f"{url}/{cell}/log.txt").decode()
+        assert log.startswith("=== ") and log.rstrip().endswith("=== exit status 0"), log[-500:]
+        assert json.loads(gcs.cat(f"{url}/{cell}/results.json"))["status"] == "done"
+    assert not (REPO / "gs:").exists()
+
+    # Rerun: every cell is finished and skipped; the logs stay as they were.
+    logs = {c: gcs.cat(f"{url}/{c}/log.txt") for c in cells}
+    again = _sweep_cli(url)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 finished, 0 to run" in again.stdout
+    assert {c: gcs.cat(f"{url}/{c}/log.txt") for c in cells} == logs
+
+    # A cell's results gone: it runs again, its new output appended below the old log.
+    gcs.rm(f"{url}/{cells[1]}/results.json")
+    third = _sweep_cli(url)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "1 finished, 1 to run" in third.stdout
+    log = gcs.cat(f"{url}/{cells[1]}/log.txt")
+    assert log.startswith(logs[cells[1]]) and log.count(b"=== exit status 0") == 2
+
+    report = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", url,
+                             "--report_only"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert f"report of 1 rows in {url}/results.md" in report.stdout
+
+
+def test_a_sweep_dir_in_a_missing_bucket_is_refused_in_one_line(gcs):
+    url = "gs://no-such-sweep-bucket/sweep"
+    r = _sweep_cli(url)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if url in x]
+    assert line and "no such bucket 'no-such-sweep-bucket'" in line[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (REPO / "gs:").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TFDS_DIR.is_dir(), reason="needs the CIFAR-10 copy in ../shared/tfds")
+def test_a_cifar10_run_reads_its_tfds_data_dir_from_the_bucket(gcs, tmp_path, monkeypatch):
+    data_url, version = f"gs://{BUCKET}/tfds", "cifar10/3.0.2"
+    gcs.put(str(TFDS_DIR / "cifar10"), f"{data_url}/cifar10", recursive=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRASP_JAX_DATA_CACHE", str(cache))
+    args = ["--dataset", "cifar10", "--arch", "small_vgg", "--method", "random",
+            "--sparsity", "0.5", "--batch_size", "32", "--max_steps", "2",
+            "--data_dir", data_url]
+    url = f"gs://{BUCKET}/cifar-run"
+    r = run_cli(args + ["--workdir", url])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(gcs.cat(f"{url}/results.json"))["status"] == "done"
+    copy = cache / "gs" / BUCKET / "tfds" / version
+    for original in (TFDS_DIR / version).iterdir():  # the local copy is the bucket's bytes
+        assert (copy / original.name).read_bytes() == original.read_bytes(), original.name
+
+    # A shard cut short in the bucket: the copy follows it, and the size check names the file
+    # before the run writes anything.
+    shard = "cifar10-test.tfrecord-00000-of-00001"
+    gcs.pipe(f"{data_url}/{version}/{shard}", (TFDS_DIR / version / shard).read_bytes()[:-100])
+    r = run_cli(args + ["--workdir", f"gs://{BUCKET}/cifar-damaged"])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert shard in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not gcs.exists(f"gs://{BUCKET}/cifar-damaged")
+
+
+# The CLI with its train step patched to send the process `sig` right after step `at`
+# (test_run's helper, with the workdir read through the path layer).
+_SELF_SIGNAL = """
+import os, sys
+import jax
+import experiments.steps as t
+at, sig = int(sys.argv[1]), int(sys.argv[2])
+make = t.make_train_step
+def make_train_step(model, tx, *args, **kwargs):
+    step = make(model, tx, *args, **kwargs)
+    def wrapped(state, batch):
+        state, metrics = step(state, batch)
+        if int(jax.device_get(state.step)[0]) == at:
+            os.kill(os.getpid(), sig)
+        return state, metrics
+    return wrapped
+t.make_train_step = make_train_step
+from experiments.run import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cli_signalled(args, at, sig):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return subprocess.run([sys.executable, "-c", _SELF_SIGNAL, str(at), str(int(sig)), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigterm_on_gs_saves_and_the_resumed_run_is_bit_exact(gcs, tmp_path):
+    from experiments import checkpointing
+
+    args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "20",
+                     "--checkpoint_every_steps", "10", "--log_every_steps", "3"]
+    straight, broken = tmp_path / "straight", f"gs://{BUCKET}/broken"
+    assert run_cli(args + ["--workdir", str(straight)]).returncode == 0
+    r = _cli_signalled(args + ["--workdir", broken], 14, signal.SIGTERM)
+    assert r.returncode == 128 + signal.SIGTERM, r.stdout[-2000:] + r.stderr[-3000:]
+    assert checkpointing.load_state(broken)[0] == 14
+    assert not gcs.exists(f"{broken}/results.json")
+    r = run_cli(args + ["--workdir", broken])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "resuming from step 14" in r.stdout
+    (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
+    assert s1 == s2 == 20
+    chex.assert_trees_all_equal(a, b)
+    local = [json.loads(x)["step"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    remote = [json.loads(x)["step"] for x in gcs.cat(f"{broken}/metrics.jsonl").splitlines()]
+    # In order, nothing after the checkpoint at 14 twice (a train and an eval record may share
+    # a step, as on local disk).
+    assert remote == sorted(remote) and set(local) <= set(remote)
+    assert remote.count(20) == local.count(20)
+
+
+def test_a_damaged_newest_checkpoint_on_gs_is_moved_aside(gcs):
+    from experiments import checkpointing
+
+    url = f"gs://{BUCKET}/damaged"
+    ckpt = checkpointing.Checkpointer(url, max_to_keep=3)
+    rng = np.random.default_rng(0)
+    states = {}
+    for step in (10, 20, 30):
+        states[step] = {"w": rng.normal(size=(64, 64)).astype(np.float32),
+                        "step": np.asarray(step, np.int32)}
+        ckpt.save(step, states[step], {"best_step": step})
+    ckpt.close()
+    gcs.rm(f"{url}/checkpoints/30/state/_METADATA")
+    lines = []
+    ckpt = checkpointing.Checkpointer(url, max_to_keep=3)
+    abstract = {"w": np.zeros((64, 64), np.float32), "step": np.asarray(0, np.int32)}
+    step, state, meta = ckpt.restore_newest(abstract, log=lines.append)
+    ckpt.close()
+    assert step == 20 and meta == {"best_step": 20}
+    np.testing.assert_array_equal(state["w"], states[20]["w"])
+    assert len(lines) == 1 and "checkpoint 30 cannot be restored" in lines[0]
+    assert gcs.exists(f"{url}/{checkpointing.DAMAGED_DIR}/30/commit_success.txt")
+    assert "30" not in _names(gcs, f"{url}/checkpoints")
+
+
+def test_metrics_on_gs_keep_one_record_per_step_after_a_resume(gcs, tmp_path):
+    from experiments.metrics import MetricWriter
+
+    url = f"gs://{BUCKET}/metrics"
+    writer = MetricWriter(url)
+    for step in range(1, 11):
+        writer.write(step, {"train/loss": float(step)})
+    writer.close()  # a run killed after step 10, its last checkpoint at 6
+    writer = MetricWriter(url)
+    writer.truncate_after(6)
+    for step in range(7, 13):
+        writer.write(step, {"train/loss": float(step)})
+    writer.close()
+    steps = [json.loads(x)["step"] for x in gcs.cat(f"{url}/metrics.jsonl").splitlines()]
+    assert steps == list(range(1, 13))
+    gcs.get(f"{url}/tensorboard/", str(tmp_path / "tb"), recursive=True)
+    assert _tb_steps_in(tmp_path) == list(range(1, 13))
+
+
+def _tb_steps_in(directory: Path) -> list[int]:
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    steps = []
+    for path in sorted(directory.rglob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            event = event_pb2.Event.FromString(record)
+            if event.HasField("summary"):
+                steps.append(event.step)
+    return sorted(steps)
+
+
+def test_the_namespace_has_loopback_only():
+    """The guarantee these tests rest on: inside the namespace the only network
+    interface is loopback, so nothing but 127.0.0.1 can be reached."""
+    if os.environ.get(IN_NAMESPACE) != "1":
+        pytest.skip("checks the namespace from inside it")
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+# --------------------------------------------------------------------------
+# s3:// through the path layer, against moto's S3 server on 127.0.0.1. Workdirs on s3://
+# are refused (orbax 0.12.8 cannot checkpoint there); the lock's conditional write, the
+# data-dir copy and the refusals are the path layer's, and work.
+
+
+@pytest.fixture(scope="module")
+def s3():
+    if os.environ.get(IN_NAMESPACE) != "1":
+        pytest.skip("runs inside the loopback-only namespace that the outer test starts")
+    server_module = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE":
+                       "/nonexistent"})
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    try:
+        yield fs
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
+
+
+def test_only_one_of_many_racing_lock_takers_wins_on_s3(s3):
+    from experiments import paths
+
+    url = f"s3://{BUCKET}/race/run.lock"
+    wins, barrier = [], threading.Barrier(8)
+
+    def take(i):
+        barrier.wait()
+        if paths.create_exclusive(url, str(i).encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert s3.cat(url) == str(wins[0]).encode()
+
+
+def test_an_s3_data_dir_is_copied_to_the_local_cache(s3, tmp_path, monkeypatch):
+    from grasp_jax.data import staging
+
+    monkeypatch.setenv(staging.CACHE_ENV, str(tmp_path))
+    s3.pipe({f"{BUCKET}/tfds/toy/1.0.0/dataset_info.json": b"{}",
+             f"{BUCKET}/tfds/toy/1.0.0/toy-train.tfrecord-00000-of-00001": b"r" * 1000})
+    local = staging.local_data_dir(f"s3://{BUCKET}/tfds", "toy", read_whole=False)
+    copy = tmp_path / "s3" / BUCKET / "tfds"
+    assert local == str(copy)
+    assert (copy / "toy/1.0.0/toy-train.tfrecord-00000-of-00001").read_bytes() == b"r" * 1000
+
+
+def test_s3_refusals_name_the_cause(s3, monkeypatch):
+    from experiments import paths
+
+    assert paths.unusable_url(f"s3://{BUCKET}/fine") is None
+    s3.invalidate_cache()
+    assert not any(".write-probe" in k for k in s3.find(BUCKET))  # the probe is removed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    assert "no network connection to the store at http://127.0.0.1:" in paths.unusable_url(
+        f"s3://{BUCKET}/x")
+    monkeypatch.undo()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert "no usable credentials" in paths.unusable_url(f"s3://{BUCKET}/x")

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: paths, tiny models, fake datasets, data and run helpers."""

@@ -1,0 +1,1 @@
+"""Tests of experiments.sweep on synthetic cells and its command line."""
