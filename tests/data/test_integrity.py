@@ -19,6 +19,7 @@ from grasp_jax.data import get_info, integrity
 
 from experiments import run
 from tests.helpers.fake_datasets import write_imagenet2012
+from tests.helpers.runs import run_cli
 
 TFDS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "tfds"
 CIFAR = TFDS_DIR / "cifar10"
@@ -189,14 +190,12 @@ def test_a_damaged_record_met_while_streaming_is_named_with_its_file(imagenet_co
 
 @pytest.mark.slow
 def test_a_run_meeting_a_damaged_streamed_record_exits_1_in_one_line(imagenet_copy, tmp_path):
-    from test_run import _cli
-
     target = _train_files(imagenet_copy)[0]
     _flip_payload_byte(target, record=1)
-    r = _cli(["--dataset", "imagenet2012", "--arch", "small_vgg", "--image_size", "32",
-              "--method", "random", "--sparsity", "0.5", "--batch_size", "4",
-              "--max_steps", "3", "--no-gradient_flow", "--data_dir", str(imagenet_copy),
-              "--workdir", str(tmp_path / "w")], timeout=600)
+    r = run_cli(["--dataset", "imagenet2012", "--arch", "small_vgg", "--image_size", "32",
+                 "--method", "random", "--sparsity", "0.5", "--batch_size", "4",
+                 "--max_steps", "3", "--no-gradient_flow", "--data_dir", str(imagenet_copy),
+                 "--workdir", str(tmp_path / "w")], timeout=600)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]

@@ -72,8 +72,8 @@ def test_the_object_store_suite_in_a_loopback_only_network_namespace():
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     inner = (f"ip link set lo up && {IN_NAMESPACE}=1 {sys.executable} -m pytest -q -x "
-             f"-p no:cacheprovider {Path(__file__).name}")
-    r = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO / "tests",
+             f"-p no:cacheprovider {Path(__file__).resolve().relative_to(REPO)}")
+    r = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     # Everything but this outer test itself ran (none skipped for want of the server).
