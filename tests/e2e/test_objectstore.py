@@ -273,7 +273,7 @@ def test_a_two_cell_sweep_on_gs_writes_its_cells_logs_and_report_to_the_bucket(g
     assert set(cells) | {"results.md", "results.csv", "accuracy_vs_sparsity.png",
                          "layer_density.png"} <= set(names), names
     table = gcs.cat(f"{url}/results.csv").decode().splitlines()
-    assert table[1].startswith("digits,mlp,random,0.5,none,2,0 1,2,"), table
+    assert table[1].startswith("digits,mlp,random,0.5,none,float32,2,0 1,2,"), table
     for cell in cells:
         log = gcs.cat(f"{url}/{cell}/log.txt").decode()
         assert log.startswith("=== ") and log.rstrip().endswith("=== exit status 0"), log[-500:]
