@@ -178,22 +178,28 @@ def test_a_stale_lock_on_gs_from_this_host_is_taken_over(gcs):
     assert not gcs.exists(f"{url}/run.lock")
 
 
-def test_only_one_of_many_racing_lock_takers_wins(gcs):
+def _racing_winners(url: str, takers: int = 8) -> list[int]:
+    """Which of ``takers`` threads, released together, created ``url`` exclusively."""
     from experiments import paths
 
-    url = f"gs://{BUCKET}/race/run.lock"
-    wins, barrier = [], threading.Barrier(8)
+    wins, barrier = [], threading.Barrier(takers)
 
     def take(i):
         barrier.wait()
         if paths.create_exclusive(url, str(i).encode()):
             wins.append(i)
 
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(takers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return wins
+
+
+def test_only_one_of_many_racing_lock_takers_wins(gcs):
+    url = f"gs://{BUCKET}/race/run.lock"
+    wins = _racing_winners(url)
     assert len(wins) == 1
     assert gcs.cat(url) == str(wins[0]).encode()  # the winner's content, never overwritten
 
@@ -492,21 +498,8 @@ def s3():
 
 
 def test_only_one_of_many_racing_lock_takers_wins_on_s3(s3):
-    from experiments import paths
-
     url = f"s3://{BUCKET}/race/run.lock"
-    wins, barrier = [], threading.Barrier(8)
-
-    def take(i):
-        barrier.wait()
-        if paths.create_exclusive(url, str(i).encode()):
-            wins.append(i)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    wins = _racing_winners(url)
     assert len(wins) == 1
     assert s3.cat(url) == str(wins[0]).encode()
 
