@@ -27,12 +27,15 @@ the libraries' own logging of the failure (absl, orbax, asyncio, tensorstore's
 "Event loop is closed" from its background threads) is kept out of the console
 and appended to ``<workdir>/errors.log``.
 
-The workdir may be a ``gs://`` URL: orbax writes there natively (tensorstore's
-GCS driver; a step is complete once its ``commit_success.txt`` exists, since
-an object store has no atomic rename), and moving a damaged step aside is a
-copy and delete of its objects (``experiments.paths.move``). Orbax 0.12.8
-has no ``s3://`` checkpoint path (its array writer takes a local path or
-``gs://``), so an ``s3://`` workdir is refused by the runner.
+The workdir may be a bucket URL, and moving a damaged step aside is then a copy
+and delete of its objects (``experiments.paths.move``). On ``gs://`` orbax writes
+natively (tensorstore's GCS driver; a step is complete once its
+``commit_success.txt`` exists, since an object store has no atomic rename). On
+``s3://``, where orbax 0.12.8 cannot write, it writes to a local mirror from which
+each finished step is uploaded, a commit marker last, and restores from a
+downloaded copy (:mod:`experiments.checkpoint_staging`, which says how several
+processes share the work). Either way :class:`Checkpointer` is the one interface,
+and its steps are those in the workdir.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -55,7 +59,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from experiments import faults, paths
+from experiments import checkpoint_staging, faults, paths
 
 PyTree = Any
 DAMAGED_DIR = "checkpoints.damaged"
@@ -147,6 +151,11 @@ class Checkpointer:
     policy; its ``max_to_keep`` option is deprecated). ``policy``: when
     :meth:`should_save` says yes (:func:`save_policy`; by default never, so every save
     is asked for explicitly).
+
+    An ``s3://`` workdir is checkpointed through a local mirror
+    (:mod:`experiments.checkpoint_staging`): orbax works on the mirror, each step is
+    uploaded once orbax has finished it, and :meth:`latest_step`, :meth:`all_steps`
+    and :meth:`has_digest` answer from the bucket.
     """
 
     def __init__(self, workdir: str, max_to_keep: int = 3,
@@ -154,8 +163,9 @@ class Checkpointer:
         self.workdir = paths.absolute(workdir)
         self.directory = paths.join(self.workdir, "checkpoints")
         self.errors_log = faults.errors_log(self.workdir)
-        self.manager = _manager(
-            self.directory, create=True,
+        self.max_to_keep = max_to_keep
+        options: dict[str, Any] = dict(
+            create=True,
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             save_decision_policy=policy or save_policy(),
             # The decision depends on the step alone: a save still being written in the
@@ -165,12 +175,42 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             # Host arrays are written in a background thread while training goes on.
             enable_async_checkpointing=True)
+        self.staged = checkpoint_staging.is_staged(self.workdir)
+        self.local_directory = self.directory  # where orbax reads and writes
+        if self.staged:
+            index = jax.process_index()
+            self.saves = index == 0  # process 0 holds the whole replicated state
+            self.local_directory = checkpoint_staging.mirror_dir(self.directory, index)
+            shutil.rmtree(self.local_directory, ignore_errors=True)
+            os.makedirs(self.local_directory)
+            self.uploads = checkpoint_staging.BackgroundUpload()
+            if self.saves:
+                checkpoint_staging.remove_unfinished(self.directory)
+            # The bucket keeps max_to_keep steps; the mirror only the newest. Each
+            # process's manager runs alone: no orbax barrier across processes (and then
+            # orbax leaves creating the directory to the caller, done above).
+            options.update(
+                create=False, preservation_policy=ocp.checkpoint_managers.LatestN(1),
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=index, active_processes={index}))
+        self.manager = _manager(self.local_directory, **options)
 
     def should_save(self, step: int) -> bool:
         """Whether the policy saves after ``step`` (never a step already saved)."""
         return self.manager.should_save(step)
 
+    def all_steps(self) -> list[int]:
+        """The steps saved in the workdir, oldest first (on ``s3://``: those committed on
+        the bucket, after the upload in flight, if any, has finished)."""
+        if self.staged:
+            self.uploads.wait()
+            return checkpoint_staging.committed_steps(self.directory)
+        return sorted(self.manager.all_steps())
+
     def latest_step(self) -> Optional[int]:
+        if self.staged:
+            steps = self.all_steps()
+            return steps[-1] if steps else None
         return self.manager.latest_step()
 
     def save(self, step: int, state: PyTree, meta: dict, digest: bool = True) -> None:
@@ -182,20 +222,49 @@ class Checkpointer:
         describes what was meant to be written (``digest=False`` only for the
         benchmark of its cost)."""
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if self.staged:
+            if not self.saves:
+                return  # process 0 saves the replicated state (checkpoint_staging)
+            self.uploads.wait()  # the previous step is on the bucket before the next starts
         if digest:
             items[DIGEST_ITEM] = ocp.args.JsonSave(state_digest(state, meta))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if self.staged:
+            self.uploads.start(lambda: self._upload(step))
+
+    def _upload(self, step: int) -> None:
+        """(Background) once orbax has finished ``step`` in the mirror: upload it, then
+        keep the newest ``max_to_keep`` on the bucket."""
+        self.manager.wait_until_finished()
+        checkpoint_staging.upload_step(os.path.join(self.local_directory, str(step)),
+                                       self.directory, step)
+        checkpoint_staging.keep_newest(self.directory, self.max_to_keep)
 
     def has_digest(self, step: int) -> bool:
         return paths.exists(paths.join(self.directory, str(step), DIGEST_ITEM))
+
+    def _fetch(self, step: int) -> None:
+        """On ``s3://``: the committed ``step`` downloaded into the mirror, replacing any
+        copy there, and shown to orbax."""
+        self.manager.wait_until_finished()
+        self.uploads.wait()
+        try:
+            checkpoint_staging.download_step(self.directory, step,
+                                             os.path.join(self.local_directory, str(step)))
+        finally:
+            self.manager.reload()
 
     def restore(self, step: int, abstract_state: PyTree,
                 verify: bool = True) -> tuple[PyTree, dict]:
         """Restore into the structure, shapes and dtypes of ``abstract_state``; a
         checkpoint with a digest is checked against it (DigestMismatch)."""
+        if self.staged:
+            self._fetch(step)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        verify = verify and self.has_digest(step)
+        # Whether the copy orbax reads has a digest (on s3://, the one just downloaded).
+        verify = verify and paths.exists(paths.join(self.local_directory, str(step),
+                                                    DIGEST_ITEM))
         if verify:
             items[DIGEST_ITEM] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -214,7 +283,7 @@ class Checkpointer:
         moves, every process skips it); NoUsableCheckpoint when all fail.
         """
         failures = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in reversed(self.all_steps()):
             try:
                 with quiet_libraries(self.errors_log, f"restoring checkpoint {step}"):
                     state, meta = self.restore(step, abstract_state)
@@ -225,6 +294,10 @@ class Checkpointer:
                         faults.traceback_text(e))
                 failures.append(f"  step {step}: {reason}")
                 where = self._move_aside(step) if is_main else "left for process 0 to move"
+                if self.staged:  # its downloaded copy, whoever moves the original
+                    shutil.rmtree(os.path.join(self.local_directory, str(step)),
+                                  ignore_errors=True)
+                    self.manager.reload()
                 log(f"checkpoint {step} cannot be restored ({reason}); {where}; trying the "
                     "next older one")
         if failures:
@@ -247,11 +320,18 @@ class Checkpointer:
         return f"moved aside to {dst}"
 
     def wait(self) -> None:
+        """Until the last save is written (and, on ``s3://``, uploaded)."""
         self.manager.wait_until_finished()
+        if self.staged:
+            self.uploads.wait()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            if self.staged:
+                shutil.rmtree(self.local_directory, ignore_errors=True)
 
 
 _QUIET_LOGGERS = ("absl", "orbax", "asyncio", "jax")
@@ -341,10 +421,24 @@ def load_state(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
     """(step, state as nested dicts of numpy arrays) of a run's checkpoint.
 
     For analysis and tests: no target structure is needed, so NamedTuples in the
-    optimizer state come back as plain containers.
+    optimizer state come back as plain containers. On ``s3://`` the newest committed
+    step (or ``step``) is downloaded to a temporary folder and read from there.
     """
-    manager = _manager(paths.absolute(paths.join(workdir, "checkpoints")), read_only=True,
-                       create=False)
+    directory = paths.absolute(paths.join(workdir, "checkpoints"))
+    if not checkpoint_staging.is_staged(directory):
+        return _load_state(directory, workdir, step)
+    if step is None:
+        committed = checkpoint_staging.committed_steps(directory)
+        step = committed[-1] if committed else None
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}")
+    with tempfile.TemporaryDirectory(prefix="grasp_jax_load_") as local:
+        checkpoint_staging.download_step(directory, step, os.path.join(local, str(step)))
+        return _load_state(local, workdir, step)
+
+
+def _load_state(directory: str, workdir: str, step: Optional[int]) -> tuple[int, dict]:
+    manager = _manager(directory, read_only=True, create=False)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}")

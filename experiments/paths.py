@@ -33,15 +33,6 @@ from typing import Any, BinaryIO, Optional
 
 URL_SCHEMES = ("gs://", "s3://")
 
-# Why a run's (or a sweep's) directory cannot be on s3://, though every other file could:
-# orbax 0.12.8 builds tensorstore's kvstore spec itself and gives only gs:// a remote
-# driver (any other path must be an absolute local one), with no hook for tensorstore's
-# s3 driver; and it would finalize an s3 checkpoint by renaming its directory, which on
-# S3 is a copy and delete of every object, not atomic. See docs/MULTIHOST.md.
-S3_CHECKPOINTS_UNSUPPORTED = (
-    "is an s3:// URL: checkpoints (orbax 0.12.8) can be written to a local path or gs:// "
-    "only; use a gs:// bucket or a local (or mounted) path")
-
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 
@@ -177,6 +168,31 @@ def write_bytes_with(path: str, writer: Callable[[BinaryIO], Any]) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def upload_file(local_path: str, path: str) -> None:
+    """Copy the local file ``local_path`` to ``path``, which lands whole or not at all.
+
+    To a URL: one upload streamed from the file (s3fs and gcsfs switch to a multipart or
+    resumable upload for large files; the object appears only when it completes), so a
+    checkpoint's large array files are never held in memory. Locally: a copy renamed
+    into place, its folders created as needed (as a key's prefixes are on a store)."""
+    if is_url(path):
+        fs, key = _filesystem(path)
+        fs.put_file(local_path, key)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(local_path, "rb") as src:
+        write_bytes_with(path, lambda dst: shutil.copyfileobj(src, dst))
+
+
+def download_file(path: str, local_path: str) -> None:
+    """Copy ``path`` (a URL or a local file) to the local file ``local_path``."""
+    if is_url(path):
+        fs, key = _filesystem(path)
+        fs.get_file(key, local_path)
+        return
+    shutil.copyfile(path, local_path)
 
 
 def age_s(path: str) -> Optional[float]:

@@ -11,6 +11,8 @@
 A workdir may be a ``gs://`` or ``s3://`` URL (the hosts of a TPU pod share no
 file system); every file goes through ``experiments.paths``, and on an object
 store the lock is a conditional create (see :func:`paths.create_exclusive`).
+An ``s3://`` workdir's checkpoints are written to a local mirror first
+(:mod:`experiments.checkpoint_staging`), which must be writable too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import tempfile
 import time
 from typing import Optional
 
-from experiments import configs, paths
+from experiments import checkpoint_staging, configs, paths
 from experiments.outputs import write_text
 
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
@@ -52,10 +54,8 @@ def unusable(path: str) -> Optional[str]:
     """
     if not path.strip():
         return "is empty"
-    if path.startswith("s3://"):
-        return paths.S3_CHECKPOINTS_UNSUPPORTED
     if paths.is_url(path):
-        return paths.unusable_url(path)
+        return paths.unusable_url(path) or checkpoint_mirror_problem(path)
     if os.path.islink(path) and not os.path.exists(path):
         return "is a symbolic link that leads nowhere (dangling, or a loop)"
     if os.path.exists(path) and not os.path.isdir(path):
@@ -72,6 +72,19 @@ def unusable(path: str) -> Optional[str]:
     except OSError as e:
         reason = "read-only file system" if e.errno == errno.EROFS else e.strerror
         return f"is not writable ({probe_dir}: {reason})"
+    return None
+
+
+def checkpoint_mirror_problem(url: str) -> Optional[str]:
+    """Why the local mirror that an ``s3://`` workdir's checkpoints are written to first
+    (:mod:`experiments.checkpoint_staging`) cannot be, or None (always None elsewhere)."""
+    if not checkpoint_staging.is_staged(url):
+        return None
+    root = checkpoint_staging.cache_root()
+    problem = unusable(root)
+    if problem:
+        return (f"cannot be checkpointed: its local checkpoint mirror {root} "
+                f"(${checkpoint_staging.CACHE_ENV}) {problem}")
     return None
 
 
@@ -154,8 +167,11 @@ def no_usable_checkpoint(workdir: str) -> Optional[str]:
     checkpoints = paths.join(workdir, "checkpoints")
     if not paths.isdir(damaged) or not paths.listdir(damaged):
         return None
-    steps = [n for n in (paths.listdir(checkpoints) if paths.isdir(checkpoints) else [])
-             if n.isdigit()]
+    if checkpoint_staging.is_staged(workdir):  # a step without its marker does not count
+        steps = checkpoint_staging.committed_steps(checkpoints)
+    else:
+        steps = [n for n in (paths.listdir(checkpoints) if paths.isdir(checkpoints) else [])
+                 if n.isdigit()]
     if steps:
         return None
     return (f"no checkpoint in {checkpoints} restores (the damaged ones are in {damaged}); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from experiments import paths
+from experiments import paths, workdir
 
 
 def _nearest_existing(path: str) -> str:
@@ -25,14 +25,12 @@ def sweep_dir_problem(path: str, *, must_exist: bool = False) -> str | None:
     """
     if not path:
         return "is empty"
-    if path.startswith("s3://"):
-        return paths.S3_CHECKPOINTS_UNSUPPORTED  # each cell's workdir would be refused
     if paths.is_url(path):
         # A bucket prefix "exists" once an object is under it; the probe write finds no
         # credentials, no bucket, no network and no permission alike, in one line.
         if must_exist and not paths.isdir(path):
             return "holds no objects (no sweep there)"
-        return paths.unusable_url(path)
+        return paths.unusable_url(path) or workdir.checkpoint_mirror_problem(path)
     if os.path.lexists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     if os.path.isdir(path):

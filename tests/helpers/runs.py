@@ -27,13 +27,25 @@ DIGITS = ["--dataset", "digits", "--arch", "lenet5", "--batch_size", "32"]
 
 # Runs the CLI after patching the train step so that the process sends itself
 # `sig` right after finishing step `at` (a SIGKILL mid-epoch, or a SIGTERM),
-# once a checkpoint is on disk (checkpoints are written in the background).
+# once a checkpoint is saved (checkpoints are written in the background). The
+# workdir is read through the path layer, so it may be local or a bucket URL: a
+# step is saved once orbax has renamed it to its bare number (local) or written
+# its commit_success.txt (gs://), or once its upload's marker is there (s3://).
 _SELF_SIGNAL = """
 import os, sys, time
 import jax
 import experiments.steps as t
+from experiments import checkpoint_staging, paths
 at, sig = int(sys.argv[1]), int(sys.argv[2])
-ckpts = os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints")
+ckpts = paths.join(sys.argv[sys.argv.index("--workdir") + 1], "checkpoints")
+def saved():
+    if checkpoint_staging.is_staged(ckpts):
+        return bool(checkpoint_staging.committed_steps(ckpts))
+    names = paths.listdir(ckpts) if paths.isdir(ckpts) else []
+    if not paths.is_url(ckpts):
+        return any(n.isdigit() for n in names)
+    return any(n.isdigit() and paths.exists(paths.join(ckpts, n, "commit_success.txt"))
+               for n in names)
 make = t.make_train_step
 def make_train_step(model, tx, *args, **kwargs):
     step = make(model, tx, *args, **kwargs)
@@ -41,8 +53,8 @@ def make_train_step(model, tx, *args, **kwargs):
         state, metrics = step(state, batch)
         if int(jax.device_get(state.step)[0]) == at:
             deadline = time.time() + 120
-            while not any(n.isdigit() for n in os.listdir(ckpts)) and time.time() < deadline:
-                time.sleep(0.05)  # a finished checkpoint is renamed to its bare step number
+            while not saved() and time.time() < deadline:
+                time.sleep(0.1)
             os.kill(os.getpid(), sig)
         return state, metrics
     return wrapped
