@@ -79,7 +79,7 @@ def test_the_object_store_suite_in_a_loopback_only_network_namespace():
     inner = (f"ip link set lo up && {IN_NAMESPACE}=1 {sys.executable} -m pytest -q -x "
              f"-p no:cacheprovider {Path(__file__).resolve().relative_to(REPO)}")
     r = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO,
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=2700)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     # Everything but this outer test itself ran (none skipped for want of the server).
     assert " passed, 1 skipped in " in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
