@@ -180,16 +180,6 @@ class LockHeld(RuntimeError):
     """Another live run holds the workdir."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 class Lock:
     """``<workdir>/run.lock``: one run per workdir.
 
@@ -248,7 +238,7 @@ class Lock:
     def _stale(self, holder: dict) -> bool:
         same_host = holder.get("host") == socket.gethostname()
         pid = holder.get("pid")
-        return same_host and isinstance(pid, int) and not _alive(pid)
+        return same_host and isinstance(pid, int) and not paths.process_alive(pid)
 
     def _describe(self, holder: dict) -> str:
         if not holder:
