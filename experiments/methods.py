@@ -29,7 +29,7 @@ import jax
 
 import grasp_jax as gj
 
-from experiments import ablations, config_schema, data_scoring, streamed_scoring
+from experiments import ablations, data_scoring, streamed_scoring
 from experiments.config_schema import Config
 from experiments.data_scoring import Context, never
 from experiments.signals import Stopped
@@ -164,9 +164,6 @@ register(Method("magnitude", "magnitude", "|θ|", lambda ctx: gj.magnitude_score
 register(Method("random", "random", "uniform noise",
                 lambda ctx: lambda p: gj.random_scores(p, ctx.key)))
 register(Method("dense", None, "no pruning"))
-
-# The config schema offers the registry's names as --method choices.
-config_schema.CHOICE_SOURCES["method"] = names
 
 
 # --------------------------------------------------------------------------

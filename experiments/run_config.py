@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
-from experiments import cli, configs, paths
+from experiments import cli, configs, methods, paths
 from experiments import workdir as workdirs
 from experiments.configs import UsageError, setting
 
@@ -76,9 +76,12 @@ def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
 
 
 def build_parser() -> cli.Parser:
+    """The runner's parser; ``--method`` offers the method registry's names as they are now
+    (a plugin imported before this call adds its own)."""
+    method_names = methods.names()
     p = cli.Parser(
         prog="python -m experiments.run",
-        description="Prune a network at initialization (" + ", ".join(_method_names()) + "), "
+        description="Prune a network at initialization (" + ", ".join(method_names) + "), "
                     "train it data-parallel over all devices, checkpoint, resume, and report. "
                     "Without arguments: an offline demo (GraSP 90% vs dense on digits).",
         epilog="Unset flags take the paper's preset for the dataset/arch/method "
@@ -87,15 +90,10 @@ def build_parser() -> cli.Parser:
                "when stopped by SIGTERM/SIGINT/SIGHUP after saving (rerun to resume).",
     )
     cli.add_fields(p, configs.flag_fields(), help_defaults={"dataset": "cifar10",
-                                                            "method": "grasp"})
+                                                            "method": "grasp"},
+                   registered={"method": method_names})
     cli.add_fields(p, _fields(Invocation))
     return p
-
-
-def _method_names() -> list[str]:
-    from experiments import methods
-
-    return list(methods.names())
 
 
 # --------------------------------------------------------------------------
