@@ -44,20 +44,20 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
 
     from experiments import (
         checkpointing,
-        configs,
+        config_schema,
         data_scoring,
         devices,
         jax_cache,
-        run,
+        run_config,
         steps,
     )
     lap("imports")
     jax_cache.enable(args.cache)
-    config = run.config_from_overrides(dict(
+    config = run_config.config_from_overrides(dict(
         dataset=args.dataset, arch=args.arch, method="grasp", sparsity=0.98, epochs=1,
         max_steps=1, data_dir=args.data_dir))
     lap("flag checks + dataset size")
-    info = configs.dataset_info(config)
+    info = config_schema.dataset_info(config)
     model = models.get_model(config.arch, info.num_classes)
     init_key, score_key, step_key = jax.random.split(jax.random.PRNGKey(0), 3)
     variables = steps.init_variables(model, init_key, info.image_shape)

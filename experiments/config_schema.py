@@ -46,7 +46,10 @@ class UsageError(ValueError):
 # Checks: each returns None for a good value, else what the value should be.
 
 
-def _number(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional[str]]:
+def number_check(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional[str]]:
+    """A check of a real number (not a bool) for which ``check`` holds; ``what`` names a
+    good value in the message, and in argparse's (the check's ``__name__``)."""
+
     def problem(value: Any) -> Optional[str]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and check(value)
         return None if ok else what
@@ -55,12 +58,12 @@ def _number(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional
     return problem
 
 
-positive_int = _number(lambda v: float(v).is_integer() and v >= 1, "a positive integer")
-nonnegative_int = _number(lambda v: float(v).is_integer() and v >= 0, "a non-negative integer")
-positive_float = _number(lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = _number(lambda v: 0 <= v < math.inf, "a non-negative number")
-fraction = _number(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-seed_value = _number(lambda v: float(v).is_integer() and 0 <= v <= MAX_SEED,
+positive_int = number_check(lambda v: float(v).is_integer() and v >= 1, "a positive integer")
+nonnegative_int = number_check(lambda v: float(v).is_integer() and v >= 0, "a non-negative integer")
+positive_float = number_check(lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_check(lambda v: 0 <= v < math.inf, "a non-negative number")
+fraction = number_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+seed_value = number_check(lambda v: float(v).is_integer() and 0 <= v <= MAX_SEED,
                      f"an integer in [0, {MAX_SEED}] (seeds map one-to-one onto 32-bit PRNG keys)")
 
 

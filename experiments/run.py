@@ -4,7 +4,7 @@
     python -m experiments.run --dataset cifar10 --arch vgg19 --method grasp --sparsity 0.98
     python -m experiments.run --arch resnet50 --dataset imagenet2012 --data_dir ~/tfds
 
-The flags are generated from the run config's fields (``experiments/configs.py``);
+The flags are generated from the run config's fields (``experiments/config_schema.py``);
 flags not given take the paper's preset for the dataset, architecture and
 method. Every value is checked before anything is written: a bad one ends the
 program with a message and exit status 2. Rerunning a command resumes its run
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 from experiments import cli
 from experiments import workdir as workdirs
-from experiments.configs import UsageError
+from experiments.config_schema import UsageError
 from experiments.run_config import (
     Invocation,
     _fields,

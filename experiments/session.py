@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from experiments import checkpointing, configs, distributed, faults, paths, train
+from experiments import checkpointing, config_schema, distributed, faults, paths, train
 from experiments import workdir as workdirs
 from experiments.logging_utils import log
 from experiments.signals import Stopped, StopSignals
@@ -71,7 +71,7 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
+def run(config: config_schema.Config, workdir: str, *, overwrite: bool = False,
         allow_layer_collapse: bool = False,
         allow_topology_change: bool = False) -> tuple[int, dict]:
     """Train ``config`` in ``workdir``; (exit status, results)."""
@@ -130,7 +130,7 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
         from grasp_jax.data import integrity
 
         if integrity.is_data_loss(e):
-            _error(integrity.damaged_record_message(e, configs.dataset_info(config),
+            _error(integrity.damaged_record_message(e, config_schema.dataset_info(config),
                                                     config.data_dir), e, workdir)
         else:
             _unexpected(e, workdir)

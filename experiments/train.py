@@ -51,7 +51,7 @@ from grasp_jax import data, models
 from experiments import (
     ablations,
     checkpointing,
-    configs,
+    config_schema,
     data_scoring,
     devices,
     distributed,
@@ -61,7 +61,7 @@ from experiments import (
     steps,
 )
 from experiments.clock import Chrono
-from experiments.configs import Config
+from experiments.config_schema import Config
 from experiments.logging_utils import Progress, is_main_process, log
 from experiments.metrics import MetricsWindow, MetricWriter
 from experiments.outputs import format_duration, format_rate
@@ -282,7 +282,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     (a pruned weight moved), NoUsableCheckpoint (none restores).
     """
     started = time.time()
-    info = configs.dataset_info(config)
+    info = config_schema.dataset_info(config)
     # Initialization, scoring and the gradient-flow report use the float32 network whatever
     # --compute_dtype says: scores rank weights against each other, and bfloat16's 8-bit
     # mantissa would reorder close ones. Only the train and eval steps compute in that dtype.

@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Optional
 
-from experiments import configs, paths
+from experiments import config_schema, paths
 from experiments.outputs import write_text
 
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
@@ -36,7 +36,7 @@ LOCK_FILE = "run.lock"
 UNREADABLE_LOCK_STALE_S = 10.0
 
 
-def default_workdir(config: configs.Config) -> str:
+def default_workdir(config: config_schema.Config) -> str:
     name = f"{config.dataset}_{config.arch}_{config.method}"
     if config.sparsity or config.method != "dense":
         name += f"_{config.sparsity:g}"
@@ -75,11 +75,11 @@ def unusable(path: str) -> Optional[str]:
     return None
 
 
-def conflict(workdir: str, config: configs.Config) -> Optional[str]:
+def conflict(workdir: str, config: config_schema.Config) -> Optional[str]:
     """Why ``workdir`` cannot host ``config`` (None if it can: new, empty or the same run).
 
     Runs are the same when their resolved configs agree on every field except
-    the run-control ones (``configs.RUN_CONTROL_FIELDS``), which do not change
+    the run-control ones (``config_schema.RUN_CONTROL_FIELDS``), which do not change
     the training trajectory.
     """
     path = paths.join(workdir, "config.json")
@@ -94,10 +94,10 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
             raw = json.loads(paths.read_text(path))
             if not isinstance(raw, dict):
                 raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
-            saved = configs.Config.from_dict(raw)
+            saved = config_schema.Config.from_dict(raw)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             return f"{path} cannot be read ({e})"
-        diff = configs.differences(saved, config)
+        diff = config_schema.differences(saved, config)
         if diff:
             lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in diff)
             return f"{workdir} holds a run with a different configuration:\n{lines}"
@@ -168,7 +168,7 @@ def clear_run(workdir: str) -> None:
         paths.remove_tree(paths.join(workdir, name))
 
 
-def prepare(workdir: str, config: configs.Config, overwrite: bool) -> None:
+def prepare(workdir: str, config: config_schema.Config, overwrite: bool) -> None:
     """Clear the old run if asked, then save the config (process 0 only)."""
     if overwrite:
         clear_run(workdir)

@@ -13,7 +13,7 @@ import chex
 import numpy as np
 import pytest
 
-from experiments import checkpointing, configs, run, run_config
+from experiments import checkpointing, config_schema, run, run_config
 from experiments import workdir as workdirs
 from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
 from tests.helpers.runs import (
@@ -59,7 +59,7 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
     assert results["train_images_per_sec"] > 0 and results["wall_time_s"] > 0
 
     saved = json.loads((workdir / "config.json").read_text())
-    assert configs.Config.from_dict(saved).sparsity == 0.95
+    assert config_schema.Config.from_dict(saved).sparsity == 0.95
     assert (workdir / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **all prunable** |" in (workdir / "sparsity.md").read_text()
     metrics = read_metrics(workdir)
