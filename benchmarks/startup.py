@@ -63,7 +63,7 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     variables = steps.init_variables(model, init_key, info.image_shape)
     jax.block_until_ready(variables)
     lap("init")
-    batch = data_scoring.scoring_batch(config)
+    batch = data_scoring.scoring_batch(config, info)
     lap("scoring data")
     # What the grasp entry of the method registry builds, without fetching the batch again.
     loss_fn = data_scoring.make_loss_fn(model, variables["batch_stats"], config.temperature,
@@ -75,7 +75,7 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     masks = jax.block_until_ready(gj.masks_from_scores(scores, config.sparsity,
                                                        criterion="grasp"))
     lap("scoring")
-    data_scoring.gradient_flow_report(config, model, variables, variables, masks,
+    data_scoring.gradient_flow_report(config, info, model, variables, variables, masks,
                                       jax.random.fold_in(score_key, 3), log=lambda _: None)
     lap("gradient flow")
     tx = steps.make_optimizer(config, masks)

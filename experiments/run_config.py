@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
+from grasp_jax.data import DatasetInfo
+
 from experiments import cli, config_schema, configs, methods, paths
 from experiments import workdir as workdirs
 from experiments.config_schema import UsageError, setting
@@ -117,6 +119,13 @@ def config_from_args(parser: cli.Parser, args: Any) -> config_schema.Config:
 
 def config_from_overrides(overrides: dict[str, Any]) -> config_schema.Config:
     """The checked Config of these flag values (the sweep's cells are overrides too)."""
+    return checked_config(overrides)[0]
+
+
+def checked_config(overrides: dict[str, Any]) -> tuple[config_schema.Config, DatasetInfo]:
+    """The checked Config of these flag values, and its dataset's info: made once here,
+    for the checks, and handed down to the run (``session.run``) so that nothing after
+    computes it again."""
     from grasp_jax import data
 
     overrides = dict(overrides)
@@ -131,7 +140,7 @@ def config_from_overrides(overrides: dict[str, Any]) -> config_schema.Config:
         data.device_batch_layout(config.batch_size)
     except ValueError as e:
         raise UsageError(f"--batch_size {config.batch_size}: {e}") from None
-    info = config_schema.dataset_info(config)  # once, for every check below
+    info = config_schema.dataset_info(config)  # once per run: every check below, then the run
     check_host_memory(config, info)
     check_environment(config, info)
     check_dataset_files(config, info)
@@ -140,7 +149,7 @@ def config_from_overrides(overrides: dict[str, Any]) -> config_schema.Config:
                                      data_dir=config.data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--dataset {dataset}: {e}") from None
-    return dataclasses.replace(config, steps_per_epoch=steps)
+    return dataclasses.replace(config, steps_per_epoch=steps), info
 
 
 def parse_config(argv: Sequence[str]) -> config_schema.Config:

@@ -161,7 +161,7 @@ def test_evaluation_waits_for_each_step_before_the_next(monkeypatch):
 def test_pruning_polls_for_a_stop_only_where_it_loops():
     import jax
 
-    from grasp_jax import models
+    from grasp_jax import data, models
 
     from experiments import methods, steps
 
@@ -170,8 +170,8 @@ def test_pruning_polls_for_a_stop_only_where_it_loops():
     for rounds, polls in ((1, 0), (3, 2)):  # between rounds, never after the last one
         calls = []
         config = _resolve("digits", "lenet5", method="magnitude", sparsity=0.5, rounds=rounds)
-        methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
-                              log=lambda _: None,
+        methods.compute_masks(config, model, variables, jax.random.PRNGKey(1),
+                              data.get_info("digits"), log=lambda _: None,
                               stop_requested=lambda c=calls: c.append(1) or False)
         assert len(calls) == polls
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import grasp_jax as gj
-from grasp_jax import models
+from grasp_jax import data, models
 
 from experiments import config_schema, configs, methods, steps
 
@@ -24,8 +24,8 @@ def _masks(model_vars, **overrides):
                              **overrides)
     configs.validate(config)
     lines = []
-    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
-                                  log=lines.append)
+    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1),
+                                  data.get_info("digits"), log=lines.append)
     return config, masks, lines
 
 
