@@ -25,11 +25,11 @@ from grasp_jax import data, models
 from experiments import configs, data_scoring, jax_cache, steps
 
 
-def _scores(config, model, variables, key, image_shape):
+def _scores(config, info, model, variables, key):
     """The scores ``experiments.methods.compute_masks`` ranks for a one-shot method."""
     params = variables["params"]
     if config.method in ("grasp", "snip"):
-        batch = data_scoring.scoring_batch(config)
+        batch = data_scoring.scoring_batch(config, info)
         loss_fn = data_scoring.make_loss_fn(
             model, variables["batch_stats"], config.temperature, key
         )
@@ -91,12 +91,13 @@ def main(argv=None) -> list[dict]:
         )
         # One-shot criteria score once; the masks at every sparsity come from
         # the same scores (what experiments.run would compute at each one).
-        scores = _scores(config, model, variables, score_key, info.image_shape)
+        scores = _scores(config, info, model, variables, score_key)
         for sparsity in sparsities:
             masks = gj.masks_from_scores(scores, sparsity,
                                          direction=gj.criteria.PRUNE_DIRECTION[method])
             flow = data_scoring.gradient_flow_report(
                 config,
+                info,
                 model,
                 variables,
                 variables,

@@ -44,26 +44,26 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
 
     from experiments import (
         checkpointing,
-        configs,
+        config_schema,
         data_scoring,
         devices,
         jax_cache,
-        run,
+        run_config,
         steps,
     )
     lap("imports")
     jax_cache.enable(args.cache)
-    config = run.config_from_overrides(dict(
+    config = run_config.config_from_overrides(dict(
         dataset=args.dataset, arch=args.arch, method="grasp", sparsity=0.98, epochs=1,
         max_steps=1, data_dir=args.data_dir))
     lap("flag checks + dataset size")
-    info = configs.dataset_info(config)
+    info = config_schema.dataset_info(config)
     model = models.get_model(config.arch, info.num_classes)
     init_key, score_key, step_key = jax.random.split(jax.random.PRNGKey(0), 3)
     variables = steps.init_variables(model, init_key, info.image_shape)
     jax.block_until_ready(variables)
     lap("init")
-    batch = data_scoring.scoring_batch(config)
+    batch = data_scoring.scoring_batch(config, info)
     lap("scoring data")
     # What the grasp entry of the method registry builds, without fetching the batch again.
     loss_fn = data_scoring.make_loss_fn(model, variables["batch_stats"], config.temperature,
@@ -75,7 +75,7 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
     masks = jax.block_until_ready(gj.masks_from_scores(scores, config.sparsity,
                                                        criterion="grasp"))
     lap("scoring")
-    data_scoring.gradient_flow_report(config, model, variables, variables, masks,
+    data_scoring.gradient_flow_report(config, info, model, variables, variables, masks,
                                       jax.random.fold_in(score_key, 3), log=lambda _: None)
     lap("gradient flow")
     tx = steps.make_optimizer(config, masks)

@@ -1,10 +1,10 @@
-"""Command-line flags generated from dataclass fields declared with ``configs.setting``.
+"""Command-line flags generated from dataclass fields declared with ``config_schema.setting``.
 
 Each field becomes ``--<name>`` in the argument group its setting names, with
 its help, its choices and an argparse type that parses the text and applies
 the field's check, so a bad value is refused at parse time with a message that
 names it. Flags default to ``None``: "not given", so that presets can fill
-them. Bad command lines raise :class:`configs.UsageError` instead of exiting,
+them. Bad command lines raise :class:`config_schema.UsageError` instead of exiting,
 so callers (the runner, the sweep) decide what a refusal does.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from experiments.configs import UsageError
+from experiments.config_schema import UsageError, field_choices
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,11 +96,14 @@ def _flag_type(field: dataclasses.Field) -> Callable[[str], Any]:
 
 
 def add_fields(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.Field],
-               help_defaults: Optional[dict[str, Any]] = None) -> None:
+               help_defaults: Optional[dict[str, Any]] = None,
+               registered: Optional[Mapping[str, Sequence[str]]] = None) -> None:
     """One flag per field, in the field's group (groups created in first-seen order).
 
     ``help_defaults`` are values to show in the help text (a preset's, say)
-    without making them argparse defaults.
+    without making them argparse defaults. ``registered`` gives the choices of the
+    settings whose values a registry holds (``{"method": methods.names()}``; see
+    ``config_schema.field_choices``).
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields:
@@ -112,10 +115,11 @@ def add_fields(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.Fie
         if help_defaults and f.name in help_defaults:
             text += f" (default: {help_defaults[f.name]})"
         kwargs: dict[str, Any] = dict(default=None, help=text, dest=f.name)
+        choices = field_choices(f, registered)
         if _base_type(str(f.type)) == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]()
+        elif choices is not None:
+            kwargs["choices"] = choices
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
                 kwargs["help"] = text + "; one of: " + ", ".join(kwargs["choices"])

@@ -8,9 +8,11 @@ preset value in ``experiments.presets``).
 
 This module imports nothing of the runner: the scoring modules below the
 method registry read a Config, and the registry sits below the resolution and
-validation of one (``experiments.configs``). The choices that come from a
-registry are named here (:func:`registered`) and supplied by it
-(:data:`CHOICE_SOURCES`), read when a parser is built or a config validated.
+validation of one (``experiments.configs``). A setting whose values a registry
+holds (``--method``: the method registry's names) is marked ``registered`` here;
+the code that builds a parser or validates a config passes the registry's names
+in (:func:`field_choices`), so a name registered at run time (a plugin) is a
+choice from then on, and nothing here is written by the registry.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 ABLATIONS = ("none", "shuffle", "invert", "reinit")
 
@@ -44,7 +46,10 @@ class UsageError(ValueError):
 # Checks: each returns None for a good value, else what the value should be.
 
 
-def _number(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional[str]]:
+def number_check(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional[str]]:
+    """A check of a real number (not a bool) for which ``check`` holds; ``what`` names a
+    good value in the message, and in argparse's (the check's ``__name__``)."""
+
     def problem(value: Any) -> Optional[str]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and check(value)
         return None if ok else what
@@ -53,12 +58,12 @@ def _number(check: Callable[[Any], bool], what: str) -> Callable[[Any], Optional
     return problem
 
 
-positive_int = _number(lambda v: float(v).is_integer() and v >= 1, "a positive integer")
-nonnegative_int = _number(lambda v: float(v).is_integer() and v >= 0, "a non-negative integer")
-positive_float = _number(lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = _number(lambda v: 0 <= v < math.inf, "a non-negative number")
-fraction = _number(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-seed_value = _number(lambda v: float(v).is_integer() and 0 <= v <= MAX_SEED,
+positive_int = number_check(lambda v: float(v).is_integer() and v >= 1, "a positive integer")
+nonnegative_int = number_check(lambda v: float(v).is_integer() and v >= 0, "a non-negative integer")
+positive_float = number_check(lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = number_check(lambda v: 0 <= v < math.inf, "a non-negative number")
+fraction = number_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+seed_value = number_check(lambda v: float(v).is_integer() and 0 <= v <= MAX_SEED,
                      f"an integer in [0, {MAX_SEED}] (seeds map one-to-one onto 32-bit PRNG keys)")
 
 
@@ -92,38 +97,39 @@ def positive_floats(value: Any) -> Optional[str]:
 # Fields.
 
 
-# kind -> names: filled by the registry that owns the kind (``experiments.methods``
-# supplies "method"), so that the schema can offer its choices without importing it.
-CHOICE_SOURCES: dict[str, Callable[[], tuple[str, ...]]] = {}
-
-
-def registered(kind: str) -> Callable[[], tuple[str, ...]]:
-    """The ``choices`` of a setting whose values a registry holds: the names it has
-    supplied to :data:`CHOICE_SOURCES` when they are read."""
-
-    def names() -> tuple[str, ...]:
-        if kind not in CHOICE_SOURCES:
-            raise LookupError(f"no registry has supplied the {kind} choices: import the one "
-                              f"that owns them (experiments.configs imports them all)")
-        return CHOICE_SOURCES[kind]()
-
-    names.__name__ = f"registered_{kind}s"
-    return names
-
-
 def setting(default: Any, help: str, *, group: str, check: Optional[Callable] = None,
-            choices: Optional[Callable[[], tuple[str, ...]]] = None, run_control: bool = False,
-            metavar: Optional[str] = None) -> Any:
-    """A Config field with what the CLI and :func:`validate` need to know about it.
+            choices: Optional[Callable[[], tuple[str, ...]]] = None, registered: bool = False,
+            run_control: bool = False, metavar: Optional[str] = None) -> Any:
+    """A Config field with what the CLI and ``configs.validate`` need to know about it.
 
-    ``choices`` is a function (registries are read when the parser is built);
-    ``run_control`` marks settings that change where a run writes, how often it
-    reports or how far it goes, but not its trajectory: a saved run may resume
-    with other values of these.
+    ``choices`` is a function (the library's tables are read when the parser is
+    built); ``registered`` marks a setting whose values a registry above this
+    module holds: its choices are passed in by whoever builds a parser or validates
+    a config (:func:`field_choices`). ``run_control`` marks settings that change
+    where a run writes, how often it reports or how far it goes, but not its
+    trajectory: a saved run may resume with other values of these.
     """
-    meta = dict(help=help, group=group, check=check, choices=choices, run_control=run_control,
-                metavar=metavar)
+    meta = dict(help=help, group=group, check=check, choices=choices, registered=registered,
+                run_control=run_control, metavar=metavar)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def field_choices(field: dataclasses.Field,
+                  registered: Optional[Mapping[str, Sequence[str]]] = None
+                  ) -> Optional[tuple[str, ...]]:
+    """The values ``field`` may take, or None when its check alone decides.
+
+    A ``registered`` setting takes ``registered[field.name]`` (a registry's names,
+    passed in by the caller: ``{"method": methods.names()}``); a LookupError names
+    the setting when they are not given. Any other setting takes its own ``choices``.
+    """
+    meta = field.metadata
+    if meta.get("registered"):
+        if not registered or field.name not in registered:
+            raise LookupError(f"--{field.name} takes its choices from a registry: pass its "
+                              f"names as registered={{{field.name!r}: names}}")
+        return tuple(registered[field.name])
+    return meta["choices"]() if meta.get("choices") is not None else None
 
 
 def nm_pattern(value: Any) -> Optional[str]:
@@ -166,7 +172,7 @@ class Config:
         f"{d} {a}" for d, a in DEFAULT_ARCH.items()) + ")", group=WHAT, choices=_archs,
         metavar="ARCH")
     method: str = setting("grasp", "pruning criterion; 'dense' trains the unpruned network",
-                          group=WHAT, choices=registered("method"))
+                          group=WHAT, registered=True)  # experiments.methods' names
     sparsity: float = setting(0.9, "fraction of conv/dense weights to prune, in [0, 1) "
                               "(0 for dense)", group=WHAT, check=fraction)
     seed: int = setting(0, "seeds init, scoring data, data order, augmentation and dropout",

@@ -2,7 +2,7 @@
 
 The schema (every setting, its help, check and group) is
 ``experiments.config_schema``, which imports nothing of the runner; its names
-are also read from here. Presets are data (``experiments.presets``): rows
+are imported from there, not from here. Presets are data (``experiments.presets``): rows
 keyed by dataset, architecture family and method, each naming its source in
 the paper (Wang, Zhang & Grosse, ICLR 2020) or the authors' code
 (alecwangcq/GraSP). :func:`resolve` applies the matching rows in order, then
@@ -17,38 +17,14 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from experiments import methods
-
-# The schema, read through this module too (configs.Config, configs.setting, ...).
-from experiments.config_schema import ABLATIONS as ABLATIONS
-from experiments.config_schema import CHOICE_SOURCES as CHOICE_SOURCES
-from experiments.config_schema import COMPUTE_DTYPES as COMPUTE_DTYPES
-from experiments.config_schema import DEFAULT_ARCH as DEFAULT_ARCH
-from experiments.config_schema import MAX_SEED as MAX_SEED
-from experiments.config_schema import OPTIM as OPTIM
-from experiments.config_schema import PRUNE as PRUNE
-from experiments.config_schema import RUN_CONTROL_FIELDS as RUN_CONTROL_FIELDS
-from experiments.config_schema import RUNNING as RUNNING
-from experiments.config_schema import SCORE as SCORE
-from experiments.config_schema import WHAT as WHAT
-from experiments.config_schema import Config as Config
-from experiments.config_schema import UsageError as UsageError
-from experiments.config_schema import _number as _number  # experiments.run builds a check with it
-from experiments.config_schema import compute_dtype_value as compute_dtype_value
-from experiments.config_schema import dataset_info as dataset_info
-from experiments.config_schema import differences as differences
-from experiments.config_schema import flag_fields as flag_fields
-from experiments.config_schema import fraction as fraction
-from experiments.config_schema import lr_boundaries as lr_boundaries
-from experiments.config_schema import nm_pattern as nm_pattern
-from experiments.config_schema import nonempty_path as nonempty_path
-from experiments.config_schema import nonnegative_float as nonnegative_float
-from experiments.config_schema import nonnegative_int as nonnegative_int
-from experiments.config_schema import positive_float as positive_float
-from experiments.config_schema import positive_floats as positive_floats
-from experiments.config_schema import positive_int as positive_int
-from experiments.config_schema import registered as registered
-from experiments.config_schema import seed_value as seed_value
-from experiments.config_schema import setting as setting
+from experiments.config_schema import (
+    DEFAULT_ARCH,
+    Config,
+    UsageError,
+    field_choices,
+    flag_fields,
+    nm_pattern,
+)
 from experiments.presets import UnknownDataset, preset
 
 # --------------------------------------------------------------------------
@@ -107,14 +83,16 @@ def validate(config: Config) -> None:
     Every field's own check, then what fields say about each other. Checks that
     need the data or the devices are ``experiments.run_config.check_environment``'s.
     """
+    registered = {"method": methods.names()}
     for f in flag_fields():
         value, meta = getattr(config, f.name), f.metadata
         if value is None and f.default is None:
             continue
         if meta["check"] is not None and (problem := meta["check"](value)) is not None:
             raise UsageError(f"--{f.name} {value!r}: not {problem}")
-        if meta["choices"] is not None and value not in meta["choices"]():
-            raise UsageError(f"--{f.name} {value!r}: not one of {', '.join(meta['choices']())}")
+        choices = field_choices(f, registered)
+        if choices is not None and value not in choices:
+            raise UsageError(f"--{f.name} {value!r}: not one of {', '.join(choices)}")
     method = methods.get(config.method)
     check_method_settings(config.method, config.to_dict())
     if config.nm and (config.rounds != 1 or config.scope != "global"):

@@ -23,7 +23,7 @@ from grasp_jax import data, models
 from grasp_jax.prunable import named_leaves
 
 from experiments import distributed
-from experiments.config_schema import Config, dataset_info
+from experiments.config_schema import Config
 
 PyTree = Any
 ScoreFn = Callable[[PyTree], PyTree]
@@ -35,19 +35,24 @@ def never() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a score-function builder may use: the run's config, the network at
-    its initialization, a key for the criterion's own randomness, a logger, and
-    ``stop_requested()``, which long scoring polls between batches (on every
-    process at the same points: it may be a collective) to raise
-    ``signals.Stopped``."""
+    """What a score-function builder may use: the run's config and its dataset's info
+    (made once when the run starts), the network at its initialization, a key for the
+    criterion's own randomness, a logger, and ``stop_requested()``, which long scoring
+    polls between batches (on every process at the same points: it may be a
+    collective) to raise ``signals.Stopped``."""
 
     config: Config
+    info: data.DatasetInfo
     model: nn.Module
     variables: PyTree  # {"params": ..., "batch_stats": ...}
     key: jax.Array
-    image_shape: tuple[int, ...]
     log: Callable[[str], None] = print
     stop_requested: Callable[[], bool] = never
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image the network takes: (height, width, channels)."""
+        return tuple(self.info.image_shape)
 
     @property
     def params(self) -> PyTree:
@@ -61,18 +66,19 @@ class Context:
 SCORE_AXIS = "score"
 
 
-def scoring_batch(config: Config) -> dict[str, np.ndarray]:
+def scoring_batch(config: Config, info: data.DatasetInfo) -> dict[str, np.ndarray]:
     """The data the data-dependent criteria score with, concatenated.
 
     Class-balanced draws (CIFAR, Tiny-ImageNet, digits) are concatenated draw
     after draw, so that feeding the batch in ``2 * draws`` equal chunks gives
     the reference's two halves of every draw. Every process computes the same
     batch, hence the same masks. (With ``score_batches``, ImageNet, the
-    batches are streamed instead: ``experiments.streamed_scoring``.)
+    batches are streamed instead: ``experiments.streamed_scoring``.) ``info`` is
+    the config's dataset's.
     """
     parts = [
         data.scoring_batch(
-            dataset_info(config), samples_per_class=config.score_samples_per_class,
+            info, samples_per_class=config.score_samples_per_class,
             seed=config.seed, draw=d, data_dir=config.data_dir,
         )
         for d in range(config.score_draws)
@@ -229,7 +235,7 @@ def in_memory_scorer(ctx: Context, criterion: gj.criteria.Criterion) -> ScoreFn:
     """``params -> scores`` of a data-dependent core ``criterion`` on the class-balanced
     draws, all in host memory, in ``2 * draws`` equal chunks."""
     config = ctx.config
-    batch = scoring_batch(config)
+    batch = scoring_batch(config, ctx.info)
     k = config.num_score_microbatches
     ctx.log(f"scoring with {config.method} on {len(batch['label'])} training images in {k} "
             f"chunks (temperature {config.temperature:g}, BatchNorm {config.score_bn_mode} "
@@ -253,16 +259,16 @@ def in_memory_scorer(ctx: Context, criterion: gj.criteria.Criterion) -> ScoreFn:
 # Gradient flow before and after pruning.
 
 
-def diagnostics_batch(config: Config) -> dict[str, np.ndarray]:
+def diagnostics_batch(config: Config, info: data.DatasetInfo) -> dict[str, np.ndarray]:
     """One training batch that is not the scoring batch: another seed's first batch."""
     (batch,) = data.first_batches(
-        dataset_info(config), 1, config.batch_size, seed=config.seed + 7919,
+        info, 1, config.batch_size, seed=config.seed + 7919,
         data_dir=config.data_dir)
     return batch
 
 
-def gradient_flow_report(config: Config, model: nn.Module, dense: PyTree, pruned: PyTree,
-                         masks: PyTree, key: jax.Array,
+def gradient_flow_report(config: Config, info: data.DatasetInfo, model: nn.Module,
+                         dense: PyTree, pruned: PyTree, masks: PyTree, key: jax.Array,
                          log: Callable[[str], None] = print) -> dict[str, dict]:
     """Loss, ‖g‖² and gᵀHg at initialization, before and after pruning.
 
@@ -274,7 +280,7 @@ def gradient_flow_report(config: Config, model: nn.Module, dense: PyTree, pruned
     quantities GraSP's criterion is about, for any method. See
     :func:`grasp_jax.gradient_flow`.
     """
-    batch = diagnostics_batch(config)
+    batch = diagnostics_batch(config, info)
     # One loss function for both: in training mode BatchNorm normalizes with the
     # batch's own statistics and the running averages only flow out, so they do
     # not change the loss, and one jitted program serves before and after.

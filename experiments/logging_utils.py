@@ -5,10 +5,28 @@ once. A progress bar is shown when stdout is a terminal; otherwise (CI, a
 batch job, a pipe) plain lines are printed at the same moments, so logs stay
 readable.
 
-Why not ``clu.periodic_actions.ReportProgress``: it sends its rate and ETA to the
-work unit's notes (absl logging outside Google's platform) and returns neither, and
-its rate counts evaluation and checkpointing time, which the run clock
-(``experiments.clock.Chrono``) leaves out of the throughput and ETA shown here.
+Why none of clu's periodic actions (``clu.periodic_actions``, clu 0.0.12) drives this:
+
+* ``PeriodicCallback`` (and the ``PeriodicAction`` it is): the plain lines are not on a
+  clock. They are printed where the training loop has just fetched its window of metrics
+  from the devices (``train.Cadence.log``: every ``--log_every_steps``, at every
+  evaluation and checkpoint, and when a signal stops the run), and show those values.
+  An ``every_secs`` trigger would print at steps that depend on the wall clock (another
+  console, and either stale values or one more device fetch per line); its step trigger
+  is ``step % every_steps == 0`` or a fixed ``on_steps`` set, which cannot say that
+  orbax's save policy wants a checkpoint or that a signal arrived. ``Cadence`` is a
+  function of the step alone; the action would add state and decide nothing new.
+* ``ReportProgress``: its steps/s is steps over wall time since its last report, so it
+  counts evaluation, checkpointing and the first (compiling) step, which the run clock
+  (``experiments.clock.Chrono``) leaves out of the throughput and ETA shown here; two
+  rates would disagree. ``timed("eval")`` / ``timed("checkpoint")`` take nothing out of
+  that rate: they only add a percentage breakdown to the work unit's notes, which it
+  sends to absl's INFO log (dropped: absl logs WARNING and above outside ``absl.app``)
+  and returns neither rate nor ETA. With ``writer=`` it writes ``steps_per_sec`` and
+  ``uptime`` in two separate writes (two more metrics.jsonl records each time, on a
+  60 s clock by default), and its ``uptime`` restarts at every resume, while the run's
+  ``wall_time_s`` (results.json, every checkpoint) carries on. What it would add is
+  either already written (``train/images_per_sec``, ``wall_time_s``) or not the run's.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ import flax.linen as nn
 import jax
 
 import grasp_jax as gj
+from grasp_jax.data import DatasetInfo
 
-from experiments import ablations, config_schema, data_scoring, streamed_scoring
+from experiments import ablations, data_scoring, streamed_scoring
 from experiments.config_schema import Config
 from experiments.data_scoring import Context, never
 from experiments.signals import Stopped
@@ -165,18 +166,16 @@ register(Method("random", "random", "uniform noise",
                 lambda ctx: lambda p: gj.random_scores(p, ctx.key)))
 register(Method("dense", None, "no pruning"))
 
-# The config schema offers the registry's names as --method choices.
-config_schema.CHOICE_SOURCES["method"] = names
-
 
 # --------------------------------------------------------------------------
 # From a criterion to masks.
 
 
 def compute_masks(config: Config, model: nn.Module, variables: PyTree, key: jax.Array,
-                  image_shape: tuple[int, ...], log: Callable[[str], None] = print,
+                  info: DatasetInfo, log: Callable[[str], None] = print,
                   stop_requested: Callable[[], bool] = never) -> PyTree:
-    """Boolean keep-masks with the structure of ``variables['params']``.
+    """Boolean keep-masks with the structure of ``variables['params']``, for the network
+    ``model`` on the images of ``info`` (the config's dataset's info, made once per run).
 
     A method that prunes nothing keeps everything; the others prune
     ``config.sparsity`` of the conv/dense kernels in ``config.rounds`` rounds
@@ -191,8 +190,7 @@ def compute_masks(config: Config, model: nn.Module, variables: PyTree, key: jax.
     if not method.prunes:
         return jax.tree_util.tree_map(lambda p: jax.numpy.ones(p.shape, bool), params)
     start = time.time()
-    score_fn = method.score_fn(Context(config, model, variables, key, tuple(image_shape), log,
-                                       stop_requested))
+    score_fn = method.score_fn(Context(config, info, model, variables, key, log, stop_requested))
     every = max(1, config.rounds // 10)
 
     def progress(r: int, s: float, _masks: PyTree) -> None:

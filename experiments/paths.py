@@ -214,7 +214,7 @@ def remove_stale_temporaries(directory: str) -> list[str]:
     removed = []
     for name in os.listdir(directory):
         stem, sep, pid = name.rpartition(".tmp-")
-        if not sep or not stem or not pid.isdigit() or _process_alive(int(pid)):
+        if not sep or not stem or not pid.isdigit() or process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             os.remove(os.path.join(directory, name))
@@ -222,7 +222,13 @@ def remove_stale_temporaries(directory: str) -> list[str]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a lock's holder, a temporary's writer).
+
+    Signal 0 checks without signalling. PermissionError means the process exists but
+    belongs to another user: alive. A finished child not yet reaped is a zombie and
+    still counts as alive until its parent waits for it.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

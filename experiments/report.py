@@ -21,7 +21,7 @@ import grasp_jax as gj
 from grasp_jax.prunable import named_leaves
 
 from experiments import paths
-from experiments.configs import Config
+from experiments.config_schema import Config
 from experiments.outputs import pyplot, save_png, write_bytes_with, write_text
 
 PyTree = Any

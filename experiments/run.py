@@ -4,7 +4,7 @@
     python -m experiments.run --dataset cifar10 --arch vgg19 --method grasp --sparsity 0.98
     python -m experiments.run --arch resnet50 --dataset imagenet2012 --data_dir ~/tfds
 
-The flags are generated from the run config's fields (``experiments/configs.py``);
+The flags are generated from the run config's fields (``experiments/config_schema.py``);
 flags not given take the paper's preset for the dataset, architecture and
 method. Every value is checked before anything is written: a bad one ends the
 program with a message and exit status 2. Rerunning a command resumes its run
@@ -28,14 +28,14 @@ from typing import Optional, Sequence
 
 from experiments import cli
 from experiments import workdir as workdirs
-from experiments.configs import UsageError
+from experiments.config_schema import UsageError
 from experiments.run_config import (
     Invocation,
     _fields,
     build_parser,
+    checked_config,
     checked_workdir,
-    config_from_args,
-    config_from_overrides,
+    overrides_from_args,
 )
 
 DEMO_WORKDIR = os.path.join("runs", "demo")
@@ -53,13 +53,13 @@ def demo() -> int:
 
     rows = []
     for name, flags in DEMO_RUNS:
-        config = config_from_overrides(dict(dataset="digits", arch="lenet5", **flags))
+        config, info = checked_config(dict(dataset="digits", arch="lenet5", **flags))
         path = os.path.join(DEMO_WORKDIR, name)
         conflict = workdirs.conflict(path, config)
         if conflict:
             build_parser().refuse(f"{conflict}\nremove {DEMO_WORKDIR} to rerun the demo")
         log(f"\n=== demo: {name} ===")
-        status, results = session.run(config, path)
+        status, results = session.run(config, path, info)
         if status:
             return status
         rows.append(results)
@@ -143,13 +143,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if status:
             return status
         jax_cache.enable(invocation.compilation_cache)
-        config = config_from_args(parser, args)
+        config, info = checked_config(overrides_from_args(args))
         path = checked_workdir(invocation, config)
     except UsageError as e:
         parser.refuse(str(e))
     from experiments import session
 
-    status, _ = session.run(config, path, overwrite=invocation.overwrite,
+    status, _ = session.run(config, path, info, overwrite=invocation.overwrite,
                             allow_layer_collapse=invocation.allow_layer_collapse,
                             allow_topology_change=invocation.allow_topology_change)
     return status

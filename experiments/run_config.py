@@ -12,19 +12,22 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
-from experiments import cli, configs, paths
-from experiments import workdir as workdirs
-from experiments.configs import UsageError, setting
+from grasp_jax.data import DatasetInfo
 
-RUNNING, MULTIHOST = configs.RUNNING, "multi-host (docs/MULTIHOST.md)"
+from experiments import cli, config_schema, configs, methods, paths
+from experiments import workdir as workdirs
+from experiments.config_schema import UsageError, setting
+
+RUNNING, MULTIHOST = config_schema.RUNNING, "multi-host (docs/MULTIHOST.md)"
 
 # XLA:CPU sets its devices up in time that grows with the square of their number
 # (1,000 took 0.4 s and 4,000 took 4 s on the development machine; 100,000 grew
 # memory by ~70 MB/s for minutes without a word): more are refused before any is made.
 MAX_CPU_DEVICES = 1024
-cpu_device_count = configs._number(lambda v: float(v).is_integer() and 1 <= v <= MAX_CPU_DEVICES,
-                                   f"a device count in [1, {MAX_CPU_DEVICES}] (XLA:CPU sets up "
-                                   "devices in time that grows with the square of their number)")
+cpu_device_count = config_schema.number_check(
+    lambda v: float(v).is_integer() and 1 <= v <= MAX_CPU_DEVICES,
+    f"a device count in [1, {MAX_CPU_DEVICES}] (XLA:CPU sets up devices in time that grows "
+    "with the square of their number)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Invocation:
     workdir: Optional[str] = setting(
         None, "where checkpoints, logs and reports go (default: "
         "runs/<dataset>_<arch>_<method>_<sparsity>_seed<seed>)", group=RUNNING,
-        check=configs.nonempty_path)
+        check=config_schema.nonempty_path)
     overwrite: bool = setting(False, "discard the run already in --workdir (its checkpoints and "
                               "reports) and start over", group=RUNNING)
     allow_layer_collapse: bool = setting(
@@ -46,29 +49,29 @@ class Invocation:
     compilation_cache: Optional[str] = setting(
         None, "JAX's persistent compilation cache directory, so reruns, resumes and sweep cells "
         "skip compiling ('none' disables; default: $XDG_CACHE_HOME/grasp_jax/jax or "
-        "~/.cache/grasp_jax/jax)", group=RUNNING, check=configs.nonempty_path)
+        "~/.cache/grasp_jax/jax)", group=RUNNING, check=config_schema.nonempty_path)
 
     coordinator_address: Optional[str] = setting(
         None, "address of process 0, where the JAX coordinator listens. Without these flags, "
         "JAX's distributed runtime is joined only when the environment is a multi-process "
         "cluster JAX detects (Cloud TPU pod, SLURM, Open MPI)", group=MULTIHOST,
-        metavar="HOST:PORT", check=configs.nonempty_path)
+        metavar="HOST:PORT", check=config_schema.nonempty_path)
     join_cluster: bool = setting(
         False, "join through JAX's own cluster detection (jax.distributed.initialize() "
         "without arguments): needed on a Cloud TPU VM pod slice, whose layout comes from the "
         "metadata server; SLURM, Open MPI and TPU_WORKER_HOSTNAMES jobs of several processes "
         "are joined without it", group=MULTIHOST)
     num_processes: Optional[int] = setting(None, "number of processes in the run",
-                                           group=MULTIHOST, check=configs.positive_int)
+                                           group=MULTIHOST, check=config_schema.positive_int)
     process_id: Optional[int] = setting(None, "this process's index, in [0, --num_processes)",
-                                        group=MULTIHOST, check=configs.nonnegative_int)
+                                        group=MULTIHOST, check=config_schema.nonnegative_int)
     num_cpu_devices: Optional[int] = setting(
         None, "CPU devices per process (tests and demos of multi-device runs on CPU)",
         group=MULTIHOST, check=cpu_device_count)
     distributed_timeout: Optional[int] = setting(
         None, "seconds to wait for the coordinator at start-up (default 300); a process whose "
         "peer stops responding exits after a fifth of this (at least 10 s, at most 100 s)",
-        group=MULTIHOST, check=configs.positive_int)
+        group=MULTIHOST, check=config_schema.positive_int)
 
 
 def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
@@ -76,9 +79,12 @@ def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
 
 
 def build_parser() -> cli.Parser:
+    """The runner's parser; ``--method`` offers the method registry's names as they are now
+    (a plugin imported before this call adds its own)."""
+    method_names = methods.names()
     p = cli.Parser(
         prog="python -m experiments.run",
-        description="Prune a network at initialization (" + ", ".join(_method_names()) + "), "
+        description="Prune a network at initialization (" + ", ".join(method_names) + "), "
                     "train it data-parallel over all devices, checkpoint, resume, and report. "
                     "Without arguments: an offline demo (GraSP 90% vs dense on digits).",
         epilog="Unset flags take the paper's preset for the dataset/arch/method "
@@ -86,16 +92,11 @@ def build_parser() -> cli.Parser:
                "2 bad flags, conflicting or locked workdir, or collapsing masks, 128+signal "
                "when stopped by SIGTERM/SIGINT/SIGHUP after saving (rerun to resume).",
     )
-    cli.add_fields(p, configs.flag_fields(), help_defaults={"dataset": "cifar10",
-                                                            "method": "grasp"})
+    cli.add_fields(p, config_schema.flag_fields(), help_defaults={"dataset": "cifar10",
+                                                            "method": "grasp"},
+                   registered={"method": method_names})
     cli.add_fields(p, _fields(Invocation))
     return p
-
-
-def _method_names() -> list[str]:
-    from experiments import methods
-
-    return list(methods.names())
 
 
 # --------------------------------------------------------------------------
@@ -104,10 +105,10 @@ def _method_names() -> list[str]:
 
 def overrides_from_args(args: Any) -> dict[str, Any]:
     """The config fields the command line gave."""
-    return cli.given(args, configs.flag_fields())
+    return cli.given(args, config_schema.flag_fields())
 
 
-def config_from_args(parser: cli.Parser, args: Any) -> configs.Config:
+def config_from_args(parser: cli.Parser, args: Any) -> config_schema.Config:
     """Resolve the preset and check everything, the data and devices included;
     UsageError (through ``parser.error``) for any problem, before anything is written."""
     try:
@@ -116,14 +117,21 @@ def config_from_args(parser: cli.Parser, args: Any) -> configs.Config:
         parser.error(str(e))
 
 
-def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
+def config_from_overrides(overrides: dict[str, Any]) -> config_schema.Config:
     """The checked Config of these flag values (the sweep's cells are overrides too)."""
+    return checked_config(overrides)[0]
+
+
+def checked_config(overrides: dict[str, Any]) -> tuple[config_schema.Config, DatasetInfo]:
+    """The checked Config of these flag values, and its dataset's info: made once here,
+    for the checks, and handed down to the run (``session.run``) so that nothing after
+    computes it again."""
     from grasp_jax import data
 
     overrides = dict(overrides)
     dataset = overrides.pop("dataset", "cifar10")
     method = overrides.pop("method", "grasp")
-    arch = overrides.pop("arch", None) or configs.DEFAULT_ARCH[dataset]
+    arch = overrides.pop("arch", None) or config_schema.DEFAULT_ARCH[dataset]
     configs.check_method_settings(method, overrides)
     config = configs.resolve(dataset=dataset, arch=arch, method=method, steps_per_epoch=1,
                              **overrides)
@@ -132,7 +140,7 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
         data.device_batch_layout(config.batch_size)
     except ValueError as e:
         raise UsageError(f"--batch_size {config.batch_size}: {e}") from None
-    info = configs.dataset_info(config)  # once, for every check below
+    info = config_schema.dataset_info(config)  # once per run: every check below, then the run
     check_host_memory(config, info)
     check_environment(config, info)
     check_dataset_files(config, info)
@@ -141,10 +149,10 @@ def config_from_overrides(overrides: dict[str, Any]) -> configs.Config:
                                      data_dir=config.data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--dataset {dataset}: {e}") from None
-    return dataclasses.replace(config, steps_per_epoch=steps)
+    return dataclasses.replace(config, steps_per_epoch=steps), info
 
 
-def parse_config(argv: Sequence[str]) -> configs.Config:
+def parse_config(argv: Sequence[str]) -> config_schema.Config:
     """The checked Config of a runner command line; UsageError for any bad flag."""
     return config_from_overrides(overrides_from_args(build_parser().parse_args(list(argv))))
 
@@ -154,13 +162,13 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_host_memory(config: configs.Config, info: Any = None) -> None:
+def check_host_memory(config: config_schema.Config, info: Any = None) -> None:
     """UsageError naming the flag unless each batch this process holds, as float32
     images alone, fits in this host's memory. A lower bound of what a step needs,
     so nothing that could run is refused, and nothing is allocated to find out."""
     import jax
 
-    info = configs.dataset_info(config) if info is None else info
+    info = config_schema.dataset_info(config) if info is None else info
     image_bytes = math.prod(info.image_shape) * 4
     processes = jax.process_count()
     batches = [("--batch_size", config.batch_size, -(-config.batch_size // processes))]
@@ -179,7 +187,7 @@ def check_host_memory(config: configs.Config, info: Any = None) -> None:
                 f"GiB, more than this host's {limit / 2**30:,.1f} GiB of memory")
 
 
-def check_dataset_files(config: configs.Config, info: Any = None) -> None:
+def check_dataset_files(config: config_schema.Config, info: Any = None) -> None:
     """UsageError naming the file unless the dataset's info and split files are whole.
 
     Both splits' files are checked for presence and size; splits a run decodes into
@@ -189,14 +197,14 @@ def check_dataset_files(config: configs.Config, info: Any = None) -> None:
     """
     from grasp_jax.data import integrity
 
-    info = configs.dataset_info(config) if info is None else info
+    info = config_schema.dataset_info(config) if info is None else info
     try:
         integrity.check_dataset(info, config.data_dir, records=info.cache_decoded)
     except integrity.DatasetDamaged as e:
         raise UsageError(f"--dataset {config.dataset}: {e}") from None
 
 
-def check_environment(config: configs.Config, info: Any = None) -> None:
+def check_environment(config: config_schema.Config, info: Any = None) -> None:
     """UsageError unless the network takes the dataset's images and the sparsity
     leaves some weight. Shapes only: one ``jax.eval_shape`` of the network's init,
     read by both checks."""
@@ -204,7 +212,7 @@ def check_environment(config: configs.Config, info: Any = None) -> None:
 
     import grasp_jax as gj
 
-    info = configs.dataset_info(config) if info is None else info
+    info = config_schema.dataset_info(config) if info is None else info
     outputs, problem = abstract_init(config.arch, info)
     problem = problem or input_problem(info, *outputs)
     if problem:
@@ -257,7 +265,7 @@ def input_problem(info: Any, logits: Any, variables: Any) -> Optional[str]:
     return None
 
 
-def checked_workdir(invocation: Invocation, config: configs.Config) -> str:
+def checked_workdir(invocation: Invocation, config: config_schema.Config) -> str:
     """The workdir, refused (UsageError) when unusable or holding another run."""
     path = invocation.workdir if invocation.workdir is not None else \
         workdirs.default_workdir(config)

@@ -23,8 +23,11 @@ from typing import Optional
 
 import numpy as np
 
-from experiments import checkpointing, configs, distributed, faults, paths, train
+from grasp_jax.data import DatasetInfo
+
+from experiments import checkpointing, distributed, faults, paths, train
 from experiments import workdir as workdirs
+from experiments.config_schema import Config
 from experiments.logging_utils import log
 from experiments.signals import Stopped, StopSignals
 from experiments.steps import SparsityDriftError
@@ -71,10 +74,11 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
+def run(config: Config, workdir: str, info: DatasetInfo, *, overwrite: bool = False,
         allow_layer_collapse: bool = False,
         allow_topology_change: bool = False) -> tuple[int, dict]:
-    """Train ``config`` in ``workdir``; (exit status, results)."""
+    """Train ``config`` in ``workdir``; (exit status, results). ``info`` is the config's
+    dataset's, made once for the checks of its flags (``run_config.checked_config``)."""
     import jax
 
     main = jax.process_index() == 0
@@ -105,7 +109,7 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
         log(f"workdir {paths.absolute(workdir)}")
         log("config " + json.dumps(config.to_dict(), sort_keys=True))
         with StopSignals() as signals, faults.library_reports_to_log(workdir):
-            results = train.train_and_evaluate(config, workdir, allow_layer_collapse, signals,
+            results = train.train_and_evaluate(config, workdir, info, allow_layer_collapse, signals,
                                                *([True] if allow_topology_change else []))
     except Stopped as e:
         log(f"{signals.name} while pruning ({e}): nothing is saved before the first step; "
@@ -130,8 +134,7 @@ def run(config: configs.Config, workdir: str, *, overwrite: bool = False,
         from grasp_jax.data import integrity
 
         if integrity.is_data_loss(e):
-            _error(integrity.damaged_record_message(e, configs.dataset_info(config),
-                                                    config.data_dir), e, workdir)
+            _error(integrity.damaged_record_message(e, info, config.data_dir), e, workdir)
         else:
             _unexpected(e, workdir)
         return FAILED, {}

@@ -48,8 +48,8 @@ from grasp_jax import models
 from grasp_jax.data.on_device import normalize_pixels
 from grasp_jax.prunable import named_leaves
 
-from experiments import configs, distributed
-from experiments.configs import Config
+from experiments import config_schema, distributed
+from experiments.config_schema import Config
 
 PyTree = Any
 PixelStats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
@@ -75,7 +75,7 @@ class TrainState:
 
 def learning_rate_schedule(config: Config) -> optax.Schedule:
     """lr, multiplied by ``lr_decay_factor`` from the first step of each decay epoch."""
-    return optax.piecewise_constant_schedule(config.lr, configs.lr_boundaries(config))
+    return optax.piecewise_constant_schedule(config.lr, config_schema.lr_boundaries(config))
 
 
 def make_optimizer(config: Config, masks: PyTree) -> optax.GradientTransformation:

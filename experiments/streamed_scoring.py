@@ -31,7 +31,6 @@ import grasp_jax as gj
 from grasp_jax import data
 
 from experiments import distributed
-from experiments.config_schema import dataset_info
 from experiments.data_scoring import SCORE_AXIS, Context, deal_chunks, make_loss_fn, reinit_note
 from experiments.outputs import format_duration
 from experiments.signals import Stopped
@@ -60,7 +59,7 @@ def streamed_scorer(ctx: Context, criterion: gj.criteria.Criterion) -> Callable[
     ``score_batches`` training batches, in chunks of ``score_chunk_size``: one pass (g)
     when it needs the gradient, two (g, then Hg) when it needs the Hessian-vector product."""
     config = ctx.config
-    stream = data.scoring_stream(dataset_info(config), config.score_batches,
+    stream = data.scoring_stream(ctx.info, config.score_batches,
                                  config.score_batch_size, seed=config.seed,
                                  data_dir=config.data_dir)
     sizes = chunk_sizes(config.score_batch_size, config.score_chunk_size)

@@ -1,6 +1,6 @@
 """The flow of one run: prune at initialization (or restore), then train data-parallel.
 
-``train_and_evaluate(config, workdir)`` initializes the network with the
+``train_and_evaluate(config, workdir, info)`` initializes the network with the
 paper's init, scores and prunes it (or restores the newest intact
 checkpoint), then trains with ``jax.pmap`` over the local devices
 (``experiments.steps``), evaluating every epoch and checkpointing with orbax.
@@ -18,10 +18,13 @@ accuracy).
 
 The flow of one run, each step in its module:
 
+0. ``run.main``: the flags checked into a config (``run_config.checked_config``),
+   with the dataset's info, made once there for the checks and passed down from
+   there to every step below that reads the data.
 1. ``session.run``: the workdir's lock, the config saved, the exit status.
-2. ``train_and_evaluate`` (here): the dataset's info, the networks
-   (``grasp_jax.models``), the checkpointer (``checkpointing``) and the metric
-   writers (``metrics``), each made once and passed down.
+2. ``train_and_evaluate`` (here): the networks (``grasp_jax.models``), the
+   checkpointer (``checkpointing``) and the metric writers (``metrics``), each
+   made once and passed down.
 3. ``init_or_restore``: the newest intact checkpoint (``checkpointing``), or
    a fresh network (``steps.init_variables``) pruned by the method
    (``methods.compute_masks``, polling for a stop), its gradient-flow report
@@ -51,7 +54,6 @@ from grasp_jax import data, models
 from experiments import (
     ablations,
     checkpointing,
-    configs,
     data_scoring,
     devices,
     distributed,
@@ -61,7 +63,7 @@ from experiments import (
     steps,
 )
 from experiments.clock import Chrono
-from experiments.configs import Config
+from experiments.config_schema import Config
 from experiments.logging_utils import Progress, is_main_process, log
 from experiments.metrics import MetricsWindow, MetricWriter
 from experiments.outputs import format_duration, format_rate
@@ -185,14 +187,15 @@ class Start:
 # Start: a fresh, pruned state or the newest checkpoint that restores.
 
 
-def init_or_restore(config: Config, model, image_shape: tuple[int, ...],
+def init_or_restore(config: Config, model, info: data.DatasetInfo,
                     ckpt: checkpointing.Checkpointer, allow_layer_collapse: bool = False,
                     signals: Optional[StopSignals] = None,
                     allow_topology_change: bool = False) -> Start:
     """Restored, else initialized and pruned; the optimizer is made here, once, for the
-    masks the run trains with.
+    masks the run trains with. ``info`` is the config's dataset's.
 
     A stop signal during long pruning raises ``signals.Stopped`` (nothing is saved yet)."""
+    image_shape = info.image_shape
     init_key, score_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     variables = steps.init_variables(model, init_key, image_shape)
     # Shapes only: the optimizer's state has the same structure whatever the masks hold.
@@ -211,7 +214,7 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...],
     # Pruning that polls says, from its first poll, that a signal stops it there; the rest
     # runs to its end and the first step saves.
     with signals.polled(PRUNING_STOP, agree=distributed.any_process) as stop_requested:
-        masks = methods.compute_masks(config, model, variables, score_key, image_shape, log=log,
+        masks = methods.compute_masks(config, model, variables, score_key, info, log=log,
                                       stop_requested=stop_requested)
     check_layer_collapse(config, masks, allow_layer_collapse)
     dense = variables
@@ -220,7 +223,7 @@ def init_or_restore(config: Config, model, image_shape: tuple[int, ...],
         lambda: steps.init_variables(model, jax.random.fold_in(init_key, 1), image_shape), log)
     flow = None
     if config.gradient_flow:
-        flow = data_scoring.gradient_flow_report(config, model, dense, variables, masks,
+        flow = data_scoring.gradient_flow_report(config, info, model, dense, variables, masks,
                                                  jax.random.fold_in(score_key, 3), log=log)
     tx = steps.make_optimizer(config, masks)
     return Start(steps.create_state(variables, masks, tx, step_key), tx,
@@ -272,17 +275,18 @@ class Outcome:
     final: Optional[dict] = None  # host copies of the trained params and the masks
 
 
-def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool = False,
+def train_and_evaluate(config: Config, workdir: str, info: data.DatasetInfo,
+                       allow_layer_collapse: bool = False,
                        signals: Optional[StopSignals] = None,
                        allow_topology_change: bool = False) -> dict:
     """Prune, train and evaluate; resume from ``workdir``'s newest intact checkpoint.
+    ``info`` is the config's dataset's (``run_config.checked_config`` makes it).
 
     Returns the results dict (also written to ``results.json`` unless stopped
     by a signal). Raises LayerCollapseError (masks empty a layer), SparsityDriftError
     (a pruned weight moved), NoUsableCheckpoint (none restores).
     """
     started = time.time()
-    info = configs.dataset_info(config)
     # Initialization, scoring and the gradient-flow report use the float32 network whatever
     # --compute_dtype says: scores rank weights against each other, and bfloat16's 8-bit
     # mantissa would reorder close ones. Only the train and eval steps compute in that dtype.
@@ -295,7 +299,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     writer = MetricWriter(workdir)
     signals = signals or StopSignals()
     try:
-        start = init_or_restore(config, model, info.image_shape, ckpt, allow_layer_collapse,
+        start = init_or_restore(config, model, info, ckpt, allow_layer_collapse,
                                 signals, allow_topology_change)
         writer.truncate_after(start.step)
         agreed = distributed.check_masks_agree(start.state.masks)  # every process, one network
@@ -314,7 +318,7 @@ def train_and_evaluate(config: Config, workdir: str, allow_layer_collapse: bool 
     return finish(config, workdir, outcome, chrono, sparsity, ckpt)
 
 
-def train_loop(config: Config, info: Any, model, start: Start, chrono: Chrono,
+def train_loop(config: Config, info: data.DatasetInfo, model, start: Start, chrono: Chrono,
                ckpt: checkpointing.Checkpointer, writer: MetricWriter,
                signals: StopSignals) -> Outcome:
     """Train from ``start.step`` to ``config.num_steps``, evaluating and saving on ``Cadence``."""

@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Optional
 
-from experiments import checkpoint_staging, configs, paths
+from experiments import checkpoint_staging, config_schema, paths
 from experiments.outputs import write_text
 
 # The files a run owns in its workdir; --overwrite removes these and nothing else.
@@ -38,7 +38,7 @@ LOCK_FILE = "run.lock"
 UNREADABLE_LOCK_STALE_S = 10.0
 
 
-def default_workdir(config: configs.Config) -> str:
+def default_workdir(config: config_schema.Config) -> str:
     name = f"{config.dataset}_{config.arch}_{config.method}"
     if config.sparsity or config.method != "dense":
         name += f"_{config.sparsity:g}"
@@ -88,11 +88,11 @@ def checkpoint_mirror_problem(url: str) -> Optional[str]:
     return None
 
 
-def conflict(workdir: str, config: configs.Config) -> Optional[str]:
+def conflict(workdir: str, config: config_schema.Config) -> Optional[str]:
     """Why ``workdir`` cannot host ``config`` (None if it can: new, empty or the same run).
 
     Runs are the same when their resolved configs agree on every field except
-    the run-control ones (``configs.RUN_CONTROL_FIELDS``), which do not change
+    the run-control ones (``config_schema.RUN_CONTROL_FIELDS``), which do not change
     the training trajectory.
     """
     path = paths.join(workdir, "config.json")
@@ -107,10 +107,10 @@ def conflict(workdir: str, config: configs.Config) -> Optional[str]:
             raw = json.loads(paths.read_text(path))
             if not isinstance(raw, dict):
                 raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
-            saved = configs.Config.from_dict(raw)
+            saved = config_schema.Config.from_dict(raw)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             return f"{path} cannot be read ({e})"
-        diff = configs.differences(saved, config)
+        diff = config_schema.differences(saved, config)
         if diff:
             lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, a, b in diff)
             return f"{workdir} holds a run with a different configuration:\n{lines}"
@@ -184,7 +184,7 @@ def clear_run(workdir: str) -> None:
         paths.remove_tree(paths.join(workdir, name))
 
 
-def prepare(workdir: str, config: configs.Config, overwrite: bool) -> None:
+def prepare(workdir: str, config: config_schema.Config, overwrite: bool) -> None:
     """Clear the old run if asked, then save the config (process 0 only)."""
     if overwrite:
         clear_run(workdir)
@@ -194,16 +194,6 @@ def prepare(workdir: str, config: configs.Config, overwrite: bool) -> None:
 
 class LockHeld(RuntimeError):
     """Another live run holds the workdir."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class Lock:
@@ -264,7 +254,7 @@ class Lock:
     def _stale(self, holder: dict) -> bool:
         same_host = holder.get("host") == socket.gethostname()
         pid = holder.get("pid")
-        return same_host and isinstance(pid, int) and not _alive(pid)
+        return same_host and isinstance(pid, int) and not paths.process_alive(pid)
 
     def _describe(self, holder: dict) -> str:
         if not holder:

@@ -27,19 +27,19 @@ class SweepUsageError(ValueError):
 
 def registry_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the runner's method names, its ablation names, "none" among them)."""
-    from experiments import configs, methods
+    from experiments import config_schema, methods
 
-    return methods.names(), tuple(configs.ABLATIONS)
+    return methods.names(), tuple(config_schema.ABLATIONS)
 
 
 def parse_cell_config(argv: Sequence[str]) -> Any:
-    """The runner's ``experiments.configs.Config`` for one cell's argv, with every check the
+    """The runner's ``experiments.config_schema.Config`` for one cell's argv, with every check the
     runner makes before writing; ``SweepUsageError`` naming the problem otherwise."""
-    from experiments import configs, run_config
+    from experiments import config_schema, run_config
 
     try:
         return run_config.parse_config(list(argv))
-    except configs.UsageError as e:
+    except config_schema.UsageError as e:
         raise SweepUsageError(f"flags forwarded to experiments.run: {e}") from None
 
 

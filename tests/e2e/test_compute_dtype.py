@@ -19,7 +19,7 @@ from flax import jax_utils
 import grasp_jax as gj
 from grasp_jax import models
 
-from experiments import checkpointing, configs, run, run_config, steps
+from experiments import checkpointing, config_schema, configs, run, run_config, steps
 from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
 from tests.helpers.runs import assert_refused, run_cli
 
@@ -51,12 +51,12 @@ def test_a_saved_config_records_the_compute_dtype_and_old_ones_read_as_float32()
     assert run_config.parse_config(["--dataset", "digits"]).compute_dtype == "float32"
     # A workdir written before the setting existed holds the paper's float32 run.
     old = {k: v for k, v in config.to_dict().items() if k != "compute_dtype"}
-    assert configs.Config.from_dict(old).compute_dtype == "float32"
+    assert config_schema.Config.from_dict(old).compute_dtype == "float32"
     # Resuming a run in the other dtype would change its trajectory: it is a difference.
-    assert ("compute_dtype", "float32", "bfloat16") in configs.differences(
-        configs.Config.from_dict(old), config)
-    with pytest.raises(configs.UsageError, match="loss scaling"):
-        configs.validate(configs.Config.from_dict({**old, "compute_dtype": "float16"}))
+    assert ("compute_dtype", "float32", "bfloat16") in config_schema.differences(
+        config_schema.Config.from_dict(old), config)
+    with pytest.raises(config_schema.UsageError, match="loss scaling"):
+        configs.validate(config_schema.Config.from_dict({**old, "compute_dtype": "float16"}))
 
 
 # --------------------------------------------------------------------------

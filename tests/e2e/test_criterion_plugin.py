@@ -98,9 +98,9 @@ def test_a_plugin_criterion_streams_on_one_and_four_devices_as_scored_directly(t
         import toy_plugin  # noqa: F401  (registers toy_flow here too)
     finally:
         sys.path.remove(str(tmp_path))
-    from experiments import configs
+    from experiments import config_schema
 
-    config = configs.Config.from_dict(config_dict)
+    config = config_schema.Config.from_dict(config_dict)
     scores, want = _direct_masks(config)
     assert sum(float(jnp.sum(jnp.abs(s))) for s in jax.tree_util.tree_leaves(scores)) > 0
     for devices, got in runs.items():

@@ -26,7 +26,7 @@ import grasp_jax as gj
 from grasp_jax import models
 from grasp_jax.models import conv as conv_lib
 
-from experiments import configs, steps
+from experiments import config_schema, configs, steps
 from experiments.data_scoring import make_loss_fn
 from experiments.streamed_scoring import accumulation_step
 from tests.helpers.lowering import (
@@ -198,7 +198,7 @@ def _runner_steps(arch: str, dataset: str, per_device: int):
     """The train and eval steps as the runner builds them (``steps.make_*_step``, pmapped),
     each under ``jax.jit``, with abstract one-device inputs."""
     config = configs.resolve(dataset=dataset, arch=arch, method="grasp", steps_per_epoch=10)
-    info = configs.dataset_info(config)
+    info = config_schema.dataset_info(config)
     image = tuple(info.image_shape)
     model = models.get_model(arch, info.num_classes)
     variables = jax.eval_shape(lambda: steps.init_variables(model, jax.random.PRNGKey(0), image))

@@ -13,7 +13,7 @@ import chex
 import numpy as np
 import pytest
 
-from experiments import checkpointing, configs, run, run_config
+from experiments import checkpointing, config_schema, run, run_config
 from experiments import workdir as workdirs
 from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
 from tests.helpers.runs import (
@@ -59,7 +59,7 @@ def test_cifar10_end_to_end_writes_every_output(tmp_path):
     assert results["train_images_per_sec"] > 0 and results["wall_time_s"] > 0
 
     saved = json.loads((workdir / "config.json").read_text())
-    assert configs.Config.from_dict(saved).sparsity == 0.95
+    assert config_schema.Config.from_dict(saved).sparsity == 0.95
     assert (workdir / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **all prunable** |" in (workdir / "sparsity.md").read_text()
     metrics = read_metrics(workdir)
@@ -80,6 +80,55 @@ def test_a_one_step_run_reports_no_throughput_rather_than_nan(tmp_path):
     assert "nan" not in r.stdout.lower(), r.stdout
     assert json.loads((tmp_path / "one" / "results.json").read_text())[
         "train_images_per_sec"] is None
+
+
+@pytest.fixture
+def dataset_info_calls(monkeypatch):
+    """The config of every call of ``config_schema.dataset_info`` from now on, through any
+    runner module that holds the function."""
+    import sys
+
+    real, calls = config_schema.dataset_info, []
+
+    def counted(config):
+        calls.append(config)
+        return real(config)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "experiments" and getattr(module, "dataset_info", None) is real:
+            monkeypatch.setattr(module, "dataset_info", counted)
+    return calls
+
+
+@pytest.mark.parametrize("scoring", [
+    ["--method", "grasp"],  # in memory, on the re-drawn copy, with the gradient-flow report
+    ["--method", "snip", "--score_batches", "2", "--score_batch_size", "16"],  # streamed
+])
+def test_one_run_computes_its_dataset_info_once(tmp_path, dataset_info_calls, scoring):
+    r = run_in_process(DIGITS + scoring + ["--max_steps", "1", "--workdir", str(tmp_path / "w")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "scoring with" in r.stdout and "gradient flow after pruning" in r.stdout
+    assert len(dataset_info_calls) == 1, [c.dataset for c in dataset_info_calls]
+
+
+def test_a_damaged_record_is_named_from_the_runs_own_dataset_info(tmp_path, monkeypatch,
+                                                                   dataset_info_calls):
+    import tensorflow as tf
+
+    from grasp_jax.data import integrity
+
+    from experiments import train
+
+    def damaged(config, workdir, info, *args):
+        raise tf.errors.DataLossError(None, None, "corrupted record at 12")
+
+    named = []  # digits has no record files to name: what the message is made from is enough
+    monkeypatch.setattr(train, "train_and_evaluate", damaged)
+    monkeypatch.setattr(integrity, "damaged_record_message",
+                        lambda e, info, data_dir: named.append(info) or f"{info.name}: damaged")
+    r = run_in_process(DIGITS + ["--workdir", str(tmp_path / "w")])
+    assert r.returncode == 1 and "error: digits: damaged" in r.stderr, r.stderr
+    assert [info.name for info in named] == ["digits"] and len(dataset_info_calls) == 1
 
 
 @pytest.mark.slow

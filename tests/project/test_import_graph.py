@@ -143,3 +143,59 @@ def test_the_core_imports_nothing_of_models_data_or_the_runner(forbidden):
            for m in core}
     bad = {m: ts for m, ts in bad.items() if ts}
     assert not bad, f"the core imports {forbidden}: {bad}"
+
+
+def _defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments), and
+    the modules it imports whole (``import jax``: a test may patch ``steps.jax``), not the
+    names it imports from other modules."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def runner_names_read_from_elsewhere() -> list[str]:
+    """``file:line module.name`` for every runner name read from a module that does not
+    define it (a re-export), by ``from experiments.m import name`` or ``m.name`` after
+    ``from experiments import m``, anywhere in the project's Python files."""
+    runner = {m: p for m, p in project_modules().items()
+              if m.startswith("experiments.") and p.name != "__init__.py"}
+    defined = {m: _defined_names(p) for m, p in runner.items()}
+    out = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if ".venv" in path.parts or not {"experiments", "benchmarks", "examples", "tests"} & {
+                path.relative_to(ROOT).parts[0]}:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        aliases: dict[str, str] = {}  # local name -> runner module
+        reads: list[tuple[int, str, str]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    if sub in runner:
+                        aliases[alias.asname or alias.name] = sub
+                    elif node.module in runner:
+                        reads.append((node.lineno, node.module, alias.name))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases):
+                reads.append((node.lineno, aliases[node.value.id], node.attr))
+        where = path.relative_to(ROOT)
+        out += [f"{where}:{line} {module}.{name}" for line, module, name in reads
+                if name not in defined[module] and not hasattr(__builtins__, name)]
+    return out
+
+
+def test_every_runner_name_is_read_from_the_module_that_defines_it():
+    # The runner is no public API: a name has one home, and importers name it.
+    found = runner_names_read_from_elsewhere()
+    assert not found, "read from a module that only imports them:\n" + "\n".join(found)

@@ -41,3 +41,17 @@ def test_the_core_jax_floor_is_the_installed_jax(setup_cfg):
     (req,) = [r for r in _requirements(setup_cfg["options"]["install_requires"])
               if r.name == "jax"]
     assert str(req.specifier) == f">={metadata.version('jax')}", str(req)
+
+
+@pytest.mark.parametrize("name", ["boto3", "botocore"])
+def test_the_test_extra_holds_boto_to_the_installed_aiobotocores_range(setup_cfg, name):
+    # Each boto3 release needs its own botocore patch or newer, and aiobotocore (under s3fs)
+    # takes a few botocore patches only: open ranges send pip through every newer boto3.
+    (req,) = [r for r in _requirements(setup_cfg["options.extras_require"]["test"])
+              if r.name == name]
+    (wanted,) = [Requirement(r).specifier for r in metadata.requires("aiobotocore")
+                 if Requirement(r).name == "botocore"]
+    assert req.specifier == wanted, (
+        f"setup.cfg's [test] extra says {req}, but the installed aiobotocore "
+        f"{metadata.version('aiobotocore')} takes botocore{wanted}")
+    assert metadata.version(name) in req.specifier

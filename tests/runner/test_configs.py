@@ -12,7 +12,7 @@ from flax import jax_utils
 
 import grasp_jax as gj
 
-from experiments import configs, steps
+from experiments import config_schema, configs, steps
 
 
 def _resolve(dataset, arch, method="grasp", steps_per_epoch=100, **kw):
@@ -60,8 +60,9 @@ def test_short_schedules_decay_at_half_and_three_quarters_not_at_step_zero():
     # int(epochs * 0.5) would be 0 for one epoch: lr/100 from the first step.
     c = _resolve("cifar10", "vgg19", epochs=1)
     assert c.lr_decay_epochs == (0.5, 0.75)
-    assert configs.lr_boundaries(c) == {50: 0.1, 75: 0.1}  # 100 steps per epoch
-    assert configs.lr_boundaries(_resolve("cifar10", "vgg19", epochs=2)) == {100: 0.1, 150: 0.1}
+    assert config_schema.lr_boundaries(c) == {50: 0.1, 75: 0.1}  # 100 steps per epoch
+    two_epochs = _resolve("cifar10", "vgg19", epochs=2)
+    assert config_schema.lr_boundaries(two_epochs) == {100: 0.1, 150: 0.1}
     syn = _resolve("cifar10", "vgg19", method="synflow")
     assert (syn.rounds, syn.temperature) == (100, 1.0)
     assert _resolve("cifar10", "vgg19", method="dense", sparsity=0.5).sparsity == 0.0
@@ -69,12 +70,12 @@ def test_short_schedules_decay_at_half_and_three_quarters_not_at_step_zero():
 
 def test_config_roundtrip_and_differences():
     c = _resolve("digits", None, max_steps=5)
-    assert configs.Config.from_dict(c.to_dict()) == c
+    assert config_schema.Config.from_dict(c.to_dict()) == c
     # Run-control fields do not make a different run; anything else does.
     same = _resolve("digits", None, max_steps=500, checkpoint_every_steps=3, data_dir="/x")
-    assert configs.differences(c, same) == []
+    assert config_schema.differences(c, same) == []
     other = _resolve("digits", None, sparsity=0.5)
-    assert [d[0] for d in configs.differences(c, other)] == ["sparsity"]
+    assert [d[0] for d in config_schema.differences(c, other)] == ["sparsity"]
 
 
 def test_lr_schedule_decays_from_the_first_step_of_the_decay_epoch():
@@ -160,7 +161,7 @@ def test_evaluation_waits_for_each_step_before_the_next(monkeypatch):
 def test_pruning_polls_for_a_stop_only_where_it_loops():
     import jax
 
-    from grasp_jax import models
+    from grasp_jax import data, models
 
     from experiments import methods, steps
 
@@ -169,8 +170,8 @@ def test_pruning_polls_for_a_stop_only_where_it_loops():
     for rounds, polls in ((1, 0), (3, 2)):  # between rounds, never after the last one
         calls = []
         config = _resolve("digits", "lenet5", method="magnitude", sparsity=0.5, rounds=rounds)
-        methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
-                              log=lambda _: None,
+        methods.compute_masks(config, model, variables, jax.random.PRNGKey(1),
+                              data.get_info("digits"), log=lambda _: None,
                               stop_requested=lambda c=calls: c.append(1) or False)
         assert len(calls) == polls
 

@@ -81,6 +81,44 @@ def test_the_cli_choices_and_presets_come_from_the_registry():
     assert "| `grasp` |" in methods.markdown_table()
 
 
+def test_the_schema_takes_the_method_choices_from_its_caller():
+    import argparse
+    import dataclasses
+
+    from experiments import cli, config_schema
+
+    (method,) = [f for f in config_schema.flag_fields() if f.name == "method"]
+    assert config_schema.field_choices(method, {"method": ("a", "b")}) == ("a", "b")
+    with pytest.raises(LookupError, match="--method takes its choices from a registry"):
+        config_schema.field_choices(method)
+    parser = argparse.ArgumentParser()
+    cli.add_fields(parser, config_schema.flag_fields(), registered={"method": ("a", "b")})
+    assert parser.parse_args(["--method", "b"]).method == "b"
+    (scope,) = [f for f in dataclasses.fields(config_schema.Config) if f.name == "scope"]
+    assert config_schema.field_choices(scope) == gj.budgets.SCOPES  # its own, not the caller's
+
+
+def test_a_method_registered_after_import_is_a_choice_of_the_next_parser(monkeypatch):
+    from experiments import configs, run_config
+    from experiments.config_schema import UsageError
+
+    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
+    before = run_config.build_parser()
+    methods.register(methods.Method("magnitude_again", "magnitude", "|θ|",
+                                    lambda ctx: gj.magnitude_scores))
+    args = run_config.build_parser().parse_args(["--method", "magnitude_again"])
+    assert args.method == "magnitude_again"
+    with pytest.raises(UsageError, match="invalid choice: 'magnitude_again'"):
+        before.parse_args(["--method", "magnitude_again"])
+    config = configs.resolve(dataset="digits", arch="lenet5", method="magnitude_again",
+                             steps_per_epoch=1)
+    configs.validate(config)
+    monkeypatch.setattr(methods, "REGISTRY", {k: v for k, v in methods.REGISTRY.items()
+                                              if k != "magnitude_again"})
+    with pytest.raises(UsageError, match="--method 'magnitude_again': not one of"):
+        configs.validate(config)
+
+
 def test_a_taken_name_or_a_bad_direction_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         methods.register(methods.Method("grasp", "grasp", "again", build=lambda ctx: None))

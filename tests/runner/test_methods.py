@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import grasp_jax as gj
-from grasp_jax import models
+from grasp_jax import data, models
 
 from experiments import configs, data_scoring, methods, steps
 
@@ -23,8 +23,8 @@ def test_each_method_prunes_exactly(lenet, method):
     model, variables = lenet
     config = configs.resolve(dataset="digits", arch="lenet5", method=method, steps_per_epoch=11,
                              sparsity=0.8, rounds=3 if method == "synflow" else None)
-    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
-                                  log=lambda _: None)
+    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1),
+                                  data.get_info("digits"), log=lambda _: None)
     report = gj.sparsity_report(masks)
     expected = 0 if method == "dense" else int(np.floor(0.8 * report.total + 0.5))
     assert report.total - report.kept == expected
@@ -33,7 +33,7 @@ def test_each_method_prunes_exactly(lenet, method):
 def test_scoring_batch_concatenates_draws_class_by_class():
     config = configs.resolve(dataset="digits", arch="lenet5", steps_per_epoch=11,
                              score_samples_per_class=2, score_draws=2)
-    batch = data_scoring.scoring_batch(config)
+    batch = data_scoring.scoring_batch(config, data.get_info("digits"))
     assert batch["image"].shape == (40, 8, 8, 1) and config.num_score_microbatches == 4
     # Each draw is ordered class by class, so each half of a draw holds 5 classes.
     np.testing.assert_array_equal(batch["label"], np.tile(np.repeat(np.arange(10), 2), 2))
@@ -69,17 +69,18 @@ def test_gradient_flow_report_compiles_once_and_ignores_running_averages():
     variables = steps.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
     config = configs.resolve(dataset="digits", arch="small_vgg", method="magnitude",
                              steps_per_epoch=11, sparsity=0.8, batch_size=32)
-    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
-                                  log=lambda _: None)
+    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1),
+                                  data.get_info("digits"), log=lambda _: None)
     moved = {**variables, "batch_stats": jax.tree_util.tree_map(lambda s: s + 0.5,
                                                                  variables["batch_stats"])}
     before = gj.diagnostics._flow._cache_size()
-    out = data_scoring.gradient_flow_report(config, model, variables, moved, masks,
-                                       jax.random.PRNGKey(2), log=lambda _: None)
+    out = data_scoring.gradient_flow_report(config, data.get_info("digits"), model, variables,
+                                            moved, masks, jax.random.PRNGKey(2),
+                                            log=lambda _: None)
     assert gj.diagnostics._flow._cache_size() == before + 1  # one program for before and after
     # The same numbers as a loss built on the moved running averages.
     loss = data_scoring.make_loss_fn(model, moved["batch_stats"], 1.0, jax.random.PRNGKey(2))
-    direct = gj.gradient_flow(moved["params"], loss, data_scoring.diagnostics_batch(config),
-                              masks=masks)
+    batch = data_scoring.diagnostics_batch(config, data.get_info("digits"))
+    direct = gj.gradient_flow(moved["params"], loss, batch, masks=masks)
     assert out["after"] == pytest.approx(direct, rel=1e-6)
     assert out["after"]["grad_norm_sq"] < out["before"]["grad_norm_sq"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import grasp_jax as gj
-from grasp_jax import models
+from grasp_jax import data, models
 
-from experiments import configs, methods, steps
+from experiments import config_schema, configs, methods, steps
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def _masks(model_vars, **overrides):
                              **overrides)
     configs.validate(config)
     lines = []
-    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1), (8, 8, 1),
-                                  log=lines.append)
+    masks = methods.compute_masks(config, model, variables, jax.random.PRNGKey(1),
+                                  data.get_info("digits"), log=lines.append)
     return config, masks, lines
 
 
@@ -40,9 +40,9 @@ def test_nm_masks_keep_two_of_every_four_input_weights(small_vgg):
 def test_nm_is_one_shot_and_global_only():
     config = configs.resolve(dataset="digits", arch="small_vgg", steps_per_epoch=11,
                              method="synflow", nm="2:4")
-    with pytest.raises(configs.UsageError, match="--nm 2:4 is one-shot"):
+    with pytest.raises(config_schema.UsageError, match="--nm 2:4 is one-shot"):
         configs.validate(config)
-    with pytest.raises(configs.UsageError, match="N:M"):
+    with pytest.raises(config_schema.UsageError, match="N:M"):
         configs.validate(configs.resolve(dataset="digits", arch="small_vgg",
                                          steps_per_epoch=11, nm="4:2"))
 
