@@ -88,7 +88,7 @@ def build_parser() -> cli.Parser:
                     "train it data-parallel over all devices, checkpoint, resume, and report. "
                     "Without arguments: an offline demo (GraSP 90% vs dense on digits).",
         epilog="Unset flags take the paper's preset for the dataset/arch/method "
-               "(experiments/configs.py). Exit status: 0 done, 1 run error (e.g. diverged), "
+               "(experiments/presets.py). Exit status: 0 done, 1 run error (e.g. diverged), "
                "2 bad flags, conflicting or locked workdir, or collapsing masks, 128+signal "
                "when stopped by SIGTERM/SIGINT/SIGHUP after saving (rerun to resume).",
     )
