@@ -91,6 +91,24 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# Process 1 starts pruning 40 s after process 0 (a slower host, or one compiling slower on a
+# loaded machine): longer than gloo's 30 s wait for the other processes at the first
+# collective over a group of devices, which scoring is for all four devices.
+_PROCESS_1_LATE_BY_40S = """
+import sys, time
+import jax
+from experiments import methods
+compute = methods.compute_masks
+def compute_masks(*a, **k):
+    if jax.process_index() == 1:
+        time.sleep(40)
+    return compute(*a, **k)
+methods.compute_masks = compute_masks
+from experiments.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -233,6 +251,14 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == saved + 8 and results["processes"] == 2
     assert checkpointing.load_state(str(workdir))[0] == saved + 8
+
+
+@pytest.mark.slow
+def test_a_process_later_than_gloos_connect_timeout_still_trains_with_the_other(tmp_path):
+    codes, logs = _run_pair(ARGS + ["--max_steps", "2", "--workdir", str(tmp_path / "w")],
+                            tmp_path, "late", script=_PROCESS_1_LATE_BY_40S)
+    assert codes == [0, 0], "\n\n".join(logs)
+    assert "done: final test accuracy" in logs[0]
 
 
 @pytest.mark.slow
