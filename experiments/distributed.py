@@ -19,9 +19,9 @@ after ``heartbeat_timeout_s``.
 
 Processes may reach a collective far apart (one host slower to start or to
 compile, a loaded machine): that is waited for, up to ``init_timeout_s`` at
-start-up and as long as the peers heartbeat afterwards, since the collective
-connections are made once, together, when the processes join
-(:func:`connect_collectives`).
+start-up and then as long as XLA lets a collective wait (30 min) while the
+peers heartbeat, since the collective connections are made once, together,
+when the processes join (:func:`connect_collectives`).
 """
 
 from __future__ import annotations
@@ -156,20 +156,19 @@ def initialize(launch: Launch) -> bool:
             f"(is process 0 running there, reachable, and do all processes agree on "
             f"--num_processes?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    if launch.num_processes is not None and jax.process_count() != launch.num_processes:
-        raise DistributedSetupError(
-            f"--num_processes {launch.num_processes} on process {launch.process_id}, but the "
-            f"coordinator at {where} runs {jax.process_count()} processes: start every process "
-            f"with the same --num_processes")
-    connect_collectives(launch.init_timeout_s)
+    connect_collectives(launch.init_timeout_s, launch.num_processes, where)
     return True
 
 
 CONNECT_BARRIER = "grasp_jax/connect_collectives"
+NUM_PROCESSES_KEY = "grasp_jax/num_processes"
 
 
-def connect_collectives(timeout_s: float) -> None:
-    """Make the cross-process collective connections of a run, on every process at once.
+def connect_collectives(timeout_s: float, num_processes: Optional[int] = None,
+                        where: str = "the coordinator") -> None:
+    """Make the cross-process collective connections of a run, on every process at once,
+    once every process has checked its ``--num_processes`` (``num_processes``; None when
+    the cluster was detected) against the coordinator's.
 
     Gloo (JAX's CPU collectives) connects a group of devices the first time a program
     runs a collective over it, and there waits for the other processes of the group
@@ -188,6 +187,11 @@ def connect_collectives(timeout_s: float) -> None:
     dies is still caught by the runtime's heartbeat. The groups: all devices (the pmapped
     steps, ``process_allgather``) and each local device index across the processes (the
     psum over processes of ``multihost_utils.broadcast_one_to_all``).
+
+    A process started with another ``--num_processes`` than the coordinator's still
+    joins the barrier and the counts are compared after it, so every process stops at
+    once naming the odd one, rather than the others waiting out the barrier's timeout
+    for it (and the runtime then aborting them all).
     """
     import jax
     from jax import lax
@@ -200,26 +204,45 @@ def connect_collectives(timeout_s: float) -> None:
     from jax.sharding import PartitionSpec as P
 
     processes, local = jax.process_count(), jax.local_device_count()
-    # Laid out as broadcast_one_to_all lays them out, so that the groups are the same.
-    mesh = Mesh(np.array(jax.devices()).reshape(processes, local), ("processes", "local"))
-    spec = P("processes", "local")
+    # Gloo is the CPU's (accelerators connect their own way, once, at start-up); the
+    # layout below needs as many devices on every process.
+    gloo = jax.devices()[0].platform == "cpu" and jax.device_count() == processes * local
+    if gloo:
+        # Laid out as broadcast_one_to_all lays them out, so that the groups are the same.
+        mesh = Mesh(np.array(jax.devices()).reshape(processes, local), ("processes", "local"))
+        spec = P("processes", "local")
 
-    def sums(x):
-        return lax.psum(x, ("processes", "local")), lax.psum(x, "processes")
+        def sums(x):
+            return lax.psum(x, ("processes", "local")), lax.psum(x, "processes")
 
-    program = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=spec,
-                                    out_specs=(P(), P(None, "local"))))
-    ones = jax.make_array_from_process_local_data(NamedSharding(mesh, spec),
-                                                  np.ones((1, local), np.int32))
-    compiled = program.lower(ones).compile()
+        program = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=spec,
+                                        out_specs=(P(), P(None, "local"))))
+        ones = jax.make_array_from_process_local_data(NamedSharding(mesh, spec),
+                                                      np.ones((1, local), np.int32))
+        compiled = program.lower(ones).compile()
+    client, me, ms = runtime.global_state.client, jax.process_index(), int(timeout_s * 1000)
+    client.key_value_set(f"{NUM_PROCESSES_KEY}/{me}", str(num_processes or ""))
     try:
-        runtime.global_state.client.wait_at_barrier(CONNECT_BARRIER, int(timeout_s * 1000))
+        client.wait_at_barrier(CONNECT_BARRIER, ms)
     except Exception as e:  # noqa: BLE001 - XLA raises its own error types
         raise DistributedSetupError(
-            f"process {jax.process_index()}: not every process of the run was ready for its "
-            f"collectives within {timeout_s:g}s (did one fail at start-up? raise "
-            f"--distributed_timeout for slow hosts): {type(e).__name__}: "
-            f"{(str(e).splitlines() or [''])[0]}") from e
+            f"process {me}: not every process of the run was ready for its collectives within "
+            f"{timeout_s:g}s (did one fail at start-up? raise --distributed_timeout for slow "
+            f"hosts): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    flags = {i: client.blocking_key_value_get(f"{NUM_PROCESSES_KEY}/{i}", ms)
+             for i in range(processes)}
+    odd = [i for i, flag in flags.items() if flag and int(flag) != processes]
+    if me in odd:
+        raise DistributedSetupError(
+            f"--num_processes {num_processes} on process {me}, but the coordinator at {where} "
+            f"runs {processes} processes: start every process with the same --num_processes")
+    if odd:
+        raise DistributedSetupError(
+            f"process(es) {', '.join(f'{i} (--num_processes {flags[i]})' for i in odd)} "
+            f"disagree with the coordinator at {where}, which runs {processes} processes: "
+            f"start every process with the same --num_processes")
+    if not gloo:
+        return
     everywhere, across = compiled(ones)
     got = (int(np.asarray(everywhere.addressable_data(0)).ravel()[0]),
            int(np.asarray(across.addressable_data(0)).ravel()[0]))
