@@ -16,6 +16,12 @@ Faults are bounded in time: a coordinator that cannot be reached ends the
 process after ``init_timeout_s`` with a message naming the address; a peer
 that dies stops heartbeating and the others are told to exit (non-zero)
 after ``heartbeat_timeout_s``.
+
+Processes may reach a collective far apart (one host slower to start or to
+compile, a loaded machine): that is waited for, up to ``init_timeout_s`` at
+start-up and then as long as XLA lets a collective wait (30 min) while the
+peers heartbeat, since the collective connections are made once, together,
+when the processes join (:func:`connect_collectives`).
 """
 
 from __future__ import annotations
@@ -150,12 +156,100 @@ def initialize(launch: Launch) -> bool:
             f"(is process 0 running there, reachable, and do all processes agree on "
             f"--num_processes?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    if launch.num_processes is not None and jax.process_count() != launch.num_processes:
-        raise DistributedSetupError(
-            f"--num_processes {launch.num_processes} on process {launch.process_id}, but the "
-            f"coordinator at {where} runs {jax.process_count()} processes: start every process "
-            f"with the same --num_processes")
+    connect_collectives(launch.init_timeout_s, launch.num_processes, where)
     return True
+
+
+CONNECT_BARRIER = "grasp_jax/connect_collectives"
+NUM_PROCESSES_KEY = "grasp_jax/num_processes"
+
+
+def connect_collectives(timeout_s: float, num_processes: Optional[int] = None,
+                        where: str = "the coordinator") -> None:
+    """Make the cross-process collective connections of a run, on every process at once,
+    once every process has checked its ``--num_processes`` (``num_processes``; None when
+    the cluster was detected) against the coordinator's.
+
+    Gloo (JAX's CPU collectives) connects a group of devices the first time a program
+    runs a collective over it, and there waits for the other processes of the group
+    for at most 30 s: gloo's default context timeout, which XLA's gloo collectives
+    keep and JAX 0.10.2 does not expose (``jax.distributed.initialize`` sets the
+    coordinator's start-up, heartbeat and shutdown timeouts only). Processes reach that
+    first collective as far apart as their work before it differs (process 0 prepares
+    the workdir; each compiles the scoring program), which a loaded machine stretches
+    past 30 s: the early one then fails with "Gloo context initialization failed:
+    DEADLINE_EXCEEDED: GetKeyValue() timed out".
+
+    Here every group the runner uses is connected by a tiny program compiled first,
+    then run right after a barrier of the distributed runtime (which waits up to
+    ``timeout_s``, ``--distributed_timeout``). Later collectives over a connected group
+    wait for their peers as long as XLA allows a collective (30 min), and a peer that
+    dies is still caught by the runtime's heartbeat. The groups: all devices (the pmapped
+    steps, ``process_allgather``) and each local device index across the processes (the
+    psum over processes of ``multihost_utils.broadcast_one_to_all``).
+
+    A process started with another ``--num_processes`` than the coordinator's still
+    joins the barrier and the counts are compared after it, so every process stops at
+    once naming the odd one, rather than the others waiting out the barrier's timeout
+    for it (and the runtime then aborting them all).
+    """
+    import jax
+    from jax import lax
+
+    # The runtime's own client: its barrier goes through the coordinator, not gloo (JAX's
+    # multi-process tests use it the same way; multihost_utils has no public barrier
+    # that does not run a collective).
+    from jax._src import distributed as runtime
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    processes, local = jax.process_count(), jax.local_device_count()
+    # Gloo is the CPU's (accelerators connect their own way, once, at start-up); the
+    # layout below needs as many devices on every process.
+    gloo = jax.devices()[0].platform == "cpu" and jax.device_count() == processes * local
+    if gloo:
+        # Laid out as broadcast_one_to_all lays them out, so that the groups are the same.
+        mesh = Mesh(np.array(jax.devices()).reshape(processes, local), ("processes", "local"))
+        spec = P("processes", "local")
+
+        def sums(x):
+            return lax.psum(x, ("processes", "local")), lax.psum(x, "processes")
+
+        program = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=spec,
+                                        out_specs=(P(), P(None, "local"))))
+        ones = jax.make_array_from_process_local_data(NamedSharding(mesh, spec),
+                                                      np.ones((1, local), np.int32))
+        compiled = program.lower(ones).compile()
+    client, me, ms = runtime.global_state.client, jax.process_index(), int(timeout_s * 1000)
+    client.key_value_set(f"{NUM_PROCESSES_KEY}/{me}", str(num_processes or ""))
+    try:
+        client.wait_at_barrier(CONNECT_BARRIER, ms)
+    except Exception as e:  # noqa: BLE001 - XLA raises its own error types
+        raise DistributedSetupError(
+            f"process {me}: not every process of the run was ready for its collectives within "
+            f"{timeout_s:g}s (did one fail at start-up? raise --distributed_timeout for slow "
+            f"hosts): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    flags = {i: client.blocking_key_value_get(f"{NUM_PROCESSES_KEY}/{i}", ms)
+             for i in range(processes)}
+    odd = [i for i, flag in flags.items() if flag and int(flag) != processes]
+    if me in odd:
+        raise DistributedSetupError(
+            f"--num_processes {num_processes} on process {me}, but the coordinator at {where} "
+            f"runs {processes} processes: start every process with the same --num_processes")
+    if odd:
+        raise DistributedSetupError(
+            f"process(es) {', '.join(f'{i} (--num_processes {flags[i]})' for i in odd)} "
+            f"disagree with the coordinator at {where}, which runs {processes} processes: "
+            f"start every process with the same --num_processes")
+    if not gloo:
+        return
+    everywhere, across = compiled(ones)
+    got = (int(np.asarray(everywhere.addressable_data(0)).ravel()[0]),
+           int(np.asarray(across.addressable_data(0)).ravel()[0]))
+    if got != (processes * local, processes):
+        raise DistributedSetupError(
+            f"the collectives across {processes} processes summed {got}, not "
+            f"{(processes * local, processes)}")
 
 
 def _wait_for_coordinator(address: str, timeout_s: float, process_id: Optional[int]) -> None:

@@ -134,6 +134,36 @@ def test_disk_full_is_recognized_through_the_libraries_wrapping():
     assert not faults.is_disk_full(ValueError("shape mismatch"))
 
 
+def test_a_library_error_logged_once_the_disk_is_full_stays_off_the_console(
+        small_tmpfs, capsys, monkeypatch):
+    # What a run meets when the disk fills mid-run: the space for the errors log is
+    # taken at start, checkpoints then fill the disk, and orbax logs the failed save
+    # with its traceback (absl, from the main thread waiting for the save). Whether a
+    # few bytes were left for the log used to depend on the timing of the writes; a
+    # log that could not be written printed "--- Logging error ---" and both
+    # tracebacks on the console.
+    from absl import logging as absl_logging
+
+    monkeypatch.delenv(faults.DEBUG_ENV, raising=False)
+    workdir = small_tmpfs / "w"
+    workdir.mkdir()
+    with pytest.raises(OSError) as raised:
+        with faults.library_reports_to_log(str(workdir)):
+            _fill(small_tmpfs)
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device", "checkpoints/10")
+            except OSError:
+                absl_logging.exception("Save Finalize thread (save_finalize) failed.")
+                raise
+    faults.report("no space left on the device", raised.value, str(workdir))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no space left"), err
+    assert f"traceback in {workdir / faults.ERRORS_LOG}" in err
+    log = (workdir / faults.ERRORS_LOG).read_text()
+    assert "ERROR:absl:Save Finalize thread (save_finalize) failed." in log
+    assert log.count("Traceback") == 2 and log.count("'checkpoints/10'") == 2
+
+
 @pytest.mark.slow
 def test_a_disk_filling_mid_run_is_one_line_and_the_rerun_resumes_bit_exactly(
         small_tmpfs, tmp_path):
@@ -148,6 +178,11 @@ def test_a_disk_filling_mid_run_is_one_line_and_the_rerun_resumes_bit_exactly(
     assert len(errors) == 1 and "no space left" in errors[0] and str(workdir) in errors[0]
     assert "Traceback" not in r.stdout + r.stderr
     assert len((r.stdout + r.stderr).splitlines()) < 60
+    # The disk was full, and the traceback still reached the log: its space was held.
+    assert f"traceback in {workdir / faults.ERRORS_LOG}" in errors[0]
+    log = (workdir / faults.ERRORS_LOG).read_text()
+    assert "Traceback" in log and "RESOURCE_EXHAUSTED" in log
+    assert f"no space left on the device of {workdir}" in log  # the report's own section
     assert not (workdir / workdirs.LOCK_FILE).exists()
     _resize(small_tmpfs, "40m")
     r = run_cli(args + ["--workdir", str(workdir)])
