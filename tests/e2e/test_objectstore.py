@@ -6,13 +6,21 @@ a local mirror (``experiments.checkpoint_staging``), and the tests of that are s
 Everything here talks to 127.0.0.1 only, and is made sure of: the tests run in
 a network namespace that has nothing but loopback (``unshare --net``). The
 outer test re-runs this file inside one; the inner tests skip anywhere else.
-Every client's credential discovery is off (see :func:`_client_env` and the ``s3``
-fixture): tensorstore gets a fake token, gcsfs is anonymous, the GCE metadata server is
-an unusable loopback port, botocore gets fixed test keys and no config files or EC2
-metadata.
+Every client's credential discovery is off (see :func:`_client_settings`): tensorstore
+gets a fake token, gcsfs is anonymous, the GCE metadata server is an unusable loopback
+port, botocore gets fixed test keys and no config files or EC2 metadata.
+
+Those settings are the inner process's own, from its start (the outer test gives them):
+fsspec reads its ``FSSPEC_*`` variables and gcsfs its feature switch when they are
+imported, long before a fixture runs. So runs that need neither a signal nor a fresh
+process run in this process (``run_in_process``), as a fresh runner would see the
+store; only the servers' endpoints are set by the fixtures, and every client reads
+those when it connects.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -31,7 +39,7 @@ import pytest
 
 from tests.helpers.paths import REPO
 from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
-from tests.helpers.runs import DIGITS, run_cli
+from tests.helpers.runs import DIGITS, Finished, exit_code, run_cli, run_in_process
 
 pytestmark = pytest.mark.objectstore
 
@@ -39,12 +47,12 @@ IN_NAMESPACE = "GRASP_JAX_LOOPBACK_NAMESPACE"
 BUCKET = "grasp-test"
 
 
-def _client_env(port: int) -> dict:
-    url = f"http://127.0.0.1:{port}"
+def _client_settings() -> dict:
+    """The inner process's environment for every storage client: no credential lookup
+    anywhere, and no endpoint but the ones the fixtures set."""
     return {
+        IN_NAMESPACE: "1",
         "EPATH_USE_TF": "false",                      # epath through gcsfs, not TensorFlow
-        "STORAGE_EMULATOR_HOST": url,                 # gcsfs
-        "TENSORSTORE_GCS_HTTP_URL": url,              # tensorstore, i.e. orbax's arrays
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",      # tensorstore: no credential lookup
         "FSSPEC_GS_TOKEN": "anon",                    # gcsfs: no credential lookup
         "FSSPEC_GS_PROJECT": "test",
@@ -53,7 +61,32 @@ def _client_env(port: int) -> dict:
         "GCE_METADATA_HOST": "127.0.0.1:1",
         "GCE_METADATA_IP": "127.0.0.1:1",
         "GOOGLE_APPLICATION_CREDENTIALS": "",
+        "AWS_ACCESS_KEY_ID": "testing",               # botocore: fixed keys, nothing looked up
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
     }
+
+
+def _gcs_endpoint_env(port: int) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    return {"STORAGE_EMULATOR_HOST": url,             # gcsfs, read on each request
+            "TENSORSTORE_GCS_HTTP_URL": url}          # tensorstore, i.e. orbax's arrays
+
+
+def _require_client_settings() -> None:
+    """Fail, naming the cause, unless this process started with :func:`_client_settings`
+    (a run in this process would otherwise look for real credentials)."""
+    import fsspec.config
+
+    missing = sorted(k for k, v in _client_settings().items() if os.environ.get(k) != v)
+    token = fsspec.config.conf.get("gs", {}).get("token")
+    assert not missing and token == "anon", (
+        f"this process lacks the client settings {missing} (fsspec's gs token: {token!r}); "
+        "start the suite through the outer test, which sets them before anything imports "
+        "a storage client")
 
 
 # --------------------------------------------------------------------------
@@ -76,10 +109,11 @@ def test_the_object_store_suite_in_a_loopback_only_network_namespace():
     pytest.importorskip("gcsfs")
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    inner = (f"ip link set lo up && {IN_NAMESPACE}=1 {sys.executable} -m pytest -q -x "
+    inner = (f"ip link set lo up && exec {sys.executable} -m pytest -q -x "
              f"-p no:cacheprovider {Path(__file__).resolve().relative_to(REPO)}")
     r = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=REPO,
-                       capture_output=True, text=True, timeout=2700)
+                       env={**os.environ, **_client_settings()},
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     # Everything but this outer test itself ran (none skipped for want of the server).
     assert " passed, 1 skipped in " in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
@@ -102,11 +136,12 @@ def gcs():
         pytest.skip("runs inside the loopback-only namespace that the outer test starts")
     port = _free_port()
     emulator = Path(__file__).resolve().parents[1] / "helpers" / "gcs_emulator.py"
+    _require_client_settings()
     server = subprocess.Popen([sys.executable, str(emulator),
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert server.stdout.readline().strip() == b"ready"
     saved = dict(os.environ)
-    os.environ.update(_client_env(port))
+    os.environ.update(_gcs_endpoint_env(port))
     import gcsfs
 
     fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
@@ -122,22 +157,21 @@ def gcs():
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 with one bucket; botocore pointed at it with test keys,
-    and the checkpoint mirrors in a folder of their own (to see that they are removed)."""
+    """moto's S3 server on 127.0.0.1 with one bucket; botocore pointed at it (its test keys
+    are the process's), and the checkpoint mirrors in a folder of their own (to see that
+    they are removed)."""
     if os.environ.get(IN_NAMESPACE) != "1":
         pytest.skip("runs inside the loopback-only namespace that the outer test starts")
     server_module = pytest.importorskip("moto.server")
     from experiments import checkpoint_staging
 
+    _require_client_settings()
     port = _free_port()
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     saved = dict(os.environ)
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE":
-                       "/nonexistent",
+    # botocore reads the endpoint when a client is made, after this.
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
                        checkpoint_staging.CACHE_ENV: str(tmp_path_factory.mktemp("mirrors"))})
     import s3fs
 
@@ -204,7 +238,7 @@ def test_a_digits_run_on_a_bucket_writes_every_output_and_nothing_local(store):
     url = store.url("run1")
     args = DIGITS + ["--method", "grasp", "--sparsity", "0.9", "--max_steps", "12",
                      "--checkpoint_every_steps", "6", "--log_every_steps", "4", "--workdir", url]
-    r = run_cli(args)
+    r = run_in_process(args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = _names(store.fs, url)
     assert {"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "sparsity.md",
@@ -231,13 +265,14 @@ def test_a_digits_run_on_a_bucket_writes_every_output_and_nothing_local(store):
         assert _mirrors_left() == []
 
     # The same command again: the run is finished, so it resumes at 12 and trains nothing.
-    again = run_cli(args)
+    again = run_in_process(args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from step 12" in again.stdout
 
     # --overwrite removes the run's objects and starts over.
-    fresh = run_cli(DIGITS + ["--method", "grasp", "--sparsity", "0.9", "--max_steps", "6",
-                              "--checkpoint_every_steps", "6", "--workdir", url, "--overwrite"])
+    fresh = run_in_process(DIGITS + ["--method", "grasp", "--sparsity", "0.9", "--max_steps", "6",
+                                     "--checkpoint_every_steps", "6", "--workdir", url,
+                                     "--overwrite"])
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert _names(store.fs, f"{url}/checkpoints") == ["6"]
 
@@ -247,7 +282,7 @@ def test_a_locked_workdir_on_a_bucket_is_refused_naming_the_holder(store):
     url = store.url("locked")
     holder = {"pid": 4242, "host": "tpu-host-7", "started": "2026-01-01 00:00:00 UTC"}
     store.fs.pipe(f"{url}/run.lock", json.dumps(holder).encode())
-    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    r = run_in_process(DIGITS + ["--max_steps", "2", "--workdir", url])
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "process 4242 on tpu-host-7" in r.stderr and f"remove {url}/run.lock" in r.stderr
     assert _names(store.fs, url) == ["run.lock"]  # nothing else was written
@@ -289,18 +324,17 @@ def test_only_one_of_many_racing_lock_takers_wins(store):
     assert store.fs.cat(url) == str(wins[0]).encode()  # the winner's content, never overwritten
 
 
-def test_the_write_probe_on_s3_leaves_nothing_behind(s3):
-    # In this process (gcsfs would need FSSPEC_GS_TOKEN read at import, before the fixture).
+def test_the_write_probe_leaves_nothing_behind(store):
     from experiments import paths
 
-    assert paths.unusable_url(f"s3://{BUCKET}/probed") is None
-    s3.invalidate_cache()
-    assert not any(".write-probe" in k for k in s3.find(BUCKET))
+    assert paths.unusable_url(store.url("probed")) is None
+    store.fs.invalidate_cache()
+    assert not any(".write-probe" in k for k in store.fs.find(BUCKET))
 
 
 def test_a_missing_bucket_is_refused_in_one_line_before_anything_is_written(store):
     url = f"{store.scheme}://no-such-bucket-here/run"
-    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    r = run_in_process(DIGITS + ["--max_steps", "2", "--workdir", url])
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     line = [x for x in r.stderr.splitlines() if url in x]
     assert line and "no such bucket 'no-such-bucket-here'" in line[0], r.stderr[-2000:]
@@ -314,7 +348,7 @@ def test_an_unreachable_store_is_refused_in_one_line_within_seconds(store, monke
     monkeypatch.setenv(store.endpoint_env, f"http://127.0.0.1:{closed}")
     url = store.url("unreachable")
     start = time.monotonic()
-    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    r = run_in_process(DIGITS + ["--max_steps", "2", "--workdir", url])
     took = time.monotonic() - start
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     line = [x for x in r.stderr.splitlines() if url in x]
@@ -327,6 +361,8 @@ def test_an_unreachable_store_is_refused_in_one_line_within_seconds(store, monke
 
 
 def test_a_store_without_credentials_is_refused_in_one_line(store, monkeypatch, tmp_path):
+    # In a fresh process: fsspec takes gcsfs's anonymous token from the environment when it
+    # is imported, so this process keeps it whatever the test removes.
     store.drop_credentials(monkeypatch, tmp_path)
     url = store.url("no-credentials")
     r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
@@ -345,26 +381,36 @@ def test_an_s3_workdir_whose_checkpoint_mirror_cannot_be_written_is_refused(s3, 
     blocker.write_text("not a folder")
     monkeypatch.setenv(checkpoint_staging.CACHE_ENV, str(blocker / "mirrors"))
     url = f"s3://{BUCKET}/no-mirror"
-    r = run_cli(DIGITS + ["--max_steps", "2", "--workdir", url])
+    r = run_in_process(DIGITS + ["--max_steps", "2", "--workdir", url])
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     line = [x for x in r.stderr.splitlines() if url in x]
     assert line and "local checkpoint mirror" in line[0] and str(blocker) in line[0], r.stderr
     assert "Traceback" not in r.stderr and not s3.exists(url)
 
 
-def _sweep_cli(sweep_dir, *extra):
-    cmd = [sys.executable, "-m", "experiments.sweep", "--sweep_dir", sweep_dir, "--quiet",
-           "--methods", "random", "--sparsities", "0.5", "--seeds", "0,1",
-           "--dataset", "digits", "--arch", "mlp", "--batch_size", "32", "--max_steps", "2",
-           *extra]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def _sweep_in_process(argv) -> Finished:
+    """The sweep's command line in this process (its cells are processes of their own)."""
+    from experiments.sweep import cli as sweep_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = sweep_cli.main(list(argv))
+        except SystemExit as e:
+            code = exit_code(e)
+    return Finished(code, out.getvalue(), err.getvalue())
+
+
+def _sweep(sweep_dir, *extra) -> Finished:
+    return _sweep_in_process(["--sweep_dir", sweep_dir, "--quiet", "--methods", "random",
+                              "--sparsities", "0.5", "--seeds", "0,1", "--dataset", "digits",
+                              "--arch", "mlp", "--batch_size", "32", "--max_steps", "2", *extra])
 
 
 @pytest.mark.slow
 def test_a_two_cell_sweep_on_a_bucket_writes_its_cells_logs_and_report_there(store):
     url, fs = store.url("sweep"), store.fs
-    r = _sweep_cli(url)
+    r = _sweep(url)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "cell 2/2: random s=0.5 seed=1: done" in r.stdout, r.stdout
     cells = ["random_s0.5_seed0", "random_s0.5_seed1"]
@@ -382,29 +428,27 @@ def test_a_two_cell_sweep_on_a_bucket_writes_its_cells_logs_and_report_there(sto
 
     # Rerun: every cell is finished and skipped; the logs stay as they were.
     logs = {c: fs.cat(f"{url}/{c}/log.txt") for c in cells}
-    again = _sweep_cli(url)
+    again = _sweep(url)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2 finished, 0 to run" in again.stdout
     assert {c: fs.cat(f"{url}/{c}/log.txt") for c in cells} == logs
 
     # A cell's results gone: it runs again, its new output appended below the old log.
     fs.rm(f"{url}/{cells[1]}/results.json")
-    third = _sweep_cli(url)
+    third = _sweep(url)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "1 finished, 1 to run" in third.stdout
     log = fs.cat(f"{url}/{cells[1]}/log.txt")
     assert log.startswith(logs[cells[1]]) and log.count(b"=== exit status 0") == 2
 
-    report = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep_dir", url,
-                             "--report_only"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    report = _sweep_in_process(["--sweep_dir", url, "--report_only"])
     assert report.returncode == 0, report.stderr[-2000:]
     assert f"report of 1 rows in {url}/results.md" in report.stdout
 
 
 def test_a_sweep_dir_in_a_missing_bucket_is_refused_in_one_line(store):
     url = f"{store.scheme}://no-such-sweep-bucket/sweep"
-    r = _sweep_cli(url)
+    r = _sweep(url)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     line = [x for x in r.stderr.splitlines() if url in x]
     assert line and "no such bucket 'no-such-sweep-bucket'" in line[0], r.stderr[-2000:]
@@ -422,7 +466,7 @@ def test_a_cifar10_run_reads_its_tfds_data_dir_from_the_bucket(gcs, tmp_path, mo
             "--sparsity", "0.5", "--batch_size", "32", "--max_steps", "2",
             "--data_dir", data_url]
     url = f"gs://{BUCKET}/cifar-run"
-    r = run_cli(args + ["--workdir", url])
+    r = run_in_process(args + ["--workdir", url])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads(gcs.cat(f"{url}/results.json"))["status"] == "done"
     copy = cache / "gs" / BUCKET / "tfds" / version
@@ -430,7 +474,8 @@ def test_a_cifar10_run_reads_its_tfds_data_dir_from_the_bucket(gcs, tmp_path, mo
         assert (copy / original.name).read_bytes() == original.read_bytes(), original.name
 
     # A shard cut short in the bucket: the copy follows it, and the size check names the file
-    # before the run writes anything.
+    # before the run writes anything. In a fresh process: a process brings its copy up to
+    # date once, at its first run.
     shard = "cifar10-test.tfrecord-00000-of-00001"
     gcs.pipe(f"{data_url}/{version}/{shard}", (TFDS_DIR / version / shard).read_bytes()[:-100])
     r = run_cli(args + ["--workdir", f"gs://{BUCKET}/cifar-damaged"])
@@ -443,19 +488,30 @@ def test_a_cifar10_run_reads_its_tfds_data_dir_from_the_bucket(gcs, tmp_path, mo
 # Checkpoints: a stop and a resume, damage, unfinished uploads.
 
 
+STOPPED_RUN = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "20",
+                        "--checkpoint_every_steps", "10", "--log_every_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The workdir of STOPPED_RUN done without a stop, on local disk: the reference that
+    the stopped run on each store must match."""
+    straight = tmp_path_factory.mktemp("straight")
+    r = run_in_process(STOPPED_RUN + ["--workdir", str(straight)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return straight
+
+
 @pytest.mark.slow
-def test_sigterm_on_a_bucket_saves_and_the_resumed_run_is_bit_exact(store, tmp_path):
+def test_sigterm_on_a_bucket_saves_and_the_resumed_run_is_bit_exact(store, straight_run):
     from experiments import checkpointing
 
-    args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "20",
-                     "--checkpoint_every_steps", "10", "--log_every_steps", "3"]
-    straight, broken = tmp_path / "straight", store.url("broken")
-    assert run_cli(args + ["--workdir", str(straight)]).returncode == 0
+    args, straight, broken = STOPPED_RUN, straight_run, store.url("broken")
     r = run_cli(args + ["--workdir", broken], signal_at=(14, signal.SIGTERM))
     assert r.returncode == 128 + signal.SIGTERM, r.stdout[-2000:] + r.stderr[-3000:]
     assert checkpointing.load_state(broken)[0] == 14
     assert not store.fs.exists(f"{broken}/results.json")
-    r = run_cli(args + ["--workdir", broken])
+    r = run_in_process(args + ["--workdir", broken])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "resuming from step 14" in r.stdout
     (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))
