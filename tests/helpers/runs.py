@@ -134,18 +134,32 @@ def run_in_process(args, *, signal_at=None) -> Finished:
 
 
 @contextlib.contextmanager
-def _stop_signal_after(at: int, sig: int):
-    """While open, the runner's train step sends this process ``sig`` after step ``at``.
-
-    The run's own handler (experiments.signals) takes the signal while it trains; one that
-    arrives outside it (the run never reached step ``at``, or stopped handling signals)
-    fails the test here instead of stopping the test process.
-    """
-    import jax
-
-    from experiments import signals, steps
+def stop_signal_handled_by_the_run(sig: int):
+    """While open, ``sig`` sent to this process must reach the run's own handler
+    (experiments.signals): one that arrives outside it (the run never reached the point that
+    sends it, or stopped handling signals) fails the test here instead of ending the test
+    process (SIGTERM) or the whole test session (SIGINT)."""
+    from experiments import signals
 
     assert sig in signals.STOP_SIGNALS, f"{signal.Signals(sig).name} would end this process"
+
+    def outside_the_run(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} arrived outside the run's handler")
+
+    previous = signal.signal(sig, outside_the_run)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
+def _stop_signal_after(at: int, sig: int):
+    """While open, the runner's train step sends this process ``sig`` after step ``at``."""
+    import jax
+
+    from experiments import steps
+
     make = steps.make_train_step
 
     def make_train_step(model, tx, *args, **kwargs):
@@ -158,16 +172,12 @@ def _stop_signal_after(at: int, sig: int):
             return state, metrics
         return wrapped
 
-    def outside_the_run(signum, frame):
-        raise AssertionError(f"{signal.Signals(signum).name} arrived outside the run's handler")
-
-    previous = signal.signal(sig, outside_the_run)
     steps.make_train_step = make_train_step
     try:
-        yield
+        with stop_signal_handled_by_the_run(sig):
+            yield
     finally:
         steps.make_train_step = make
-        signal.signal(sig, previous)
 
 
 def read_metrics(workdir) -> list[dict]:
