@@ -120,15 +120,19 @@ class VGGImageNet(nn.Module):
       num_classes: size of the output layer.
       batch_norm: insert BatchNorm after each conv (torchvision's ``*_bn`` variants).
       dropout_rate: dropout probability in the classifier (0.5 in torchvision).
+      hidden_widths: the classifier's hidden Linear layers, each followed by ReLU and dropout
+        (torchvision's 4096, 4096; narrower ones make a VGG-16-shaped network cheap to run).
       dtype, conv: as in ``VGG``.
 
-    Parameter names: ``conv{i}`` (and ``bn{i}``), ``fc1``, ``fc2``, ``fc3``.
+    Parameter names: ``conv{i}`` (and ``bn{i}``), then ``fc1``, ``fc2``, ``fc3`` (``fc{j}``
+    in order, the output layer last).
     """
 
     cfg: Cfg = IMAGENET_CFG16
     num_classes: int = 1000
     batch_norm: bool = False
     dropout_rate: float = 0.5
+    hidden_widths: Sequence[int] = (4096, 4096)
     dtype: Any = jnp.float32
     conv: init.ModuleDef = init.Conv
 
@@ -139,9 +143,10 @@ class VGGImageNet(nn.Module):
                        batch_norm=self.batch_norm)
         x = adaptive_avg_pool(x, (7, 7))
         x = x.reshape((x.shape[0], -1))
-        for j, width in enumerate((4096, 4096)):
+        for j, width in enumerate(self.hidden_widths):
             x = init.dense(width, dtype=self.dtype, name=f"fc{j + 1}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"dropout{j + 1}")(x)
-        x = init.dense(self.num_classes, dtype=self.dtype, name="fc3")(x)
+        x = init.dense(self.num_classes, dtype=self.dtype,
+                       name=f"fc{len(self.hidden_widths) + 1}")(x)
         return x.astype(jnp.float32)

@@ -1,7 +1,10 @@
-"""benchmarks.gpu, the script for a lent GPU, run on this CPU at --tiny sizes in a subprocess:
-it exits 0 and writes both marked sections of its page (a temporary one, never docs/GPU.md),
-a spent time budget skips work instead of running past it, and a machine without the
-reproduction's data (a fresh GPU or TPU VM) gets the tables and the command that prepares it."""
+"""benchmarks.gpu, the script for a lent GPU, run on this CPU at --tiny sizes: it exits 0 and
+writes both marked sections of its page (a temporary one, never docs/GPU.md), a spent time
+budget skips work instead of running past it, and a machine without the reproduction's data
+(a fresh GPU or TPU VM) gets the tables and the command that prepares it.
+
+The script's own process only starts others (the benchmarks, the sweep), so it runs in this
+one, except where the test is that it never opens the device: there it is a fresh process."""
 
 import os
 import shlex
@@ -17,14 +20,32 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED_TFDS = REPO.parent / "shared" / "tfds"
 
 
-def _run(tmp_path, *flags, **env_vars):
+def _argv(tmp_path, *flags):
+    """The script's command line, writing a page that holds prose of its own."""
     out = tmp_path / "GPU.md"
     out.write_text("# hand-written title\n\nprose kept across reruns\n")
-    cmd = [sys.executable, "-m", "benchmarks.gpu", "--tiny", "--out", str(out),
-           "--sweep_dir", str(tmp_path / "sweep"), *flags]
+    return ["--tiny", "--out", str(out), "--sweep_dir", str(tmp_path / "sweep"), *flags]
+
+
+def _run(tmp_path, *flags, **env_vars):
+    """The script in a fresh process: (its CompletedProcess, the page it wrote)."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu", *_argv(tmp_path, *flags)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_vars)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    return p, out.read_text()
+    return p, (tmp_path / "GPU.md").read_text()
+
+
+def _run_here(tmp_path, monkeypatch, capfd, *flags):
+    """``gpu.main`` in this process, its children started as the script starts them:
+    (exit status, everything written to fds 1 and 2, the page it wrote)."""
+    # The script sets these for its children, as defaults; leave the test's environment as
+    # it was afterwards.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.chdir(REPO)
+    code = gpu.main(_argv(tmp_path, *flags))
+    out, err = capfd.readouterr()
+    return code, out + err, (tmp_path / "GPU.md").read_text()
 
 
 def _section(page: str, name: str) -> str:
@@ -34,12 +55,12 @@ def _section(page: str, name: str) -> str:
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_both_tables(tmp_path):
+def test_tiny_run_writes_both_tables(tmp_path, monkeypatch, capfd):
     repo_page = REPO / "docs" / "GPU.md"
     before = repo_page.read_bytes() if repo_page.exists() else None
     # One method keeps it to one sweep cell (each cell is a fresh process: ~15 s here).
-    p, page = _run(tmp_path, "--methods", "grasp")
-    assert p.returncode == 0, p.stdout + p.stderr
+    code, output, page = _run_here(tmp_path, monkeypatch, capfd, "--methods", "grasp")
+    assert code == 0, output
     assert page.startswith("# hand-written title\n\nprose kept across reruns\n")
 
     bench = _section(page, gpu.BENCH_SECTION)
@@ -58,9 +79,10 @@ def test_tiny_run_writes_both_tables(tmp_path):
     assert after == before
 
 
-def test_spent_budget_skips_every_model_and_the_sweep(tmp_path):
-    p, page = _run(tmp_path, "--bench_budget_s", "0", "--budget_s", "0")
-    assert p.returncode == 0, p.stdout + p.stderr
+def test_spent_budget_skips_every_model_and_the_sweep(tmp_path, monkeypatch, capfd):
+    code, output, page = _run_here(tmp_path, monkeypatch, capfd, "--bench_budget_s", "0",
+                                   "--budget_s", "0")
+    assert code == 0, output
     bench = _section(page, gpu.BENCH_SECTION)
     assert bench.count("| lenet5 | skipped: time budget spent |") == 2, bench
     assert "Not run: the time budget was spent" in _section(page, gpu.SWEEP_SECTION)
@@ -94,10 +116,11 @@ def test_skipped_rows_have_as_many_cells_as_their_header():
 
 @pytest.mark.slow
 def test_without_cifar10_the_tables_are_written_and_the_reproduction_says_how_to_prepare_it(
-        tmp_path):
+        tmp_path, monkeypatch, capfd):
     absent = tmp_path / "no_tfds_here"
-    p, page = _run(tmp_path, "--dataset", "cifar10", "--data_dir", str(absent))
-    assert p.returncode == 0, p.stdout + p.stderr
+    code, output, page = _run_here(tmp_path, monkeypatch, capfd, "--dataset", "cifar10",
+                                   "--data_dir", str(absent))
+    assert code == 0, output
 
     bench = _section(page, gpu.BENCH_SECTION)
     assert "Device: **cpu** (cpu, " in bench

@@ -21,7 +21,7 @@ from grasp_jax import models
 
 from experiments import checkpointing, config_schema, configs, run, run_config, steps
 from tests.helpers.paths import SHARED_TFDS as TFDS_DIR
-from tests.helpers.runs import assert_refused, run_cli
+from tests.helpers.runs import assert_refused, run_in_process
 
 
 def _floating_dtypes(tree):
@@ -165,12 +165,13 @@ def test_a_stopped_bfloat16_run_resumes_to_the_same_parameters(tmp_path):
             "random", "--sparsity", "0.5", "--max_steps", "20", "--checkpoint_every_steps", "10",
             "--log_every_steps", "5", "--compute_dtype", "bfloat16"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = run_cli(args + ["--workdir", str(straight)])
+    r = run_in_process(args + ["--workdir", str(straight)])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(args + ["--workdir", str(broken)], signal_at=(7, signal.SIGTERM))
+    # Step 7 is between checkpoints: the stop itself saves the one the rerun resumes from.
+    r = run_in_process(args + ["--workdir", str(broken)], signal_at=(7, signal.SIGTERM))
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
     assert "SIGTERM: saved a checkpoint at step 7" in r.stdout
-    r = run_cli(args + ["--workdir", str(broken)])
+    r = run_in_process(args + ["--workdir", str(broken)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step 7" in r.stdout
     (s1, a), (s2, b) = (checkpointing.load_state(str(d)) for d in (straight, broken))

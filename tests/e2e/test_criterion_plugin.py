@@ -16,6 +16,8 @@ import pytest
 import grasp_jax as gj
 from grasp_jax import data
 
+from tests.helpers.runs import run_in_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 # θ² · |g| + |θ ⊙ Hg|: needs g and Hg, so the runner streams two passes.
@@ -45,13 +47,30 @@ ARGS = ["--dataset", "digits", "--arch", "lenet5", "--method", "toy_flow", "--sp
         "--no-gradient_flow"]
 
 
-def _run(tmp_path: Path, workdir: Path, devices: int) -> subprocess.CompletedProcess:
+def _run_on_four_devices(tmp_path: Path, workdir: Path) -> subprocess.CompletedProcess:
+    """The run in a fresh process with four CPU devices (a device count is fixed when JAX
+    starts), which imports the plugin named in $GRASP_JAX_PLUGINS."""
     env = dict(os.environ, GRASP_JAX_PLUGINS="toy_plugin", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", "experiments.run", *ARGS,
-                           "--num_cpu_devices", str(devices), "--workdir", str(workdir)],
+                           "--num_cpu_devices", "4", "--workdir", str(workdir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def plugin_registries():
+    """The criterion and method registries as they were before the test, afterwards: the
+    plugin registers toy_flow in this process too."""
+    from experiments import methods
+
+    registries = (gj.criteria._CRITERIA, methods.REGISTRY)
+    saved = [dict(r) for r in registries]
+    yield
+    for registry, before in zip(registries, saved):
+        registry.clear()
+        registry.update(before)
+    sys.modules.pop("toy_plugin", None)
 
 
 def _direct_masks(config) -> dict:
@@ -80,24 +99,25 @@ def _direct_masks(config) -> dict:
 
 
 @pytest.mark.slow
-def test_a_plugin_criterion_streams_on_one_and_four_devices_as_scored_directly(tmp_path):
+def test_a_plugin_criterion_streams_on_one_and_four_devices_as_scored_directly(
+        tmp_path, monkeypatch, plugin_registries):
     (tmp_path / "toy_plugin.py").write_text(PLUGIN)
     runs = {}
     for devices in (1, 4):
         workdir = tmp_path / f"d{devices}"
-        r = _run(tmp_path, workdir, devices)
+        if devices == 1:  # in this process, which imports the plugin as a fresh one would
+            monkeypatch.setenv("GRASP_JAX_PLUGINS", "toy_plugin")
+            monkeypatch.syspath_prepend(str(tmp_path))
+            r = run_in_process([*ARGS, "--workdir", str(workdir)])
+        else:
+            r = _run_on_four_devices(tmp_path, workdir)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert ("scoring with toy_flow on 3 batches of 20 training images, each in chunks of "
                 "2 x 10, streamed in two passes") in r.stdout
         assert ("data-parallel over 4 devices" in r.stdout) == (devices == 4)
         runs[devices] = dict(np.load(workdir / "masks.npz"))
     config_dict = json.loads((tmp_path / "d1" / "config.json").read_text())
-
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import toy_plugin  # noqa: F401  (registers toy_flow here too)
-    finally:
-        sys.path.remove(str(tmp_path))
+    assert "toy_flow" in gj.criteria.CRITERIA  # the one-device run imported the plugin here
     from experiments import config_schema
 
     config = config_schema.Config.from_dict(config_dict)

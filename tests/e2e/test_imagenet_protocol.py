@@ -2,10 +2,11 @@
 
 ``python -m experiments.run --dataset imagenet2012`` with a torchvision-style bottleneck
 ResNet (ResNet-50's layout at one block per stage: the protocol, not the depth, is under test)
-and with ``vgg16_imagenet``, on a small imagenet2012 written as the manual download and
-prepared by TFDS's own builder (tests/helpers/fake_datasets.py), at small images and
-smoke-sized scoring; Tiny-ImageNet from its unpacked folder. ResNet-50 itself is checked
-abstractly (``jax.eval_shape``), without running it.
+and with torchvision's VGG-16 layout (no BatchNorm) at small widths, on a small imagenet2012
+written as the manual download and prepared by TFDS's own builder
+(tests/helpers/fake_datasets.py), at small images and smoke-sized scoring; Tiny-ImageNet from
+its unpacked folder. ResNet-50 itself is checked abstractly (``jax.eval_shape``), without
+running it, and VGG-16's parameter counts are pinned the same way in tests/models.
 """
 
 import json
@@ -45,7 +46,7 @@ def test_the_papers_chunk_layout():
 @pytest.mark.slow
 def test_only_the_last_dense_layer_is_redrawn_on_imagenet():
     # VGG16 for ImageNet has three Linear layers; pruner/GraSP_ImageNet.py redraws fc_layers[-1].
-    model = models.VGGImageNet(cfg=(8, "M"), num_classes=5)
+    model = models.VGGImageNet(cfg=(8, "M"), num_classes=5, hidden_widths=(32, 32))
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
     order = models.layer_order(model, (32, 32, 3))
     last = data_scoring.reinit_dense_kernels(params, jax.random.PRNGKey(1), "last", order)
@@ -131,12 +132,17 @@ def test_bottleneck_resnet_scoring_streams_data_parallel_on_four_devices(
 
 
 @pytest.mark.slow
-def test_vgg16_on_imagenet_end_to_end(tmp_path, imagenet_dir):
-    # SNIP: on these one-colour-per-class images GraSP's masks make VGG16 (no BatchNorm)
-    # blow up at its first step (loss ~1e12), which the runner rightly reports as diverged.
-    r, _ = _imagenet_run(tmp_path, imagenet_dir, "vgg16_imagenet",
-                         extra=("--method", "snip", "--no-gradient_flow"))
+def test_vgg_on_imagenet_end_to_end(tmp_path, imagenet_dir, tiny_vgg):
+    # VGG-16's layout without BatchNorm at small widths (tests/models pins VGG-16's own
+    # parameter counts, abstractly). SNIP: on these one-colour-per-class images GraSP's
+    # masks make VGG-16 blow up at its first step (loss ~1e12), which the runner rightly
+    # reports as diverged.
+    r, results = _imagenet_run(tmp_path, imagenet_dir, tiny_vgg,
+                               extra=("--method", "snip", "--no-gradient_flow"))
     assert "each in chunks of 2 x 10 + 1 x 5" in r.stdout
+    params = _abstract_params(tiny_vgg, 32)
+    assert {"fc1", "fc2", "fc3"} <= set(params) and "bn0" not in params
+    assert results["prunable_weights"] == _prunable_count(params)
 
 
 def test_impossible_scoring_flags_are_refused(capsys, tmp_path, imagenet_dir):

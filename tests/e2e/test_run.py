@@ -1,8 +1,9 @@
 """The experiment runner end to end: CLI validation, outputs, kill/resume, 1 vs 4 devices.
 
-Whole runs call the runner's main in this process, except where a kill, a signal or four
-fake devices need a fresh one; flag checks run in-process too. Runs use scikit-learn's digits
-(no download) except the one test that needs the real CIFAR-10 copy in ../shared/tfds.
+Whole runs call the runner's main in this process (a stop signal too), except where a kill
+or four fake devices need a fresh one; flag checks run in-process too. Runs use
+scikit-learn's digits (no download) except the one test that needs the real CIFAR-10 copy in
+../shared/tfds.
 """
 
 import json
@@ -145,7 +146,7 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(tmp_path):
     r = run_cli(args + ["--workdir", str(broken)], signal_at=(15, signal.SIGKILL))
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert checkpointing.load_state(str(broken))[0] == 10
-    r = run_cli(args + ["--workdir", str(broken)], signal_at=(27, signal.SIGTERM))
+    r = run_in_process(args + ["--workdir", str(broken)], signal_at=(27, signal.SIGTERM))
     assert r.returncode == 143, r.stderr
     assert "resuming from step 10" in r.stdout
     assert "SIGTERM: saved a checkpoint at step 27" in r.stdout

@@ -24,9 +24,9 @@ from tests.helpers.runs import (
     DIGITS,
     assert_refused,
     read_metrics,
-    run_cli,
     run_in_process,
     saved_run,
+    stop_signal_handled_by_the_run,
 )
 
 
@@ -73,7 +73,7 @@ def test_sigint_saves_and_the_resumed_run_is_bit_exact(tmp_path):
                      "--checkpoint_every_steps", "10", "--log_every_steps", "3"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run_in_process(args + ["--workdir", str(straight)]).returncode == 0
-    r = run_cli(args + ["--workdir", str(broken)], signal_at=(14, signal.SIGINT))
+    r = run_in_process(args + ["--workdir", str(broken)], signal_at=(14, signal.SIGINT))
     assert r.returncode == 128 + signal.SIGINT, r.stderr[-3000:]
     assert "SIGINT: saved a checkpoint at step 14" in r.stdout
     assert "Traceback" not in r.stderr
@@ -109,7 +109,7 @@ def test_the_gradient_flow_report_survives_a_resume_in_the_checkpoint_metadata(t
     workdir = tmp_path / "w"
     args = DIGITS + ["--method", "random", "--sparsity", "0.5", "--max_steps", "6",
                      "--checkpoint_every_steps", "3", "--workdir", str(workdir)]
-    r = run_cli(args, signal_at=(4, signal.SIGTERM))
+    r = run_in_process(args, signal_at=(4, signal.SIGTERM))
     assert r.returncode == 143, r.stdout[-2000:] + r.stderr[-2000:]
     written = json.loads((workdir / "gradient_flow.json").read_text())
     assert {"before", "after"} <= set(written)
@@ -117,7 +117,7 @@ def test_the_gradient_flow_report_survives_a_resume_in_the_checkpoint_metadata(t
     assert step == 4
     # The report is in the checkpoint's metadata, not read back from the file.
     (workdir / "gradient_flow.json").unlink()
-    r = run_cli(args)
+    r = run_in_process(args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "resuming from step 4" in r.stdout
     assert json.loads((workdir / "results.json").read_text())["gradient_flow"] == written
@@ -321,36 +321,39 @@ def test_collapsing_masks_are_refused_naming_the_layer(capsys, tmp_path):
     assert time.time() - start < 120
 
 
-# Sends itself SIGINT in the middle of pruning: when the scoring stream yields batch AT of its
-# first pass ("batch"), or at round AT of iterative pruning ("round").
-_SIGNAL_WHILE_PRUNING = """
-import os, signal, sys
-import grasp_jax as gj
-from grasp_jax import data
-where, at = sys.argv[1], int(sys.argv[2])
-if where == "batch":
-    make = data.scoring_stream
-    def scoring_stream(*args, **kwargs):
-        stream = make(*args, **kwargs)
-        def batches():
-            for i, batch in enumerate(stream(), 1):
-                if i == at:
-                    os.kill(os.getpid(), signal.SIGINT)
-                yield batch
-        return batches
-    data.scoring_stream = scoring_stream
-else:
-    prune = gj.prune
-    def pruned(*args, callback, **kwargs):
-        def each_round(r, s, masks):
-            if r == at:
-                os.kill(os.getpid(), signal.SIGINT)
-            callback(r, s, masks)
-        return prune(*args, callback=each_round, **kwargs)
-    gj.prune = pruned
-from experiments.run import main
-sys.exit(main(sys.argv[3:]))
-"""
+def _sigint_while_pruning(monkeypatch, where: str, at: int) -> None:
+    """This process sends itself SIGINT in the middle of pruning: when the scoring stream
+    yields batch ``at`` of its first pass ("batch"), or at round ``at`` of iterative pruning
+    ("round")."""
+    import grasp_jax as gj
+    from grasp_jax import data
+
+    def sigint():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if where == "batch":
+        make = data.scoring_stream
+
+        def scoring_stream(*args, **kwargs):
+            stream = make(*args, **kwargs)
+
+            def batches():
+                for i, batch in enumerate(stream(), 1):
+                    if i == at:
+                        sigint()
+                    yield batch
+            return batches
+        monkeypatch.setattr(data, "scoring_stream", scoring_stream)
+    else:
+        prune = gj.prune
+
+        def pruned(*args, callback, **kwargs):
+            def each_round(r, s, masks):
+                if r == at:
+                    sigint()
+                callback(r, s, masks)
+            return prune(*args, callback=each_round, **kwargs)
+        monkeypatch.setattr(gj, "prune", pruned)
 
 
 @pytest.mark.slow
@@ -361,12 +364,12 @@ sys.exit(main(sys.argv[3:]))
     ("round", 4, ["--method", "synflow", "--rounds", "12"], "after round 4 of 12"),
 ])
 def test_a_stop_signal_during_long_pruning_exits_promptly_and_the_rerun_prunes_again(
-        tmp_path, where, at, flags, said):
+        tmp_path, monkeypatch, where, at, flags, said):
     workdir = tmp_path / "w"
     args = DIGITS + flags + ["--sparsity", "0.5", "--max_steps", "4", "--workdir", str(workdir)]
-    r = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_PRUNING, where, str(at), *args],
-                       cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    with monkeypatch.context() as patched, stop_signal_handled_by_the_run(signal.SIGINT):
+        _sigint_while_pruning(patched, where, at)
+        r = run_in_process(args)
     assert r.returncode == 128 + signal.SIGINT, r.stdout[-2000:] + r.stderr[-3000:]
     assert f"SIGINT while pruning ({said}): nothing is saved" in r.stdout
     assert "Traceback" not in r.stderr

@@ -1,9 +1,10 @@
 """Running the experiment runner from tests: in this process, or in a fresh one where needed.
 
 A run in this process (:func:`run_in_process`) costs no interpreter start-up and shares
-the process's compiled programs with every other test; a fresh process (:func:`run_cli`)
-is for what one process cannot show: a kill, a signal sent mid-run, or a device count
-(fixed when JAX starts).
+the process's compiled programs with every other test, and it can be sent a stop signal
+mid-run (the run handles it and returns); a fresh process (:func:`run_cli`) is for what
+one process cannot show: a kill, a device count (fixed when JAX starts), or what a process
+prints as it exits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,22 +123,73 @@ def exit_code(e: SystemExit) -> int:
     return e.code if isinstance(e.code, int) else 1
 
 
-def run_in_process(args) -> Finished:
+def run_in_process(args, *, signal_at=None) -> Finished:
     """``experiments.run.main(ARGS)`` in this process, on its one CPU device.
 
     The exit status is main's return value, or that of the ``SystemExit`` it raised
     (a refusal); the console output is captured as a fresh process's would be.
+    ``signal_at=(step, signal)``: this process sends itself that stop signal (SIGTERM,
+    SIGINT or SIGHUP: one the run answers by saving, never one that would end the test's
+    process) right after that train step, as ``run_cli``'s does.
     """
     import jax
 
     assert jax.local_device_count() == 1, "a run in this process expects one device"
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    signalled = _stop_signal_after(*signal_at) if signal_at else contextlib.nullcontext()
+    with signalled, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = run.main(list(args))
         except SystemExit as e:
             code = exit_code(e)
     return Finished(code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def stop_signal_handled_by_the_run(sig: int):
+    """While open, ``sig`` sent to this process must reach the run's own handler
+    (experiments.signals): one that arrives outside it (the run never reached the point that
+    sends it, or stopped handling signals) fails the test here instead of ending the test
+    process (SIGTERM) or the whole test session (SIGINT)."""
+    from experiments import signals
+
+    assert sig in signals.STOP_SIGNALS, f"{signal.Signals(sig).name} would end this process"
+
+    def outside_the_run(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} arrived outside the run's handler")
+
+    previous = signal.signal(sig, outside_the_run)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
+def _stop_signal_after(at: int, sig: int):
+    """While open, the runner's train step sends this process ``sig`` after step ``at``."""
+    import jax
+
+    from experiments import steps
+
+    make = steps.make_train_step
+
+    def make_train_step(model, tx, *args, **kwargs):
+        step = make(model, tx, *args, **kwargs)
+
+        def wrapped(state, batch):
+            state, metrics = step(state, batch)
+            if int(jax.device_get(state.step)[0]) == at:
+                os.kill(os.getpid(), sig)
+            return state, metrics
+        return wrapped
+
+    steps.make_train_step = make_train_step
+    try:
+        with stop_signal_handled_by_the_run(sig):
+            yield
+    finally:
+        steps.make_train_step = make
 
 
 def read_metrics(workdir) -> list[dict]:

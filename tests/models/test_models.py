@@ -247,6 +247,17 @@ def test_vgg_imagenet_dropout_needs_rng():
     assert out.shape == (1, 1000)
 
 
+def test_vgg_imagenet_classifier_widths_are_a_field_with_torchvisions_as_default():
+    default = _shape_init(models.get_model("vgg16_imagenet", 1000, cfg=(8, "M")), (14, 14, 3))
+    assert [default["params"][f"fc{j}"]["kernel"].shape for j in (1, 2, 3)] == [
+        (7 * 7 * 8, 4096), (4096, 4096), (4096, 1000)]
+    narrow = _shape_init(models.get_model("vgg16_imagenet", 5, cfg=(8, "M"), hidden_widths=(6,)),
+                         (14, 14, 3))
+    assert sorted(k for k in narrow["params"] if k.startswith("fc")) == ["fc1", "fc2"]
+    assert narrow["params"]["fc1"]["kernel"].shape == (7 * 7 * 8, 6)
+    assert narrow["params"]["fc2"]["kernel"].shape == (6, 5)  # the output layer, last
+
+
 def test_adaptive_avg_pool_matches_pytorch_bins():
     from grasp_jax.models.vgg import adaptive_avg_pool
 
