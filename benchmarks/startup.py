@@ -36,9 +36,6 @@ def _child(args: argparse.Namespace) -> dict[str, float]:
         times[name] = now - t
         t = now
 
-    import experiments.tensorflow_import  # noqa: F401  (first, as experiments.run does)
-
-    # isort: split
     import jax
     from flax import jax_utils
 

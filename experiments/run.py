@@ -26,10 +26,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-# First, before any module below imports TensorFlow: it then starts without Keras.
-import experiments.tensorflow_import  # noqa: F401
-
-# isort: split
 from experiments import cli
 from experiments import workdir as workdirs
 from experiments.config_schema import UsageError

@@ -3,10 +3,6 @@ in which xdist's workers get the tests."""
 
 from pathlib import Path
 
-# TensorFlow as the runner imports it (without Keras), before any test module imports it.
-import experiments.tensorflow_import  # noqa: F401
-
-# isort: split
 import jax
 import pytest
 
