@@ -313,8 +313,10 @@ def train_and_evaluate(config: Config, workdir: str, info: data.DatasetInfo,
         chrono = Chrono(start.meta.clock, session_start=started)
         outcome = train_loop(config, info, train_model, start, chrono, ckpt, writer, signals)
     finally:
-        ckpt.close()
-        writer.close()
+        try:
+            ckpt.close()  # waits for the last save, which can fail (a full disk)
+        finally:
+            writer.close()  # TensorBoard's events flushed (uploaded on a bucket) even so
     return finish(config, workdir, outcome, chrono, sparsity, ckpt)
 
 

@@ -212,6 +212,31 @@ def test_a_full_disk_at_start_is_one_line_and_the_workdir_stays_rerunnable(small
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_a_failing_last_save_still_closes_the_metric_writer(tmp_path, capsys, monkeypatch):
+    from experiments import metrics, run
+
+    def close_then_fail(self):
+        original_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "w"))
+
+    closed = []
+
+    def recording_close(self):
+        original_writer_close(self)
+        closed.append(self.path)
+
+    original_close = checkpointing.Checkpointer.close
+    original_writer_close = metrics.MetricWriter.close
+    monkeypatch.setattr(checkpointing.Checkpointer, "close", close_then_fail)
+    monkeypatch.setattr(metrics.MetricWriter, "close", recording_close)
+    workdir = tmp_path / "w"
+    assert run.main(DIGITS + ["--max_steps", "2", "--workdir", str(workdir)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "no space left" in errors[0], errors
+    assert closed == [str(workdir / "metrics.jsonl")]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_the_log(
         tmp_path, capsys, monkeypatch):
     from experiments import run, train
