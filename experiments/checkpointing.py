@@ -22,7 +22,9 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact. A checkpoint
 damaged afterwards (a truncated or corrupted file, missing metadata) is moved
 aside to ``<workdir>/checkpoints.damaged/`` by :meth:`Checkpointer.restore_newest`,
-which then tries the next older one. A restore that fails says so in one line;
+which then tries the next older one; a read that fails for a reason that says nothing
+of the bytes (the store unreachable, a timeout, no memory) moves nothing and ends the
+run, to be rerun (:func:`says_nothing_of_the_bytes`). A restore that fails says so in one line;
 the libraries' own logging of the failure (absl, orbax, asyncio, tensorstore's
 "Event loop is closed" from its background threads) is kept out of the console
 and appended to ``<workdir>/errors.log``.
@@ -46,6 +48,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +77,34 @@ DIGEST_ALGORITHM = "crc32"
 
 class NoUsableCheckpoint(RuntimeError):
     """Checkpoints exist but none of them restores."""
+
+
+class CheckpointUnreadable(NoUsableCheckpoint):
+    """A checkpoint could not be read for a reason that says nothing of its bytes (the
+    store unreachable or refusing, a timeout, no memory): nothing is moved aside."""
+
+
+# What a failed read says about the reader or the store, not about the checkpoint: the
+# exception types, and the status codes tensorstore and the cloud clients put first in
+# their messages ("UNAVAILABLE: ..."). Moving a checkpoint aside for one of these would
+# resume from an older step (work lost) or, through an outage, move every step aside.
+_NOT_DAMAGE_TYPES = (ConnectionError, TimeoutError, MemoryError, PermissionError)
+_NOT_DAMAGE_STATUS = re.compile(
+    r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|UNAUTHENTICATED|PERMISSION_DENIED|"
+    r"ABORTED|CANCELLED)\b")
+
+
+def says_nothing_of_the_bytes(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) is the reader's or the store's
+    failure rather than damage to the checkpoint it was reading."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _NOT_DAMAGE_TYPES) or _NOT_DAMAGE_STATUS.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class DigestMismatch(ValueError):
@@ -280,7 +311,9 @@ class Checkpointer:
         """(step, state, meta) of the newest checkpoint that restores; None if there is none.
 
         Each one that fails is named in one line and moved aside (process 0
-        moves, every process skips it); NoUsableCheckpoint when all fail.
+        moves, every process skips it); NoUsableCheckpoint when all fail;
+        CheckpointUnreadable, with nothing moved, when a read fails for a reason
+        that is not the checkpoint's (:func:`says_nothing_of_the_bytes`).
         """
         failures = []
         for step in reversed(self.all_steps()):
@@ -292,6 +325,11 @@ class Checkpointer:
                 reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
                 faults.append(self.errors_log, f"checkpoint {step} cannot be restored",
                         faults.traceback_text(e))
+                if says_nothing_of_the_bytes(e):
+                    raise CheckpointUnreadable(
+                        f"checkpoint {step} in {self.directory} could not be read ({reason}), "
+                        "which says nothing of its bytes: nothing was moved aside; rerun to "
+                        "try again") from e
                 failures.append(f"  step {step}: {reason}")
                 where = self._move_aside(step) if is_main else "left for process 0 to move"
                 if self.staged:  # its downloaded copy, whoever moves the original

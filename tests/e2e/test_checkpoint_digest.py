@@ -71,6 +71,49 @@ def test_a_flipped_bit_is_detected_named_moved_aside_and_fallen_back_from(tmp_pa
     assert "DigestMismatch" in (tmp_path / checkpointing.ERRORS_LOG).read_text()
 
 
+@pytest.mark.parametrize("error, not_damage", [
+    (ConnectionResetError(104, "Connection reset by peer"), True),
+    (TimeoutError("read timed out"), True),
+    (ValueError("UNAVAILABLE: Error reading \"gs://b/w/checkpoints/20/state\""), True),
+    (ValueError("DEADLINE_EXCEEDED: while reading"), True),
+    (PermissionError(13, "Permission denied"), True),
+    (checkpointing.DigestMismatch("['w'] differs"), False),
+    (FileNotFoundError(2, "No such file or directory"), False),
+    (ValueError("DATA_LOSS: Error reading local file: unexpected end of file"), False),
+])
+def test_what_a_failed_read_says_of_the_checkpoint(error, not_damage):
+    assert checkpointing.says_nothing_of_the_bytes(error) is not_damage
+    try:  # also when the library wraps it, as orbax does
+        raise RuntimeError("restore failed") from error
+    except RuntimeError as wrapped:
+        assert checkpointing.says_nothing_of_the_bytes(wrapped) is not_damage
+
+
+def test_a_read_that_fails_for_the_stores_reason_moves_nothing(tmp_path, monkeypatch):
+    _two_checkpoints(tmp_path)
+    ckpt = checkpointing.Checkpointer(str(tmp_path))
+    restore = ckpt.restore
+
+    def store_down_for_step_20(step, *args, **kwargs):
+        if step == 20:
+            raise ValueError("UNAVAILABLE: upstream connect error or disconnect")
+        return restore(step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "restore", store_down_for_step_20)
+    lines = []
+    with pytest.raises(checkpointing.CheckpointUnreadable, match="nothing was moved aside"):
+        ckpt.restore_newest(ABSTRACT, log=lines.append)
+    ckpt.close()
+    assert lines == []  # not "trying the next older one"
+    assert (tmp_path / "checkpoints" / "20").is_dir()
+    assert not (tmp_path / checkpointing.DAMAGED_DIR).exists()
+    assert "UNAVAILABLE" in (tmp_path / checkpointing.ERRORS_LOG).read_text()
+    # Once the store answers again, the newest step restores.
+    ckpt = checkpointing.Checkpointer(str(tmp_path))
+    assert ckpt.restore_newest(ABSTRACT, log=lines.append)[0] == 20
+    ckpt.close()
+
+
 def test_a_checkpoint_without_a_digest_still_restores(tmp_path):
     states = _two_checkpoints(tmp_path, digest=False)
     ckpt = checkpointing.Checkpointer(str(tmp_path))
