@@ -372,6 +372,7 @@ def train_loop(config: Config, info: data.DatasetInfo, model, start: Start, chro
             if cadence.checkpoint(step) or stopping:
                 with chrono.paused():
                     save(ckpt, step, rstate, meta, chrono)
+                    writer.flush()  # a resume from this step finds every record up to it
             if stopping and not cadence.last(step):
                 log(f"{signals.name}: saved a checkpoint at step {step} in {ckpt.directory}; "
                     "rerun the same command to resume")
