@@ -16,19 +16,11 @@ import time
 
 import numpy as np
 
+from benchmarks.checkpoint_states import run_like_state
 from experiments import checkpointing
 
 # Parameter counts of the networks' prunable and other leaves (approximate layer split).
 SIZES = {"vgg19": 20_035_018, "resnet50": 25_557_032}
-
-
-def _state(n: int, rng: np.random.Generator) -> dict:
-    chunk = 1 << 20
-    leaves = -(-n // chunk)
-    params = {f"layer{i}": rng.standard_normal(min(chunk, n - i * chunk), np.float32)
-              for i in range(leaves)}
-    return {"params": params, "momentum": {k: v * 0.5 for k, v in params.items()},
-            "masks": {k: v > 0 for k, v in params.items()}, "step": np.asarray(1, np.int32)}
 
 
 def measure(state: dict, digest: bool, repeats: int) -> tuple[float, float]:
@@ -56,7 +48,7 @@ def main() -> None:
     print(f"{'state':<10}{'MB':>8}{'save s':>9}{'+digest':>9}{'ratio':>7}"
           f"{'restore s':>11}{'+digest':>9}{'ratio':>7}")
     for name, n in SIZES.items():
-        state = _state(n, rng)
+        state = run_like_state(n, rng)
         mb = sum(x.nbytes for x in __import__("jax").tree_util.tree_leaves(state)) / 2**20
         s0, r0 = measure(state, False, args.repeats)
         s1, r1 = measure(state, True, args.repeats)

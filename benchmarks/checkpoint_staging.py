@@ -32,19 +32,12 @@ import time
 
 import numpy as np
 
+from benchmarks.checkpoint_states import run_like_state
+
 IN_NAMESPACE = "GRASP_JAX_LOOPBACK_NAMESPACE"
 BUCKET = "bench"
 # Parameter counts of the networks (CIFAR-10).
 SIZES = {"resnet32": 464_154, "vgg19": 20_035_018}
-
-
-def _state(n: int, rng: np.random.Generator) -> dict:
-    chunk = 1 << 20
-    leaves = -(-n // chunk)
-    params = {f"layer{i}": rng.standard_normal(min(chunk, n - i * chunk), np.float32)
-              for i in range(leaves)}
-    return {"params": params, "momentum": {k: v * 0.5 for k, v in params.items()},
-            "masks": {k: v > 0 for k, v in params.items()}, "step": np.asarray(1, np.int32)}
 
 
 def measure(workdir: str, state: dict, repeats: int) -> tuple[float, float, float]:
@@ -115,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'restore s':>11}")
     try:
         for name, n in SIZES.items():
-            state = _state(n, rng)
+            state = run_like_state(n, rng)
             mb = sum(x.nbytes for x in __import__("jax").tree_util.tree_leaves(state)) / 2**20
             with tempfile.TemporaryDirectory() as local:
                 figures = {"local": measure(local, state, args.repeats),
