@@ -110,6 +110,7 @@ class MetricWriter:
         self._lines: Optional[list[str]] = None  # metrics.jsonl as written so far (remote only)
         self._records_uploaded_at = -float("inf")  # _now() at the last rewrite
         self._records_pending = False  # lines not yet in the remote object
+        self._event_bytes_uploaded: dict[str, int] = {}  # event file name -> size uploaded
         # On an object store TensorFlow writes its events here; flush() uploads them.
         self._local_tb = tempfile.mkdtemp(prefix="grasp-jax-tb-") if self.remote else None
 
@@ -187,13 +188,18 @@ class MetricWriter:
             self._upload_events()
 
     def _upload_events(self) -> None:
-        """Copy each local event file whole to the workdir's ``tensorboard/`` (remote only)."""
+        """Copy each local event file that grew since its last upload whole to the workdir's
+        ``tensorboard/`` (remote only). Event files are only appended to, so an unchanged
+        size is an unchanged file: a flush right after another (an evaluation and a
+        checkpoint at the same step) uploads nothing again."""
         if self._local_tb is None:
             return
         for name in sorted(os.listdir(self._local_tb)):
             with open(os.path.join(self._local_tb, name), "rb") as f:
                 data = f.read()
-            paths.write_bytes(paths.join(self.tb_dir, name), data)
+            if self._event_bytes_uploaded.get(name) != len(data):
+                paths.write_bytes(paths.join(self.tb_dir, name), data)
+                self._event_bytes_uploaded[name] = len(data)
 
 
 def _truncate_event_files(tb_dir: str, step: int) -> None:
