@@ -135,6 +135,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _environment_restored_afterwards():
+    """The whole environment as it was, whatever the body sets (module-scoped fixtures
+    cannot use ``monkeypatch``)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def gcs():
     """A GCS emulator on 127.0.0.1 with one bucket; the clients' env pointed at it."""
@@ -145,18 +157,16 @@ def gcs():
     _require_client_settings()
     server = subprocess.Popen([sys.executable, str(emulator),
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert server.stdout.readline().strip() == b"ready"
-    saved = dict(os.environ)
-    os.environ.update(_gcs_endpoint_env(port))
-    import gcsfs
-
-    fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
     try:
-        yield fs
+        assert server.stdout.readline().strip() == b"ready"
+        with _environment_restored_afterwards():
+            os.environ.update(_gcs_endpoint_env(port))
+            import gcsfs
+
+            fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
+            fs.mkdir(BUCKET)
+            yield fs
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         server.terminate()
         server.wait(timeout=30)
 
@@ -175,19 +185,18 @@ def s3(tmp_path_factory):
     port = _free_port()
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    saved = dict(os.environ)
-    # botocore reads the endpoint when a client is made, after this.
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       checkpoint_staging.CACHE_ENV: str(tmp_path_factory.mktemp("mirrors"))})
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir(BUCKET)
     try:
-        yield fs
+        with _environment_restored_afterwards():
+            # botocore reads the endpoint when a client is made, after this.
+            os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                               checkpoint_staging.CACHE_ENV: str(
+                                   tmp_path_factory.mktemp("mirrors"))})
+            import s3fs
+
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs.mkdir(BUCKET)
+            yield fs
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         server.stop()
 
 
